@@ -1,0 +1,153 @@
+"""`python -m pipeline run | status | query`.
+
+`run` executes the stages in order on one dataset manifest; the same command starts and
+resumes. Stages whose `_MANIFEST.json` matches the requested config are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.manifests import ManifestError, load_manifest
+from pipeline.runner import (
+    CacheLock,
+    StageContext,
+    StageError,
+    make_config,
+    run_stage,
+    stage_status,
+)
+
+# The stages, in the order they run. Each is a module of `stages/` (see pipeline/runner.py).
+STAGES = [
+    "stages.dataset",
+    "stages.teacher",
+    "stages.rpn",
+    "stages.proposals",
+    "stages.text",
+    "stages.regions",
+    "stages.pack",
+    "stages.index",
+]
+
+
+def stage_name(module: str) -> str:
+    return module.rsplit(".", 1)[1]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict]:
+    """`["proposals.top_m=300", ...]` -> {"proposals": {"top_m": 300}} (YAML-typed values)."""
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        stage, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set expects STAGE.KEY=VALUE, got {pair!r}")
+        out.setdefault(stage, {})[field] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(args) -> int:
+    overrides = parse_overrides(args.set)
+    if args.rpn_checkpoint:
+        overrides.setdefault("rpn", {})["checkpoint"] = args.rpn_checkpoint
+    for key in ("model", "pretrained", "model_config"):
+        value = getattr(args, f"teacher_{key}")
+        if value:
+            overrides.setdefault("teacher", {})[key] = value
+    wanted = None if not args.stages else [s.strip() for s in args.stages.split(",")]
+    known = [stage_name(m) for m in STAGES]
+    for s in list(wanted or []) + list(overrides):
+        if s not in known:
+            raise SystemExit(f"unknown stage {s!r}; stages are {known}")
+    try:
+        dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
+        ctx = StageContext(dataset=dataset, cache=Path(args.cache) / dataset.name,
+                           device=args.device)
+        with CacheLock(ctx.cache):
+            for module_name in STAGES:
+                name = stage_name(module_name)
+                if wanted is not None and name not in wanted:
+                    continue
+                stage = importlib.import_module(module_name)
+                cfg = make_config(stage, {**dataset.stages.get(name, {}),
+                                          **overrides.get(name, {})})
+                run_stage(stage, ctx, cfg, distributor=args.distributor,
+                          workers=args.workers, rebuild=args.rebuild,
+                          progress=not args.no_progress)
+    except (ManifestError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_status(args) -> int:
+    root = Path(args.cache)
+    datasets = [root / args.dataset] if args.dataset else sorted(
+        p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    if not datasets:
+        print(f"no cache under {root}")
+        return 1
+    order = [stage_name(m) for m in STAGES]
+    for ds in datasets:
+        print(f"{ds}")
+        print(f"  {'stage':<10} {'parts':>11} {'rows':>10} {'rejects':>8}  state")
+        for name in order:
+            d = ds / name
+            if not d.is_dir():
+                print(f"  {name:<10} {'-':>11} {'-':>10} {'-':>8}  not started")
+                continue
+            s = stage_status(d)
+            total = "?" if s["total"] is None else s["total"]
+            state = "complete" if s["complete"] else "in progress"
+            print(f"  {name:<10} {f'{s['done']}/{total}':>11} {s['rows']:>10} "
+                  f"{s['rejects']:>8}  {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) the stages on a dataset manifest")
+    r.add_argument("--manifest", default="data_manifests/toy.yaml")
+    r.add_argument("--cache", default="cache", help="cache root (default: ./cache)")
+    r.add_argument("--data-root", default=None, help="overrides the manifest's root")
+    r.add_argument("--stages", default=None, help="comma-separated subset, e.g. text,regions")
+    r.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one stage config field (repeatable)")
+    r.add_argument("--rebuild", action="store_true",
+                   help="discard a stage's outputs made with another config or input")
+    r.add_argument("--distributor", choices=("ray", "local"), default="ray",
+                   help="ray: parts run as Ray actor calls (RAY_ADDRESS or a local cluster)")
+    r.add_argument("--workers", type=int, default=None, help="Ray actors per stage")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--teacher-model", default=None, help="open_clip model name")
+    r.add_argument("--teacher-pretrained", default=None,
+                   help="open_clip pretrained tag or a local checkpoint path")
+    r.add_argument("--teacher-model-config", default=None, help="custom model-config JSON")
+    r.add_argument("--rpn-checkpoint", default=None, help="use this RPN, skip its training")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="done / total parts and rows of every stage")
+    s.add_argument("--cache", default="cache")
+    s.add_argument("--dataset", default=None)
+    s.set_defaults(func=cmd_status)
+
+    from pipeline import query
+
+    q = sub.add_parser("query", help="text -> region search over the cache; writes a contact sheet")
+    query.add_arguments(q)
+    q.set_defaults(func=query.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

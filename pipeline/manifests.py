@@ -1,0 +1,216 @@
+"""Dataset manifests (`data_manifests/*.yaml`): where the images and COCO/LVIS-format
+annotations are, and the base / novel vocabulary split.
+
+    name: coco_ovd
+    format: coco                      # coco | lvis
+    root: ${OVD_DATA_ROOT}/coco       # ${VAR} from the environment, {cache} = cache root;
+                                      # --data-root overrides
+    splits:
+      train: {images: train2017, annotations: annotations/instances_train2017.json}
+      val:   {images: val2017,   annotations: annotations/instances_val2017.json}
+    vocabulary:
+      base: [person, ...]             # names as in the annotation file
+      novel: [airplane, ...]
+      # or, for LVIS:  from_frequency: {base: [f, c], novel: [r]}
+    synthetic: {...}                  # only for generated datasets (stages/dataset.py)
+    stages: {proposals: {top_m: 300}} # per-stage config overrides
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from pipeline.cache import sha256_file
+
+FORMATS = ("coco", "lvis")
+
+
+class ManifestError(ValueError):
+    """A manifest is invalid; the message names the file and the problem in one line."""
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    images: Path  # folder holding the image files named by the annotations' file_name
+    annotations: Path  # COCO/LVIS-format json
+
+
+@dataclass(frozen=True)
+class Category:
+    id: int
+    name: str
+    split: str  # "base" | "novel"
+    synonyms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    name: str
+    format: str
+    root: Path
+    splits: dict[str, Split]
+    path: Path
+    sha256: str
+    base: tuple[str, ...] | None = None
+    novel: tuple[str, ...] | None = None
+    from_frequency: dict[str, tuple[str, ...]] | None = None
+    synthetic: dict | None = None
+    stages: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise ManifestError(f"{self.path}: no split '{name}' (have {sorted(self.splits)})")
+        return self.splits[name]
+
+    def check_files(self) -> None:
+        """Fail with one line naming the first missing image folder or annotation file."""
+        for s in self.splits.values():
+            for p in (s.annotations, s.images):
+                if not p.exists():
+                    raise ManifestError(f"{self.path}: split '{s.name}': missing {p}")
+
+    def categories(self) -> list[Category]:
+        """Base and novel categories with their annotation-file ids, sorted by id.
+
+        Read from the val split's annotation file (it holds every category; the train file of
+        an open-vocabulary split may hold only the base ones)."""
+        self.check_files()
+        ann = self.splits.get("val", next(iter(self.splits.values()))).annotations
+        return list(_categories(str(ann), self.format, self.base, self.novel,
+                                _freeze(self.from_frequency), str(self.path)))
+
+
+def _freeze(d: dict | None):
+    return None if d is None else tuple(sorted((k, tuple(v)) for k, v in d.items()))
+
+
+@lru_cache(maxsize=8)
+def _categories(ann_path: str, fmt: str, base, novel, from_frequency, manifest_path: str):
+    try:
+        with open(ann_path) as f:
+            cats = json.load(f)["categories"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ManifestError(f"{ann_path}: cannot read categories ({e})") from None
+    if from_frequency is not None:
+        rule = dict(from_frequency)
+        which = {}
+        for split in ("base", "novel"):
+            for freq in rule.get(split, ()):
+                which[freq] = split
+        out = []
+        for c in cats:
+            if "frequency" not in c:
+                raise ManifestError(
+                    f"{ann_path}: category {c.get('name')!r} has no 'frequency' field "
+                    f"(from_frequency needs an LVIS-format file)"
+                )
+            if c["frequency"] in which:
+                out.append(Category(int(c["id"]), c["name"], which[c["frequency"]],
+                                    tuple(c.get("synonyms", ()))))
+        return tuple(sorted(out, key=lambda c: c.id))
+    by_name = {c["name"]: c for c in cats}
+    out = []
+    for split, names in (("base", base), ("novel", novel)):
+        for n in names:
+            if n not in by_name:
+                raise ManifestError(
+                    f"{manifest_path}: unknown {split} category {n!r}: not in {ann_path}"
+                )
+            c = by_name[n]
+            out.append(Category(int(c["id"]), n, split, tuple(c.get("synonyms", ()))))
+    return tuple(sorted(out, key=lambda c: c.id))
+
+
+_ENV = re.compile(r"\$\{(\w+)\}")
+
+
+def _expand(value: str, cache_root: Path | None, where: str) -> str:
+    def env(m):
+        if m.group(1) not in os.environ:
+            raise ManifestError(f"{where}: environment variable {m.group(1)} is not set "
+                                f"(or pass --data-root)")
+        return os.environ[m.group(1)]
+
+    value = _ENV.sub(env, value)
+    if "{cache}" in value:
+        if cache_root is None:
+            raise ManifestError(f"{where}: root uses {{cache}} but no cache root was given")
+        value = value.replace("{cache}", str(cache_root))
+    return value
+
+
+def load_manifest(path: str | Path, cache_root: str | Path | None = None,
+                  data_root: str | Path | None = None) -> DatasetManifest:
+    """Parse and validate a manifest (files are checked later, by `check_files`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest file not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}: expected a mapping at the top level")
+    for key in ("name", "format", "splits", "vocabulary"):
+        if key not in doc:
+            raise ManifestError(f"{path}: missing required key '{key}'")
+    if doc["format"] not in FORMATS:
+        raise ManifestError(f"{path}: format must be one of {FORMATS}, got {doc['format']!r}")
+    if data_root is not None:
+        root = Path(data_root)
+    elif "root" in doc:
+        root = Path(_expand(str(doc["root"]), Path(cache_root) if cache_root else None,
+                            str(path)))
+    else:
+        raise ManifestError(f"{path}: missing required key 'root' (or pass --data-root)")
+
+    splits = {}
+    for name, s in doc["splits"].items():
+        if not isinstance(s, dict) or "images" not in s or "annotations" not in s:
+            raise ManifestError(f"{path}: split '{name}' needs 'images' and 'annotations'")
+        splits[name] = Split(name, root / s["images"], root / s["annotations"])
+    if "train" not in splits:
+        raise ManifestError(f"{path}: a 'train' split is required")
+
+    voc = doc["vocabulary"] or {}
+    base = novel = from_frequency = None
+    if "from_frequency" in voc:
+        from_frequency = {k: tuple(v) for k, v in voc["from_frequency"].items()}
+        overlap = set(from_frequency.get("base", ())) & set(from_frequency.get("novel", ()))
+        if overlap:
+            raise ManifestError(f"{path}: frequencies {sorted(overlap)} are both base and novel")
+    else:
+        if "base" not in voc or "novel" not in voc:
+            raise ManifestError(f"{path}: vocabulary needs 'base' and 'novel' lists "
+                                f"(or 'from_frequency')")
+        base, novel = tuple(voc["base"]), tuple(voc["novel"])
+        for split, names in (("base", base), ("novel", novel)):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ManifestError(f"{path}: {split} lists {dup} more than once")
+        overlap = sorted(set(base) & set(novel))
+        if overlap:
+            raise ManifestError(f"{path}: categories {overlap} are in both base and novel")
+        if not base:
+            raise ManifestError(f"{path}: the base vocabulary is empty")
+
+    return DatasetManifest(
+        name=str(doc["name"]),
+        format=doc["format"],
+        root=root,
+        splits=splits,
+        path=path.resolve(),
+        sha256=sha256_file(path),
+        base=base,
+        novel=novel,
+        from_frequency=from_frequency,
+        synthetic=doc.get("synthetic"),
+        stages=dict(doc.get("stages") or {}),
+    )

@@ -1,0 +1,448 @@
+"""Run one stage: plan parts, skip finished ones, run the rest on Ray (or in-process), write
+per-part stats and, last, the stage's `_MANIFEST.json`.
+
+A stage is a module in `stages/` that defines:
+
+    NAME: str                                   folder name under <cache>/<dataset>/
+    Config: type                                a frozen dataclass; its JSON is hashed
+    RESOURCES: dict                             per worker, e.g. {"num_cpus": 1, "num_gpus": 0}
+    def inputs(ctx, cfg) -> dict[str, str]      fingerprints of what the stage reads
+    def plan(ctx, cfg) -> list[Part]            fixed, deterministic parts
+    class Worker:                               one per Ray actor; loads its model once
+        def __init__(self, ctx, cfg)
+        def run_part(self, part, out: PartOutput) -> PartResult
+    def finalize(ctx, cfg, stats: list[dict]) -> dict   extra manifest fields (reports)
+
+Resume rule (as clip-retrieval / img2dataset): a part is finished iff its
+`part-NNNNN.stats.json` exists; outputs are renamed into place before the stats are written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import importlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from pipeline.cache import (
+    atomic_write_json,
+    canonical_hash,
+    library_versions,
+    read_json,
+    tmp_path,
+)
+from pipeline.manifests import DatasetManifest
+
+PLAN_FILE = "_PLAN.json"
+MANIFEST_FILE = "_MANIFEST.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as asked; the message says why and what to do."""
+
+
+class StageMismatch(StageError):
+    """Existing outputs were made with another config or other inputs."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A fixed unit of work: `items` (e.g. image ids) are processed together and written as
+    `part-{index:05d}.*`."""
+
+    index: int
+    items: tuple = ()
+
+    @property
+    def stem(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+@dataclass
+class PartResult:
+    rows: int
+    rejects: list[dict] = field(default_factory=list)  # {"item":..., "file":..., "reason":...}
+    extra: dict = field(default_factory=dict)
+
+
+class PartOutput:
+    """Hands a part temporary paths; `commit()` renames them all into place."""
+
+    def __init__(self, stage_dir: Path):
+        self.dir = Path(stage_dir)
+        self._pending: list[tuple[Path, Path]] = []
+
+    def tmp(self, name: str) -> Path:
+        final = self.dir / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path(final)
+        self._pending.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self._pending:
+            if tmp.is_dir() and final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage is handed: the dataset, where its cache lives, and the device policy."""
+
+    dataset: DatasetManifest
+    cache: Path  # <cache root>/<dataset name>
+    device: str = "auto"  # "auto" picks cuda when the worker sees a GPU
+
+    def stage_dir(self, name: str) -> Path:
+        return self.cache / name
+
+    def upstream(self, name: str) -> dict:
+        """The finished `_MANIFEST.json` of stage `name`, or a clear error."""
+        path = self.stage_dir(name) / MANIFEST_FILE
+        if not path.exists():
+            raise StageError(
+                f"stage '{name}' has not finished: {path} is missing; "
+                f"run `python -m pipeline run --stages {name}` first"
+            )
+        return read_json(path)
+
+    def fingerprint(self, name: str) -> str:
+        return self.upstream(name)["fingerprint"]
+
+    def resolve_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def chunk_parts(items: list, per_part: int) -> list[Part]:
+    """Split a sorted item list into parts of `per_part` items (the last may be shorter)."""
+    if per_part < 1:
+        raise ValueError(f"per_part must be >= 1, got {per_part}")
+    return [
+        Part(index=i, items=tuple(items[s : s + per_part]))
+        for i, s in enumerate(range(0, len(items), per_part))
+    ]
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def make_config(stage: ModuleType, overrides: dict[str, Any] | None = None):
+    """The stage's Config with `overrides` (from the manifest's `stages:` block or --set)."""
+    overrides = dict(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(stage.Config)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise StageError(
+            f"stage '{stage.NAME}': unknown config key(s) {unknown}; known: {sorted(fields)}"
+        )
+    return stage.Config(**overrides)
+
+
+def config_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+# ----------------------------------------------------------------------------- locking
+
+
+class CacheLock:
+    """An exclusive lock on `<cache>/<dataset>/.lock`: stops two runs writing one cache."""
+
+    def __init__(self, cache_dir: Path):
+        self.path = Path(cache_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "CacheLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StageError(
+                f"{self.path} is held by another run ({holder}); wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def run_one_part(worker, part: Part, stage_dir: Path) -> dict:
+    """Run `part` with `worker`, rename its outputs into place, then write its stats."""
+    start = time.time()
+    out = PartOutput(stage_dir)
+    try:
+        result = worker.run_part(part, out)
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
+    stats = {
+        "part": part.index,
+        "items": len(part.items),
+        "rows": int(result.rows),
+        "rejects": result.rejects,
+        "n_rejects": len(result.rejects),
+        "seconds": round(time.time() - start, 3),
+        "host": socket.gethostname(),
+        "node_id": _ray_node_id(),
+        **result.extra,
+    }
+    atomic_write_json(Path(stage_dir) / f"{part.stem}.stats.json", stats)
+    return stats
+
+
+def _ray_node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - only informative
+        return None
+    return None
+
+
+class _LocalDistributor:
+    """Runs parts one after another in this process (debugging, tiny stages, tests)."""
+
+    def __init__(self, stage: ModuleType, ctx: StageContext, cfg):
+        self.worker = stage.Worker(ctx, cfg)
+
+    def map(self, parts: list[Part], stage_dir: Path):
+        for part in parts:
+            yield run_one_part(self.worker, part, stage_dir)
+
+
+class _StageActor:
+    """A Ray actor holding one stage Worker (so a model is loaded once per actor)."""
+
+    def __init__(self, module_name: str, ctx: StageContext, cfg, num_cpus: int):
+        import torch
+
+        torch.set_num_threads(max(1, int(num_cpus)))
+        stage = importlib.import_module(module_name)
+        self.worker = stage.Worker(ctx, cfg)
+
+    def run(self, part: Part, stage_dir: str) -> dict:
+        return run_one_part(self.worker, part, Path(stage_dir))
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS when set, else start (or reuse) a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True,
+                                  logging_level="WARNING")
+    if address is None and num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(address=address, **kwargs)
+
+
+def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int) -> tuple[dict, int]:
+    import ray
+
+    want = dict(getattr(stage, "RESOURCES", {"num_cpus": 1}))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    want["num_cpus"] = max(1, min(want.get("num_cpus", 1), int(max_cpus)))
+    if not gpus:
+        want["num_gpus"] = 0
+    per_worker = want["num_cpus"]
+    fit = max(1, int(total_cpus // per_worker))
+    if want.get("num_gpus"):
+        fit = min(fit, max(1, int(gpus // want["num_gpus"])))
+    n = min(n_parts, workers or fit)
+    return want, max(1, n)
+
+
+class _RayDistributor:
+    def __init__(self, stage: ModuleType, ctx: StageContext, cfg, n_parts: int,
+                 workers: int | None):
+        import ray
+        from ray.util import ActorPool
+
+        ensure_ray()
+        resources, n = _ray_resources(stage, workers, n_parts)
+        actor_cls = ray.remote(_StageActor).options(**resources)
+        self.actors = [
+            actor_cls.remote(stage.__name__, ctx, cfg, resources["num_cpus"]) for _ in range(n)
+        ]
+        self.pool = ActorPool(self.actors)
+
+    def map(self, parts: list[Part], stage_dir: Path):
+        yield from self.pool.map_unordered(
+            lambda actor, part: actor.run.remote(part, str(stage_dir)), parts
+        )
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def _describe_mismatch(old: dict, new: dict) -> str:
+    diffs = []
+    for key in ("config", "inputs"):
+        a, b = old.get(key, {}), new.get(key, {})
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                diffs.append(f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    if old.get("plan_hash") != new.get("plan_hash") and not diffs:
+        diffs.append("the planned parts differ")
+    return "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+
+
+def clean_stray_tmp(stage_dir: Path) -> None:
+    """Remove temporaries a killed run left (never a finished output)."""
+    for p in Path(stage_dir).rglob(".*.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def run_stage(
+    stage: ModuleType,
+    ctx: StageContext,
+    cfg,
+    *,
+    distributor: str = "ray",
+    workers: int | None = None,
+    rebuild: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume, or skip) one stage and return its manifest."""
+    stage_dir = ctx.stage_dir(stage.NAME)
+    cdict = config_dict(cfg)
+    inputs = stage.inputs(ctx, cfg)
+    parts = stage.plan(ctx, cfg)
+    if sorted(p.index for p in parts) != list(range(len(parts))):
+        raise StageError(f"stage '{stage.NAME}' planned parts with non-contiguous indices")
+    record = {
+        "stage": stage.NAME,
+        "config": cdict,
+        "config_hash": canonical_hash(cdict),
+        "inputs": inputs,
+        "n_parts": len(parts),
+        "plan_hash": canonical_hash([list(p.items) for p in parts]),
+    }
+    plan_path = stage_dir / PLAN_FILE
+    if plan_path.exists():
+        old = read_json(plan_path)
+        same = all(old.get(k) == record[k] for k in ("config_hash", "inputs", "plan_hash"))
+        if not same:
+            if not rebuild:
+                raise StageMismatch(
+                    f"stage '{stage.NAME}' in {stage_dir} was built with another config or "
+                    f"input ({_describe_mismatch(old, record)}); pass --rebuild to discard it"
+                )
+            log(f"[{stage.NAME}] --rebuild: discarding {stage_dir}")
+            shutil.rmtree(stage_dir)
+        elif (stage_dir / MANIFEST_FILE).exists():
+            log(f"[{stage.NAME}] up to date ({len(parts)} parts)")
+            return read_json(stage_dir / MANIFEST_FILE)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not plan_path.exists():
+        atomic_write_json(plan_path, record)
+    clean_stray_tmp(stage_dir)
+
+    todo = [p for p in parts if not (stage_dir / f"{p.stem}.stats.json").exists()]
+    if len(todo) < len(parts):
+        log(f"[{stage.NAME}] resuming: {len(parts) - len(todo)}/{len(parts)} parts already done")
+    if todo:
+        if distributor == "local":
+            dist = _LocalDistributor(stage, ctx, cfg)
+        elif distributor == "ray":
+            dist = _RayDistributor(stage, ctx, cfg, len(todo), workers)
+        else:
+            raise StageError(f"unknown distributor {distributor!r} (use 'ray' or 'local')")
+        bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc=stage.NAME,
+                   unit="part", disable=not progress, dynamic_ncols=True)
+        try:
+            for stats in dist.map(todo, stage_dir):
+                bar.update(1)
+                bar.set_postfix(rows=stats["rows"], rejects=stats["n_rejects"])
+        finally:
+            bar.close()
+            if hasattr(dist, "close"):
+                dist.close()
+
+    stats = [read_json(stage_dir / f"{p.stem}.stats.json") for p in parts]
+    extra = stage.finalize(ctx, cfg, stats) or {}
+    rows = sum(s["rows"] for s in stats)
+    rejects = sum(s["n_rejects"] for s in stats)
+    manifest = {
+        **record,
+        "dataset": ctx.dataset.name,
+        "rows": rows,
+        "rejects": rejects,
+        "seconds": round(sum(s["seconds"] for s in stats), 3),
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+    manifest["fingerprint"] = canonical_hash(
+        [record["config_hash"], inputs, record["plan_hash"], rows, extra.get("teacher")]
+    )
+    atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
+    log(f"[{stage.NAME}] done: {len(parts)} parts, {rows} rows, {rejects} rejects")
+    return manifest
+
+
+def stage_status(stage_dir: Path) -> dict:
+    """done / total parts and rows of one stage folder (works while a run is in flight)."""
+    plan = read_json(stage_dir / PLAN_FILE) if (stage_dir / PLAN_FILE).exists() else {}
+    stats = [read_json(p) for p in sorted(stage_dir.glob("part-*.stats.json"))]
+    return {
+        "stage": stage_dir.name,
+        "done": len(stats),
+        "total": plan.get("n_parts"),
+        "rows": sum(s["rows"] for s in stats),
+        "rejects": sum(s["n_rejects"] for s in stats),
+        "complete": (stage_dir / MANIFEST_FILE).exists(),
+    }

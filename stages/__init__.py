@@ -1,0 +1,1 @@
+"""One module per stage; each follows the stage protocol documented in pipeline/runner.py."""

@@ -1,0 +1,1 @@
+"""ViLD distillation trainer: streams the cached WebDataset shards."""
