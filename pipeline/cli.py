@@ -92,8 +92,10 @@ def cmd_status(args) -> int:
     if not datasets:
         print(f"no cache under {root}")
         return 1
-    order = [stage_name(m) for m in STAGES]
     for ds in datasets:
+        order = [stage_name(m) for m in STAGES]
+        order += sorted(p.parent.name for p in ds.glob("*/_PLAN.json")
+                        if p.parent.name not in order)
         print(f"{ds}")
         print(f"  {'stage':<10} {'parts':>11} {'rows':>10} {'rejects':>8}  state")
         for name in order:
@@ -104,8 +106,8 @@ def cmd_status(args) -> int:
             s = stage_status(d)
             total = "?" if s["total"] is None else s["total"]
             state = "complete" if s["complete"] else "in progress"
-            print(f"  {name:<10} {f'{s['done']}/{total}':>11} {s['rows']:>10} "
-                  f"{s['rejects']:>8}  {state}")
+            parts = f"{s['done']}/{total}"
+            print(f"  {name:<10} {parts:>11} {s['rows']:>10} {s['rejects']:>8}  {state}")
     return 0
 
 

@@ -203,3 +203,16 @@ def test_parts_run_on_both_nodes_of_a_two_node_ray_cluster(tmp_path, monkeypatch
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_status_command_reports_done_total_and_rows(tmp_path):
+    ctx = make_ctx(tmp_path)
+    run(ctx, n_items=8, reject_item=2)
+    (ctx.stage_dir("squares") / "_MANIFEST.json").unlink()
+    (ctx.stage_dir("squares") / "part-00001.stats.json").unlink()
+    out = subprocess.run([sys.executable, "-m", "pipeline", "status", "--cache",
+                          str(tmp_path / "cache")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["squares"])
+    assert line.split() == ["squares", "1/2", "4", "1", "in", "progress"]
+    assert any(ln.split()[:2] == ["dataset", "-"] for ln in out.splitlines())
