@@ -214,5 +214,5 @@ def test_status_command_reports_done_total_and_rows(tmp_path):
                           str(tmp_path / "cache")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["squares"])
-    assert line.split() == ["squares", "1/2", "4", "1", "in", "progress"]
+    assert line.split() == ["squares", "1/2", "3", "1", "in", "progress"]
     assert any(ln.split()[:2] == ["dataset", "-"] for ln in out.splitlines())
