@@ -1,0 +1,108 @@
+"""Batched crop geometry for region embeddings: every proposal's 1x and 1.5x crop of one image,
+made in one `torchvision.ops.roi_align` call straight at the teacher's input size.
+
+The teacher's own (open_clip val) preprocess of a crop is: resize the shortest side to S, take
+the centred S x S square, normalise with mean/std. That equals resampling the centred
+(near-)square window of the crop that survives the centre crop straight to S x S, so that window
+is what `roi_align` samples (`preprocess_windows` reproduces torchvision's integer rounding). Its adaptive sampling (`sampling_ratio=-1`: ceil(side / S) samples per bin
+and axis, averaged) makes downscaling average like an antialiased resize.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+
+def enlarge_boxes(boxes: Tensor, scale: float, width: int, height: int) -> Tensor:
+    """Same centre, width and height times `scale`, clipped to the image.
+
+    boxes: Tensor[N, 4] (x1, y1, x2, y2) in pixels -> Tensor[N, 4]
+    """
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    half_w = (boxes[:, 2] - boxes[:, 0]) * (scale / 2)
+    half_h = (boxes[:, 3] - boxes[:, 1]) * (scale / 2)
+    out = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+    out[:, 0::2] = out[:, 0::2].clamp(0, width)
+    out[:, 1::2] = out[:, 1::2].clamp(0, height)
+    return out
+
+
+def pixel_boxes(boxes: Tensor) -> Tensor:
+    """Round box edges to whole pixels, as `PIL.Image.crop` does, keeping at least 1 pixel.
+
+    boxes: Tensor[N, 4] (x1, y1, x2, y2) -> Tensor[N, 4] float64 with integral values
+    """
+    b = boxes.double().round()  # half to even, like Python's round() in PIL
+    x2 = torch.maximum(b[:, 2], b[:, 0] + 1)
+    y2 = torch.maximum(b[:, 3], b[:, 1] + 1)
+    return torch.stack([b[:, 0], b[:, 1], x2, y2], dim=1)
+
+
+def preprocess_windows(boxes: Tensor, size: int) -> Tensor:
+    """The part of each box that "resize the shortest side to `size`, centre-crop `size`"
+    keeps, with torchvision's integer arithmetic (long side -> int(size * long / short),
+    crop offset round((new_long - size) / 2)), in the box's pixel coordinates.
+
+    boxes: Tensor[N, 4] (x1, y1, x2, y2) whole pixels -> Tensor[N, 4] float64 (may be
+    slightly non-square: the long side is resampled by long / int(size * long / short))
+    """
+    b = boxes.double()
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    short, long = torch.minimum(w, h), torch.maximum(w, h)
+    new_long = torch.floor(size * long / short)
+    step = long / new_long  # source pixels per resized pixel along the long side
+    start = torch.round((new_long - size) / 2) * step
+    span = size * step
+    wide = w > h  # torchvision treats w == h as "w is the short side"
+    x1 = torch.where(wide, b[:, 0] + start, b[:, 0])
+    x2 = torch.where(wide, x1 + span, b[:, 2])
+    y1 = torch.where(wide, b[:, 1], b[:, 1] + start)
+    y2 = torch.where(wide, b[:, 3], y1 + span)
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
+def crop_boxes(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float],
+               std: Sequence[float]) -> Tensor:
+    """Teacher-ready crops of `boxes`, as "PIL crop, then the teacher's own preprocess" makes
+    them.
+
+    image: Tensor[3, H, W] uint8 (or float in [0, 1]) on the compute device
+    boxes: Tensor[N, 4] (x1, y1, x2, y2) in pixels of `image`
+    returns: Tensor[N, 3, size, size] float32, normalised with mean / std
+    """
+    x = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+    windows = preprocess_windows(pixel_boxes(boxes), size).to(device=x.device,
+                                                              dtype=torch.float32)
+    # aligned=True puts pixel i's centre at i + 0.5, as PIL's resize does.
+    crops = roi_align(x[None], [windows], output_size=size, spatial_scale=1.0,
+                      sampling_ratio=-1, aligned=True)
+    m = torch.tensor(mean, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
+    return (crops - m) / s
+
+
+def region_crops(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float],
+                 std: Sequence[float], scale: float = 1.5) -> Tensor:
+    """The 1x crops of `boxes`, then their `scale`x crops, in one batched op.
+
+    image: Tensor[3, H, W]; boxes: Tensor[N, 4] (x1, y1, x2, y2)
+    returns: Tensor[2N, 3, size, size]; rows [0, N) are 1x, rows [N, 2N) are `scale`x
+    """
+    height, width = image.shape[-2:]
+    boxes = boxes.to(device=image.device, dtype=torch.float32)
+    both = torch.cat([boxes, enlarge_boxes(boxes, scale, width, height)])
+    return crop_boxes(image, both, size, mean, std)
+
+
+def combine_views(features: Tensor) -> Tensor:
+    """Sum each box's 1x and 1.5x embedding, then L2-normalise.
+
+    features: Tensor[2N, D] (1x rows first, as `region_crops` orders them) -> Tensor[N, D]
+    """
+    n = features.shape[0] // 2
+    summed = features[:n].float() + features[n:].float()
+    return torch.nn.functional.normalize(summed, dim=1)
