@@ -1,0 +1,367 @@
+"""Stage `pack`: WebDataset shards for the trainer, one sample per training image.
+
+    key  img<image_id>
+    .jpg        the image (the file's own bytes when it is a plain JPEG, else re-encoded)
+    .boxes.npy  float32[M, 4] cached proposals (x1, y1, x2, y2) in original pixels, by rank
+    .emb.npy    float16[M, D] their L2-normalised teacher embeddings
+    .json       {"image_id", "file_name", "width", "height", "gt_boxes" (xyxy, base categories,
+                 iscrowd excluded), "gt_category_ids"}
+
+Written to `<cache>/<ds>/pack/wds/train-NNNNNN.tar` with `sizes.json` beside; finalize also
+points `<cache>/<ds>/wds` at that folder. `regions/*.parquet` stays the canonical store: a
+new shard size is a config change of this stage (`--set pack.max_samples=... --rebuild`),
+nothing upstream reruns.
+
+Shards are planned before anything is written: images (sorted by id) are added to a shard
+until `max_samples` or `max_bytes` would be exceeded. The byte count is exact (tar headers,
+512-byte padding, the npy headers, the json and jpg payloads), so part index == shard index
+and a resumed or repeated run writes the same shards. Every member is plain bytes (npy via
+`numpy.lib.format` without pickle), so readers decode without unpickling anything.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.cache import atomic_write_json, read_json
+from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+
+NAME = "pack"
+RESOURCES = {"num_cpus": 1, "num_gpus": 0}
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
+SHARDS_DIR = "wds"
+SIZES_FILE = "sizes.json"
+TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical shards
+
+
+@dataclass(frozen=True)
+class Config:
+    split: str = "train"
+    max_samples: int = 1000  # images per shard
+    max_bytes: int = 512 * 2**20  # shard file size cap (a lone larger sample gets its own shard)
+    jpeg_quality: int = 95  # only for images that must be re-encoded (not a plain JPEG)
+
+
+def shard_name(index: int) -> str:
+    return f"train-{index:06d}.tar"
+
+
+def sample_key(image_id: int) -> str:
+    return f"img{int(image_id)}"
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def tar_member_bytes(n: int) -> int:
+    """Bytes one tar member of `n` payload bytes takes: header block + padded payload."""
+    return TAR_BLOCK + TAR_BLOCK * math.ceil(n / TAR_BLOCK)
+
+
+def tar_file_bytes(member_bytes: int) -> int:
+    """Size of a closed tar holding members of `member_bytes` in all (end blocks, record pad)."""
+    return TAR_RECORD * math.ceil((member_bytes + 2 * TAR_BLOCK) / TAR_RECORD)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_nbytes(shape: tuple[int, ...], dtype) -> int:
+    """Length of `npy_bytes` for an array of `shape` and `dtype`, without making it."""
+    dtype = np.dtype(dtype)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)})
+    return buf.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def sample_bytes(jpg: int, boxes_npy: int, emb_npy: int, meta_json: int) -> int:
+    """Tar bytes of one sample from its four payload lengths."""
+    return sum(tar_member_bytes(n) for n in (jpg, boxes_npy, emb_npy, meta_json))
+
+
+def plan_shards(ids: list[int], sizes: list[int], max_samples: int, max_bytes: int) -> list[list[int]]:
+    """Greedy, order-preserving split of `ids` into shards of at most `max_samples` samples
+    whose tar file is at most `max_bytes` (a sample alone above `max_bytes` gets its own
+    shard). `sizes[i]` is the tar bytes of sample `ids[i]` (`sample_bytes`)."""
+    if max_samples < 1 or max_bytes < 1:
+        raise StageError(f"pack: max_samples and max_bytes must be >= 1 "
+                         f"(got {max_samples}, {max_bytes})")
+    shards: list[list[int]] = []
+    cur: list[int] = []
+    cur_bytes = 0
+    for i, size in zip(ids, sizes):
+        if cur and (len(cur) >= max_samples or tar_file_bytes(cur_bytes + size) > max_bytes):
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += size
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def is_plain_jpeg(path: Path) -> bool:
+    """True when the file's own bytes decode to the same pixels `load_rgb` gives: a JPEG in
+    RGB or gray with no EXIF rotation (CMYK and rotated files are re-encoded)."""
+    try:
+        with Image.open(path) as im:
+            return (im.format == "JPEG" and im.mode in ("RGB", "L")
+                    and im.getexif().get(0x0112, 1) == 1)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
+
+
+def jpeg_payload(path: Path, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """The `.jpg` member for one image and its (width, height) as `load_rgb` sees it.
+
+    Raises `ImageError` (one line naming the file) when the image cannot be decoded."""
+    from stages.images import load_rgb
+
+    img = load_rgb(path)
+    if is_plain_jpeg(path):
+        return Path(path).read_bytes(), img.size
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), img.size
+
+
+def planned_jpeg_size(path: Path, quality: int) -> int:
+    """Length of `jpeg_payload(path)`, reading only the header for a plain JPEG (0 when the
+    image is unreadable: the worker rejects it)."""
+    from stages.images import ImageError
+
+    if is_plain_jpeg(path):
+        return os.path.getsize(path)
+    try:
+        return len(jpeg_payload(path, quality)[0])
+    except ImageError:
+        return 0
+
+
+def sample_meta(image: dict, anns: list[dict], base_ids: set[int]) -> dict:
+    """The `.json` member: the image record and its base-category, non-crowd GT boxes
+    (COCO xywh -> x1, y1, x2, y2 in original pixels)."""
+    boxes, cats = [], []
+    for a in anns:
+        if a.get("iscrowd", 0) or int(a["category_id"]) not in base_ids:
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        boxes.append([x, y, x + w, y + h])
+        cats.append(int(a["category_id"]))
+    return {"image_id": int(image["id"]), "file_name": image["file_name"],
+            "width": int(image["width"]), "height": int(image["height"]),
+            "gt_boxes": boxes, "gt_category_ids": cats}
+
+
+def meta_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """What the pack stage needs from a split's annotation file."""
+
+    images: dict  # image_id -> image record
+    anns: dict  # image_id -> [annotation, ...]
+    image_dir: Path
+    base_ids: frozenset
+
+
+def load_split(ctx: StageContext, split: str) -> SplitIndex:
+    s = ctx.dataset.split(split)
+    try:
+        doc = read_json(s.annotations)
+        images = {int(im["id"]): im for im in doc["images"]}
+        anns: dict[int, list] = {}
+        for a in doc.get("annotations", []):
+            anns.setdefault(int(a["image_id"]), []).append(a)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise StageError(f"{s.annotations}: cannot read images/annotations ({e})") from None
+    base = frozenset(c.id for c in ctx.dataset.categories() if c.split == "base")
+    return SplitIndex(images, anns, s.images, base)
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+def region_files(ctx: StageContext) -> list[Path]:
+    return sorted(ctx.stage_dir("regions").glob("part-*.parquet"))
+
+
+def embedding_dim(path: Path) -> int:
+    field = pq.read_schema(path).field("embedding")
+    size = getattr(field.type, "list_size", -1)
+    if size is None or size < 1:
+        raise StageError(f"{path}: column 'embedding' is {field.type}, "
+                         f"expected fixed_size_list<float16>[D]")
+    return int(size)
+
+
+def regions_layout(files: list[Path]) -> tuple[dict[int, tuple[Path, int]], int]:
+    """image_id -> (regions file, number of proposals M), and the embedding dim D."""
+    where: dict[int, tuple[Path, int]] = {}
+    dim = 0
+    for f in files:
+        d = embedding_dim(f)
+        if dim and d != dim:
+            raise StageError(f"{f}: embedding dim {d} differs from {dim} in {files[0]}")
+        dim = d
+        ids, counts = np.unique(pq.read_table(f, columns=["image_id"])["image_id"].to_numpy(),
+                                return_counts=True)
+        for i, n in zip(ids.tolist(), counts.tolist()):
+            if i in where:
+                raise StageError(f"{f}: image {i} also appears in {where[i][0]}")
+            where[i] = (f, n)
+    return where, dim
+
+
+def read_regions(path: Path, image_ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """image_id -> (boxes float32[M, 4], embeddings float16[M, D]) in rank order."""
+    t = pq.read_table(path, columns=["image_id", "rank", "box", "embedding"],
+                      filters=[("image_id", "in", list(image_ids))])
+    t = t.sort_by([("image_id", "ascending"), ("rank", "ascending")])
+    dim = t.schema.field("embedding").type.list_size
+    ids = t["image_id"].to_numpy()
+    boxes = t["box"].combine_chunks().flatten().to_numpy().reshape(-1, 4).astype(np.float32)
+    emb = t["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    out = {}
+    uniq, start = np.unique(ids, return_index=True)
+    stops = list(start[1:]) + [len(ids)]
+    for i, a, b in zip(uniq.tolist(), start.tolist(), stops):
+        out[i] = (boxes[a:b], emb[a:b].astype(np.float16, copy=False))
+    return out
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
+    return {name: ctx.fingerprint(name) for name in ("dataset", "teacher", "regions")}
+
+
+def sample_sizes(ctx: StageContext, cfg: Config) -> dict[int, int]:
+    """image_id -> exact tar bytes of its sample, for every image with regions rows (0 for
+    one the worker will reject: not in the annotations or unreadable)."""
+    where, dim = regions_layout(region_files(ctx))
+    split = load_split(ctx, cfg.split)
+    sizes = {}
+    for i in sorted(where):
+        m = where[i][1]
+        image = split.images.get(i)
+        if image is None:
+            sizes[i] = 0
+            continue
+        meta = sample_meta(image, split.anns.get(i, []), split.base_ids)
+        sizes[i] = sample_bytes(
+            planned_jpeg_size(split.image_dir / image["file_name"], cfg.jpeg_quality),
+            npy_nbytes((m, 4), np.float32), npy_nbytes((m, dim), np.float16),
+            len(meta_bytes(meta)))
+    return sizes
+
+
+def plan(ctx: StageContext, cfg: Config) -> list[Part]:
+    sizes = sample_sizes(ctx, cfg)
+    shards = plan_shards(list(sizes), list(sizes.values()), cfg.max_samples, cfg.max_bytes)
+    return [Part(index=k, items=tuple(s)) for k, s in enumerate(shards)]
+
+
+class Worker:
+    def __init__(self, ctx: StageContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+        self.where, self.dim = regions_layout(region_files(ctx))
+        self.split = load_split(ctx, cfg.split)
+
+    def run_part(self, part: Part, out: PartOutput) -> PartResult:
+        import webdataset as wds
+
+        from stages.images import ImageError
+
+        by_file: dict[Path, list[int]] = {}
+        for i in part.items:
+            by_file.setdefault(self.where[i][0], []).append(i)
+        regions = {}
+        for f, ids in by_file.items():
+            regions.update(read_regions(f, ids))
+
+        name = shard_name(part.index)
+        path = out.tmp(f"{SHARDS_DIR}/{name}")
+        rejects, written, members = [], 0, 0
+        with open(path, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
+            for i in part.items:
+                image = self.split.images.get(i)
+                if image is None:
+                    rejects.append({"item": i, "file": str(self.split.image_dir),
+                                    "reason": f"image id {i} is in regions but not in the "
+                                              f"{self.cfg.split} annotations"})
+                    continue
+                file = self.split.image_dir / image["file_name"]
+                try:
+                    jpg, (w, h) = jpeg_payload(file, self.cfg.jpeg_quality)
+                except ImageError as e:
+                    rejects.append({"item": i, "file": str(file), "reason": str(e)})
+                    continue
+                if (w, h) != (int(image["width"]), int(image["height"])):
+                    rejects.append({"item": i, "file": str(file),
+                                    "reason": f"decoded size {w}x{h} differs from the "
+                                              f"annotation's {image['width']}x{image['height']}"})
+                    continue
+                boxes, emb = regions[i]
+                meta = meta_bytes(sample_meta(image, self.split.anns.get(i, []),
+                                              self.split.base_ids))
+                sample = {"__key__": sample_key(i), "jpg": jpg, "boxes.npy": npy_bytes(boxes),
+                          "emb.npy": npy_bytes(emb), "json": meta}
+                tw.write(sample)
+                members += sum(tar_member_bytes(len(v)) for k, v in sample.items()
+                               if k != "__key__")
+                written += 1
+        nbytes = os.path.getsize(path)
+        return PartResult(rows=written, rejects=rejects,
+                          extra={"shard": name, "bytes": nbytes,
+                                 "expected_bytes": tar_file_bytes(members)})
+
+
+def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
+    stage_dir = ctx.stage_dir(NAME)
+    sizes = {s["shard"]: s["rows"] for s in sorted(stats, key=lambda s: s["part"])}
+    atomic_write_json(stage_dir / SHARDS_DIR / SIZES_FILE, sizes)
+    link = ctx.cache / SHARDS_DIR
+    if link.is_symlink() or not link.exists():
+        tmp = ctx.cache / f".{SHARDS_DIR}.link-tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(NAME) / SHARDS_DIR, target_is_directory=True)
+        os.replace(tmp, link)
+    split = load_split(ctx, cfg.split)
+    where, dim = regions_layout(region_files(ctx))
+    packed = sum(sizes.values())
+    total = sum(s["bytes"] for s in stats)
+    teacher = ctx.upstream("regions").get("teacher") or ctx.upstream("teacher").get("teacher")
+    return {
+        "teacher": teacher,
+        "shards": len(sizes),
+        "samples": packed,
+        "embed_dim": dim,
+        # images of the split with no regions rows (rejected upstream): simply not packed
+        "absent": len(set(split.images) - set(where)),
+        "rejected": sum(s["n_rejects"] for s in stats),
+        "bytes": total,
+        "bytes_per_sample": round(total / packed, 1) if packed else None,
+        "shards_dir": f"{NAME}/{SHARDS_DIR}",
+    }
