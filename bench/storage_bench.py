@@ -10,10 +10,7 @@ index tests build on.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +37,7 @@ def regions_schema(dim: int) -> pa.Schema:
 def regions_table(image_ids: np.ndarray, ranks: np.ndarray, boxes: np.ndarray,
                   scores: np.ndarray, emb: np.ndarray) -> pa.Table:
     """boxes: float32[N, 4]; emb: float16[N, D] -> a table in the regions contract."""
-    n, dim = emb.shape
+    dim = emb.shape[1]
     return pa.Table.from_arrays(
         [pa.array(image_ids, pa.int64()), pa.array(ranks, pa.int32()),
          pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4),
