@@ -4,8 +4,9 @@ made in one `torchvision.ops.roi_align` call straight at the teacher's input siz
 The teacher's own (open_clip val) preprocess of a crop is: resize the shortest side to S, take
 the centred S x S square, normalise with mean/std. That equals resampling the centred
 (near-)square window of the crop that survives the centre crop straight to S x S, so that window
-is what `roi_align` samples (`preprocess_windows` reproduces torchvision's integer rounding). Its adaptive sampling (`sampling_ratio=-1`: ceil(side / S) samples per bin
-and axis, averaged) makes downscaling average like an antialiased resize.
+is what `roi_align` samples (`preprocess_windows` reproduces torchvision's integer rounding).
+Its adaptive sampling (`sampling_ratio=-1`: ceil(side / S) samples per bin and axis, averaged)
+makes downscaling average like an antialiased resize.
 """
 from __future__ import annotations
 

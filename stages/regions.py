@@ -1,0 +1,240 @@
+"""The `regions` stage: the teacher's CLIP embedding of every train-split proposal,
+normalize(V(crop 1x) + V(crop 1.5x)) (ViLD).
+
+Per image: decode once (`load_rgb`, in a small thread pool so decoding overlaps encoding), make
+all 2M crops in one `roi_align` call on the compute device (`stages/crops.py`), and feed the
+encoder full batches cut across images (`batch_size` crops). bf16 autocast on CUDA (the
+teacher's), fp32 on CPU.
+
+Parts follow the proposals parts: regions part i holds the train-split images of proposals
+part i (possibly none: then an empty file). Output `regions/part-NNNNN.parquet`, one row per
+proposal: the proposal columns (image_id, rank, box, score) + embedding
+fixed_size_list<float16>[D], L2-normalised.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+from stages.boxes import read_annotations
+from stages.crops import combine_views, region_crops
+from stages.images import ImageError, load_rgb, to_uint8_tensor
+from stages.teacher import Teacher, teacher_from_cache
+
+NAME = "regions"
+RESOURCES = {"num_cpus": 1, "num_gpus": 1}
+
+# A box may overshoot its image by this many pixels (float rounding) before the image is
+# rejected as not the one the proposals were made on.
+BOX_SLACK = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    split: str = "train"  # the split whose proposals are embedded
+    batch_size: int = 256  # crops per encoder call, cut across images
+    context_scale: float = 1.5  # the second crop: same centre, width and height x this
+    decode_threads: int = 2  # image decoding threads per worker (0: decode inline)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Re-cut a stream of Tensor[n_i, ...] into Tensor[batch_size, ...] (the last may be
+    shorter), so the encoder sees full batches whatever the per-image counts."""
+    buf: list[torch.Tensor] = []
+    n = 0
+    for chunk in chunks:
+        buf.append(chunk)
+        n += len(chunk)
+        if n >= batch_size:
+            joined = torch.cat(buf)
+            start = 0
+            while n - start >= batch_size:
+                yield joined[start:start + batch_size]
+                start += batch_size
+            buf = [joined[start:]] if start < n else []
+            n -= start
+    if n:
+        yield torch.cat(buf)
+
+
+def region_embeddings(teacher: Teacher, images: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      batch_size: int, scale: float = 1.5) -> torch.Tensor:
+    """ViLD region embeddings of every box of every image, in input order.
+
+    images: (image Tensor[3, H, W] uint8, boxes Tensor[N_i, 4] (x1, y1, x2, y2) pixels) pairs
+    returns: Tensor[sum N_i, D] float32 on the CPU, L2-normalised
+    """
+    counts: list[int] = []
+
+    def crops() -> Iterator[torch.Tensor]:
+        for image, boxes in images:
+            counts.append(len(boxes))
+            if len(boxes):
+                yield region_crops(image.to(teacher.device), boxes, teacher.image_size,
+                                   teacher.mean, teacher.std, scale)
+
+    feats = [teacher.encode_images(batch).cpu() for batch in rebatch(crops(), batch_size)]
+    if not feats:
+        return torch.empty(0, teacher.embed_dim)
+    feats = torch.cat(feats)
+    out, start = [], 0
+    for n in counts:  # each image's crops are its N 1x rows, then its N 1.5x rows
+        out.append(combine_views(feats[start:start + 2 * n]))
+        start += 2 * n
+    return torch.cat(out)
+
+
+def prefetch(fn: Callable, items: Iterable, threads: int) -> Iterator:
+    """`map(fn, items)` in order, computed up to 2 x `threads` items ahead in a thread pool."""
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def embedding_column(emb: torch.Tensor) -> pa.FixedSizeListArray:
+    """emb: Tensor[R, D] -> fixed_size_list<float16>[D]."""
+    flat = emb.to(torch.float16).contiguous().numpy().reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), emb.shape[1])
+
+
+def with_embeddings(proposals: pa.Table, emb: torch.Tensor) -> pa.Table:
+    """The proposal rows with their `embedding` column appended. emb: Tensor[R, D]."""
+    if len(proposals) != len(emb):
+        raise ValueError(f"{len(proposals)} proposal rows but {len(emb)} embeddings")
+    return proposals.append_column("embedding", embedding_column(emb))
+
+
+def image_groups(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, first row, row count) of a table sorted by image_id."""
+    ids = table.column("image_id").to_numpy()
+    uniq, first, count = np.unique(ids, return_index=True, return_counts=True)
+    return uniq, first, count
+
+
+def boxes_array(table: pa.Table) -> np.ndarray:
+    """The `box` column -> float32[R, 4]."""
+    col = table.column("box").combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 4)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def proposals_file(ctx: StageContext, index: int) -> Path:
+    return ctx.stage_dir("proposals") / f"part-{index:05d}.parquet"
+
+
+def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
+    return {"teacher": ctx.fingerprint("teacher"), "proposals": ctx.fingerprint("proposals")}
+
+
+def plan(ctx: StageContext, cfg: Config) -> list[Part]:
+    """Part i = the `cfg.split` images of proposals part i, as sorted (image_id, file_name)."""
+    n_parts = int(ctx.upstream("proposals")["n_parts"])
+    split = ctx.dataset.split(cfg.split)
+    names = {iid: rec.file_name for iid, rec in read_annotations(split.annotations).items()}
+    parts = []
+    for i in range(n_parts):
+        path = proposals_file(ctx, i)
+        if not path.exists():
+            raise StageError(f"{path} is missing although the proposals stage finished; "
+                             f"rerun it with --rebuild")
+        ids = pc.unique(pq.read_table(path, columns=["image_id"]).column("image_id"))
+        items = sorted((int(iid), names[int(iid)]) for iid in ids.to_pylist()
+                       if int(iid) in names)
+        parts.append(Part(index=i, items=tuple(items)))
+    return parts
+
+
+class Worker:
+    def __init__(self, ctx: StageContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+        self.teacher = teacher_from_cache(ctx, ctx.resolve_device())
+        self.images_dir = ctx.dataset.split(cfg.split).images
+
+    def run_part(self, part: Part, out: PartOutput) -> PartResult:
+        start = time.time()
+        cfg = self.cfg
+        ids = pa.array([iid for iid, _ in part.items], pa.int64())
+        table = pq.read_table(proposals_file(self.ctx, part.index))
+        table = table.filter(pc.is_in(table.column("image_id"), value_set=ids))
+        table = table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
+        uniq, first, count = image_groups(table)
+        boxes = torch.from_numpy(boxes_array(table))
+        where = {int(iid): (int(f), int(c)) for iid, f, c in zip(uniq, first, count)}
+
+        def decode(item):
+            iid, name = item
+            path = self.images_dir / name
+            try:
+                image = to_uint8_tensor(load_rgb(path))
+            except ImageError as e:
+                return iid, str(path), None, str(e)
+            f, c = where[iid]
+            b = boxes[f:f + c]
+            h, w = image.shape[-2:]
+            if c and (b[:, 2].max() > w + BOX_SLACK or b[:, 3].max() > h + BOX_SLACK):
+                return iid, str(path), None, (f"{path}: proposal boxes reach beyond the "
+                                              f"{w}x{h} image; it changed since the "
+                                              f"proposals were made")
+            return iid, str(path), (image, b), None
+
+        rejects, kept = [], []
+
+        def decoded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for iid, path, pair, reason in prefetch(decode, part.items, cfg.decode_threads):
+                if pair is None:
+                    rejects.append({"item": iid, "file": path, "reason": reason})
+                    continue
+                kept.append(iid)
+                yield pair
+
+        emb = region_embeddings(self.teacher, decoded(), cfg.batch_size, cfg.context_scale)
+        if rejects:
+            table = table.filter(pc.is_in(table.column("image_id"),
+                                          value_set=pa.array(kept, pa.int64())))
+        if len(table) == 0:
+            emb = torch.empty(0, self.teacher.embed_dim)
+        pq.write_table(with_embeddings(table, emb), out.tmp(f"{part.stem}.parquet"))
+        seconds = time.time() - start
+        return PartResult(rows=len(table), rejects=rejects,
+                          extra={"images": len(kept), "crops": 2 * len(table),
+                                 "embed_dim": self.teacher.embed_dim,
+                                 "crops_per_s": round(2 * len(table) / max(seconds, 1e-9), 1)})
+
+
+def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
+    crops = sum(s["crops"] for s in stats)
+    seconds = sum(s["seconds"] for s in stats)
+    return {
+        "teacher": ctx.upstream("teacher")["teacher"],
+        "embed_dim": stats[0]["embed_dim"] if stats else None,
+        "images": sum(s["images"] for s in stats),
+        "crops": crops,
+        "crops_per_s": round(crops / seconds, 1) if seconds else None,
+    }
