@@ -1,0 +1,207 @@
+"""Stage `index`: a faiss index over every region embedding, for text -> region search.
+
+Inner product on the L2-normalised float32 vectors (= cosine). Exact `IndexFlatIP` up to
+`exact_max` vectors; above it IVF-PQ from `faiss.index_factory`, trained on a seeded
+uniform sample. Built on the GPU when faiss sees one (faiss-gpu) and the device policy
+allows it, then stored as a CPU index. Outputs in `<cache>/<ds>/index/`:
+
+    regions.faiss   the index; faiss id = row number
+    ids.parquet     row int64, image_id int64, rank int32, box fixed_size_list<float32>[4],
+                    score float32 (row i describes faiss id i)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+
+NAME = "index"
+RESOURCES = {"num_cpus": 2, "num_gpus": 1}  # the runner drops the GPU when the cluster has none
+
+INDEX_FILE = "regions.faiss"
+IDS_FILE = "ids.parquet"
+ID_COLUMNS = ["image_id", "rank", "box", "score"]
+
+
+@dataclass(frozen=True)
+class Config:
+    exact_max: int = 2_000_000  # up to this many vectors: exact IndexFlatIP; above: IVF-PQ
+    ivf_lists: int = 0  # 0: about 4 sqrt(N), with >= 39 training vectors per list
+    pq_m: int = 0  # PQ sub-vectors (must divide D); 0: the largest divisor of D <= D / 8
+    train_max: int = 500_000  # vectors sampled to train IVF-PQ
+    nprobe: int = 32  # IVF lists visited per query (recorded; the query applies it)
+    seed: int = 0
+
+
+def region_files(ctx: StageContext) -> list[Path]:
+    return sorted(ctx.stage_dir("regions").glob("part-*.parquet"))
+
+
+def ivf_pq_factory(n: int, n_train: int, dim: int, cfg: Config) -> str:
+    """The `index_factory` string for `n` vectors of `dim` trained on `n_train` of them."""
+    nlist = cfg.ivf_lists or max(1, min(round(4 * math.sqrt(n)), n_train // 39))
+    m = cfg.pq_m or max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
+    if dim % m:
+        raise StageError(f"index: pq_m={m} does not divide the embedding dim {dim}")
+    # k-means needs at least 2**nbits points; 8 bits once the sample allows it
+    nbits = int(max(1, min(8, math.floor(math.log2(max(2, n_train // 4))))))
+    return f"IVF{nlist},PQ{m}x{nbits}"
+
+
+def normalized(emb: np.ndarray) -> np.ndarray:
+    """emb: [N, D] any float -> float32 [N, D], each row L2-normalised (0-rows stay 0)."""
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray]:
+    """One regions part -> (its id columns, float32[N, D] normalised embeddings)."""
+    t = pq.read_table(path, columns=ID_COLUMNS + ["embedding"])
+    dim = t.schema.field("embedding").type.list_size
+    emb = t["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return t.select(ID_COLUMNS), normalized(emb)
+
+
+def sample_rows(files: list[Path], counts: list[int], size: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample of `size` rows over all `files`: float32[size, D]."""
+    total = sum(counts)
+    pick = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total),
+                                                      replace=False))
+    out, start = [], 0
+    for f, n in zip(files, counts):
+        local = pick[(pick >= start) & (pick < start + n)] - start
+        if len(local):
+            out.append(read_embeddings(f)[1][local])
+        start += n
+    return np.concatenate(out)
+
+
+def to_gpu(index):
+    import faiss
+
+    opts = faiss.GpuMultipleClonerOptions()
+    opts.useFloat16 = True  # IVF-PQ with many sub-vectors needs float16 lookup tables
+    return faiss.index_cpu_to_all_gpus(index, co=opts)
+
+
+def use_gpu(ctx: StageContext) -> bool:
+    import faiss
+
+    return (ctx.device != "cpu" and hasattr(faiss, "get_num_gpus")
+            and faiss.get_num_gpus() > 0)
+
+
+def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
+    return {name: ctx.fingerprint(name) for name in ("teacher", "regions")}
+
+
+def plan(ctx: StageContext, cfg: Config) -> list[Part]:
+    files = region_files(ctx)
+    if not files:
+        raise StageError(f"index: no regions parquet under {ctx.stage_dir('regions')}")
+    return [Part(index=0, items=tuple(f.name for f in files))]
+
+
+class Worker:
+    def __init__(self, ctx: StageContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+
+    def run_part(self, part: Part, out: PartOutput) -> PartResult:
+        import faiss
+
+        files = [self.ctx.stage_dir("regions") / name for name in part.items]
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        dims = {pq.read_schema(f).field("embedding").type.list_size for f in files}
+        if len(dims) != 1:
+            raise StageError(f"index: regions parts disagree on the embedding dim {dims}")
+        dim, n = dims.pop(), sum(counts)
+
+        if n <= self.cfg.exact_max:
+            factory, train = "Flat", None
+        else:
+            train = sample_rows(files, counts, self.cfg.train_max, self.cfg.seed)
+            factory = ivf_pq_factory(n, len(train), dim, self.cfg)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        gpu = use_gpu(self.ctx)
+        if gpu:
+            index = to_gpu(index)
+        if train is not None:
+            index.train(train)
+            del train
+
+        ids_path = out.tmp(IDS_FILE)
+        row = 0
+        schema = pa.schema([("row", pa.int64()), ("image_id", pa.int64()), ("rank", pa.int32()),
+                            ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32())])
+        with pq.ParquetWriter(ids_path, schema) as writer:
+            for f in files:
+                ids, emb = read_embeddings(f)
+                index.add(emb)
+                rows = pa.array(np.arange(row, row + len(emb), dtype=np.int64))
+                writer.write_table(ids.add_column(0, "row", rows).cast(schema))
+                row += len(emb)
+        if gpu:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(out.tmp(INDEX_FILE)))
+        info = {"type": type(index).__name__, "factory": factory, "metric": "inner_product",
+                "ntotal": int(index.ntotal), "dim": int(dim), "gpu": bool(gpu),
+                "nprobe": self.cfg.nprobe if factory != "Flat" else None}
+        return PartResult(rows=int(index.ntotal), extra={"index": info})
+
+
+def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
+    return {
+        "index": stats[0]["index"],
+        "teacher": ctx.upstream("teacher")["teacher"],
+        # where the query command finds the images and GT of this cache
+        "dataset_manifest": str(ctx.dataset.path),
+        "data_root": str(ctx.dataset.root),
+    }
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class Hit:
+    row: int
+    image_id: int
+    rank: int
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 original pixels
+    proposal_score: float
+    similarity: float  # cosine to the query
+
+
+def load_index(stage_dir: Path, nprobe: int | None = None):
+    """(faiss index, ids table) of a finished index stage; `nprobe` applied to IVF indexes."""
+    import faiss
+
+    index = faiss.read_index(str(Path(stage_dir) / INDEX_FILE))
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and nprobe:
+        ivf.nprobe = int(nprobe)
+    return index, pq.read_table(Path(stage_dir) / IDS_FILE)
+
+
+def search(index, ids: pa.Table, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    """queries: [Q, D] (normalised here) -> for each query its top-k hits, best first."""
+    sims, rows = index.search(normalized(queries), k)
+    out = []
+    for qs, qr in zip(sims, rows):
+        keep = qr >= 0  # faiss pads with -1 when fewer than k vectors qualify
+        sel = ids.take(pa.array(qr[keep]))
+        boxes = sel["box"].to_pylist()
+        out.append([
+            Hit(int(r), int(i), int(rk), tuple(float(v) for v in b), float(s), float(sim))
+            for r, i, rk, b, s, sim in zip(sel["row"].to_pylist(), sel["image_id"].to_pylist(),
+                                           sel["rank"].to_pylist(), boxes,
+                                           sel["score"].to_pylist(), qs[keep])
+        ])
+    return out
