@@ -27,7 +27,8 @@ PLANTED = (7, 5)  # (image_id, rank) whose embedding is the query's text embeddi
 class FakeTeacher:
     """A stand-in text encoder: a fixed pseudo-random vector per string."""
 
-    identity = dict(TEACHER_IDENTITY)
+    def __init__(self):
+        self.identity = dict(TEACHER_IDENTITY)
 
     def encode_texts(self, texts):
         out = []
@@ -112,7 +113,7 @@ def test_factory_choice_by_hand():
 
 def test_query_prints_hits_and_writes_contact_sheet(flat, fake_teacher, tmp_path, capsys):
     ctx, _, _ = flat
-    index, ids = index_stage.load_index(ctx.stage_dir("index"))
+    _, ids = index_stage.load_index(ctx.stage_dir("index"))
     row = ids.filter((ids["image_id"].to_numpy() == PLANTED[0])
                      & (ids["rank"].to_numpy() == PLANTED[1]))
     x1, y1, x2, y2 = row["box"][0].as_py()
