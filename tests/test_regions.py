@@ -1,0 +1,362 @@
+"""The regions stage: crop geometry on hand cases, agreement with the per-crop PIL reference,
+the Parquet contract, rejects, batching across images, and refusal of another teacher."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.cache import atomic_write_json, read_json  # noqa: E402
+from pipeline.manifests import load_manifest  # noqa: E402
+from pipeline.runner import StageContext, StageMismatch, make_config, run_stage  # noqa: E402
+from stages import regions  # noqa: E402
+from stages.crops import (  # noqa: E402
+    crop_boxes,
+    enlarge_boxes,
+    pixel_boxes,
+    preprocess_windows,
+    region_crops,
+)
+from stages.images import load_rgb  # noqa: E402
+from stages.teacher import TeacherSpec, load_teacher, register_model_config  # noqa: E402
+
+TINY_MODEL = "d1-tiny-clip"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
+                   "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                 "layers": 2},
+}
+BASE = ["circle", "square"]
+NOVEL = ["star"]
+PROPOSALS_SCHEMA = pa.schema([
+    ("image_id", pa.int64()), ("rank", pa.int32()),
+    ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32()),
+])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_teacher_files(folder: Path, seed: int) -> TeacherSpec:
+    """A random-weight tiny open_clip CLIP saved as a checkpoint + model-config JSON."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{TINY_MODEL}.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    spec = TeacherSpec(TINY_MODEL, None, str(config))
+    register_model_config(spec)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_MODEL)
+    weights = folder / f"weights-{seed}.pt"
+    torch.save(model.state_dict(), weights)
+    return TeacherSpec(TINY_MODEL, str(weights), str(config))
+
+
+def write_teacher_manifest(cache: Path, spec: TeacherSpec) -> dict:
+    """What the teacher stage leaves behind, as far as downstream stages read it."""
+    identity = load_teacher(spec).identity
+    atomic_write_json(cache / "teacher" / "_MANIFEST.json",
+                      {"stage": "teacher", "teacher": identity,
+                       "fingerprint": identity["sha256"][:16]})
+    return identity
+
+
+def textured_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour noise with filled shapes: content that differs from box to box."""
+    small = rng.integers(0, 256, (max(2, height // 12), max(2, width // 12), 3), dtype=np.uint8)
+    im = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(6):
+        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(4, 30)
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        else:
+            draw.rectangle([x - r, y - r / 2, x + r, y + r / 2], fill=color)
+    return im
+
+
+def random_boxes(rng: np.random.Generator, n: int, width: int, height: int) -> np.ndarray:
+    """float32[n, 4] boxes inside the image, 3..70% of each side, fractional corners."""
+    w = rng.uniform(0.03, 0.7, n) * width
+    h = rng.uniform(0.03, 0.7, n) * height
+    x1 = rng.uniform(0, width - w)
+    y1 = rng.uniform(0, height - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+
+
+def proposals_table(rows: list[tuple[int, np.ndarray]]) -> pa.Table:
+    image_id, rank, box, score = [], [], [], []
+    for iid, boxes in rows:
+        for r, b in enumerate(boxes):
+            image_id.append(iid)
+            rank.append(r)
+            box.append([float(v) for v in b])
+            score.append(1.0 - r / 100)
+    return pa.table([image_id, rank, box, score], schema=PROPOSALS_SCHEMA)
+
+
+MANIFEST = """\
+name: mini
+format: coco
+root: {root}
+splits:
+  train: {{images: train, annotations: train.json}}
+  val: {{images: val, annotations: val.json}}
+vocabulary:
+  base: {base}
+  novel: {novel}
+"""
+
+
+def make_dataset(tmp: Path, synonyms: dict[str, list[str]] | None = None) -> StageContext:
+    """A tiny COCO-format dataset (5 train + 2 val images), its manifest and a context."""
+    rng = np.random.default_rng(0)
+    root = tmp / "data"
+    cats = [{"id": i + 1, "name": n, **({"synonyms": synonyms[n]} if synonyms and n in
+                                         synonyms else {})}
+            for i, n in enumerate(BASE + NOVEL)]
+    sizes = {"train": [(96, 64), (64, 112), (160, 120), (80, 80), (120, 90)],
+             "val": [(100, 70), (90, 90)]}
+    next_id = 1
+    for split, dims in sizes.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images = []
+        for w, h in dims:
+            name = f"{split}_{next_id:03d}.jpg"
+            textured_image(rng, w, h).save(root / split / name, quality=95)
+            images.append({"id": next_id, "file_name": name, "width": w, "height": h})
+            next_id += 1
+        (root / f"{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": [], "categories": cats}))
+    manifest = tmp / "mini.yaml"
+    manifest.write_text(MANIFEST.format(root=root, base=BASE, novel=NOVEL))
+    return StageContext(dataset=load_manifest(manifest), cache=tmp / "cache" / "mini",
+                        device="cpu")
+
+
+def write_proposals(ctx: StageContext, per_image: int = 9) -> dict[int, np.ndarray]:
+    """Proposals parts over train and val images: part 0 mixes both, part 1 is val only,
+    part 2 is train only. Returns {image_id: boxes}."""
+    rng = np.random.default_rng(1)
+    boxes = {}
+    for split in ("train", "val"):
+        for im in json.loads(ctx.dataset.split(split).annotations.read_text())["images"]:
+            boxes[im["id"]] = random_boxes(rng, per_image, im["width"], im["height"])
+    boxes[3][0] = [0, 0, 160, 120]  # the whole image: its 1.5x crop is clipped everywhere
+    parts = [[1, 2, 6], [7], [3, 4, 5]]
+    out = ctx.stage_dir("proposals")
+    out.mkdir(parents=True, exist_ok=True)
+    for i, ids in enumerate(parts):
+        pq.write_table(proposals_table([(iid, boxes[iid]) for iid in ids]),
+                       out / f"part-{i:05d}.parquet")
+    atomic_write_json(out / "_MANIFEST.json", {"stage": "proposals", "n_parts": len(parts),
+                                               "fingerprint": "proposals-v1"})
+    return boxes
+
+
+def reference_embedding(teacher, image: Image.Image, box) -> torch.Tensor:
+    """The peers' way: PIL crop -> the teacher's own preprocess -> encode, for the 1x and the
+    1.5x box; sum; L2-normalise. -> Tensor[D]"""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    big = (max(0.0, cx - 0.75 * w), max(0.0, cy - 0.75 * h),
+           min(image.width, cx + 0.75 * w), min(image.height, cy + 0.75 * h))
+    crops = torch.stack([teacher.preprocess(image.crop((x1, y1, x2, y2))),
+                         teacher.preprocess(image.crop(big))])
+    feats = teacher.encode_images(crops)
+    return F.normalize(feats[0] + feats[1], dim=0)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory) -> tuple[TeacherSpec, TeacherSpec]:
+    folder = tmp_path_factory.mktemp("teachers")
+    return make_teacher_files(folder, seed=0), make_teacher_files(folder, seed=1)
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_files):
+    return load_teacher(teacher_files[0])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, teacher_files):
+    """A regions stage run over the tiny dataset (one corrupt train image)."""
+    tmp = tmp_path_factory.mktemp("regions")
+    ctx = make_dataset(tmp)
+    boxes = write_proposals(ctx)
+    (ctx.dataset.root / "train" / "train_005.jpg").write_bytes(b"not a jpeg")
+    write_teacher_manifest(ctx.cache, teacher_files[0])
+    cfg = make_config(regions, {"batch_size": 16})
+    manifest = run_stage(regions, ctx, cfg, distributor="local", progress=False,
+                         log=lambda _: None)
+    return ctx, cfg, boxes, manifest
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_enlarge_boxes_same_centre_and_clipped():
+    boxes = torch.tensor([[40.0, 30.0, 60.0, 50.0],   # fits: 35..65, 25..55
+                          [0.0, 10.0, 20.0, 30.0],    # clipped on the left
+                          [80.0, 70.0, 100.0, 80.0],  # clipped right and bottom
+                          [0.0, 0.0, 100.0, 80.0]])   # the whole image stays the whole image
+    got = enlarge_boxes(boxes, 1.5, width=100, height=80)
+    want = torch.tensor([[35.0, 25.0, 65.0, 55.0],
+                         [0.0, 5.0, 25.0, 35.0],
+                         [75.0, 67.5, 100.0, 80.0],
+                         [0.0, 0.0, 100.0, 80.0]])
+    assert torch.equal(got, want)
+
+
+def test_pixel_boxes_round_like_pil_and_keep_one_pixel():
+    got = pixel_boxes(torch.tensor([[10.4, 2.5, 20.6, 3.5], [5.2, 5.2, 5.3, 5.4]]))
+    # Python's round(): 2.5 -> 2, 3.5 -> 4; a sub-pixel box keeps 1 pixel
+    assert got.tolist() == [[10.0, 2.0, 21.0, 4.0], [5.0, 5.0, 6.0, 6.0]]
+
+
+def test_preprocess_windows_follow_torchvision_rounding():
+    boxes = torch.tensor([[0.0, 0.0, 300.0, 200.0],   # wide: resized to 96x64, offset 16
+                          [10.0, 20.0, 40.0, 120.0],  # tall: 64x213, offset round(74.5)=74
+                          [5.0, 5.0, 55.0, 55.0]])    # square: the box itself
+    got = preprocess_windows(boxes, 64)
+    step = 100 / 213
+    want = torch.tensor([[50.0, 0.0, 250.0, 200.0],
+                         [10.0, 20 + 74 * step, 40.0, 20 + 138 * step],
+                         [5.0, 5.0, 55.0, 55.0]], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-9)
+
+
+def test_crops_match_pil_preprocess_pixels(teacher):
+    """Crop pixels against `teacher.preprocess(PIL crop)` for up- and down-scaled boxes."""
+    rng = np.random.default_rng(3)
+    image = textured_image(rng, 200, 150)
+    boxes = torch.from_numpy(random_boxes(rng, 40, 200, 150))
+    ours = crop_boxes(torch.from_numpy(np.array(image)).permute(2, 0, 1), boxes,
+                      teacher.image_size, teacher.mean, teacher.std)
+    ref = torch.stack([teacher.preprocess(image.crop(tuple(b))) for b in boxes.tolist()])
+    assert ours.shape == ref.shape == (40, 3, teacher.image_size, teacher.image_size)
+    centred = lambda t: (t - t.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)  # noqa: E731
+    cos = F.cosine_similarity(centred(ours), centred(ref))
+    assert cos.min() > 0.98, cos
+    assert (ours - ref).abs().mean() < 0.05
+
+
+def test_region_crops_orders_1x_then_context(teacher):
+    image = torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 40.0], [50.0, 5.0, 79.0, 45.0]])
+    both = region_crops(image, boxes, 32, teacher.mean, teacher.std, scale=1.5)
+    assert both.shape == (4, 3, 32, 32)
+    assert torch.equal(both[:2], crop_boxes(image, boxes, 32, teacher.mean, teacher.std))
+    big = enlarge_boxes(boxes, 1.5, 80, 50)
+    assert torch.equal(both[2:], crop_boxes(image, big, 32, teacher.mean, teacher.std))
+
+
+def test_rebatch_cuts_full_batches_in_order():
+    chunks = [torch.arange(0, 5), torch.arange(5, 6), torch.arange(6, 19), torch.arange(19, 22)]
+    batches = list(regions.rebatch(iter(chunks), 4))
+    assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 2]
+    assert torch.equal(torch.cat(batches), torch.arange(22))
+
+
+def test_embeddings_do_not_depend_on_batch_size(teacher):
+    rng = np.random.default_rng(4)
+    images = []
+    for w, h, n in ((90, 60, 5), (70, 100, 0), (120, 80, 11)):
+        im = torch.from_numpy(np.array(textured_image(rng, w, h))).permute(2, 0, 1)
+        images.append((im, torch.from_numpy(random_boxes(rng, n, w, h))))
+    small = regions.region_embeddings(teacher, iter(images), batch_size=3)
+    large = regions.region_embeddings(teacher, iter(images), batch_size=1000)
+    assert small.shape == (16, TINY_CONFIG["embed_dim"])
+    assert torch.allclose(small, large, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_schema_norms_and_row_counts(built):
+    ctx, _, boxes, manifest = built
+    out = ctx.stage_dir("regions")
+    files = sorted(out.glob("part-*.parquet"))
+    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet",
+                                       "part-00002.parquet"]
+    d = TINY_CONFIG["embed_dim"]
+    want = PROPOSALS_SCHEMA.append(pa.field("embedding", pa.list_(pa.float16(), d)))
+    tables = [pq.read_table(f) for f in files]
+    for t in tables:
+        assert t.schema.remove_metadata() == want
+    assert len(tables[1]) == 0  # the val-only proposals part
+    table = pa.concat_tables(tables)
+    # train images 1..5 have proposals; image 5 is corrupt; 6 and 7 are val
+    assert sorted(set(table.column("image_id").to_pylist())) == [1, 2, 3, 4]
+    assert len(table) == sum(len(boxes[i]) for i in (1, 2, 3, 4)) == manifest["rows"]
+    emb = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, d)
+    assert emb.dtype == np.float16
+    norms = np.linalg.norm(emb.astype(np.float32), axis=1)
+    assert np.abs(norms - 1).max() < 1e-3
+    assert manifest["teacher"] == read_json(ctx.cache / "teacher" / "_MANIFEST.json")["teacher"]
+
+
+def test_corrupt_image_is_a_reject_and_the_part_goes_on(built):
+    ctx, _, _, manifest = built
+    stats = read_json(ctx.stage_dir("regions") / "part-00002.stats.json")
+    assert manifest["rejects"] == 1
+    [reject] = stats["rejects"]
+    assert reject["item"] == 5 and reject["file"].endswith("train_005.jpg")
+    assert "train_005.jpg" in reject["reason"] and "\n" not in reject["reason"]
+    assert stats["images"] == 2 and stats["rows"] == 18
+
+
+def test_agreement_with_per_crop_pil_reference(built, teacher):
+    """cosine >= 0.99 against PIL crop -> teacher.preprocess -> encode (1x + 1.5x, sum,
+    normalise), for every stored row; and each row is closest to its own reference."""
+    ctx, _, _, _ = built
+    table = pa.concat_tables(pq.read_table(p) for p in
+                             sorted(ctx.stage_dir("regions").glob("part-*.parquet")))
+    d = TINY_CONFIG["embed_dim"]
+    stored = torch.from_numpy(np.asarray(table.column("embedding").combine_chunks().flatten())
+                              .reshape(-1, d).astype(np.float32))
+    names = {1: "train_001.jpg", 2: "train_002.jpg", 3: "train_003.jpg", 4: "train_004.jpg"}
+    images = {i: load_rgb(ctx.dataset.root / "train" / n) for i, n in names.items()}
+    ref = torch.stack([reference_embedding(teacher, images[iid], box) for iid, box in
+                       zip(table.column("image_id").to_pylist(), table.column("box").to_pylist())])
+    cos = F.cosine_similarity(stored, ref)
+    print(f"cosine to reference: min {cos.min():.6f} mean {cos.mean():.6f}")
+    off = (F.normalize(stored, dim=1) @ ref.T).fill_diagonal_(float("nan"))
+    print(f"cosine to other rows' references: median {off.nanmedian():.4f}")
+    assert cos.min() >= 0.99, cos.min()
+    sim = F.normalize(stored, dim=1) @ ref.T
+    assert (sim.argmax(dim=1) == torch.arange(len(ref))).float().mean() > 0.9
+
+
+def test_rerun_is_up_to_date_and_another_teacher_is_refused(built, teacher_files):
+    ctx, cfg, _, _ = built
+    stats = ctx.stage_dir("regions") / "part-00000.stats.json"
+    before = stats.stat().st_mtime_ns
+    run_stage(regions, ctx, cfg, distributor="local", progress=False, log=lambda _: None)
+    assert stats.stat().st_mtime_ns == before
+    manifest_path = ctx.cache / "teacher" / "_MANIFEST.json"
+    original = manifest_path.read_bytes()
+    try:
+        write_teacher_manifest(ctx.cache, teacher_files[1])
+        with pytest.raises(StageMismatch, match="inputs.teacher"):
+            run_stage(regions, ctx, cfg, distributor="local", progress=False,
+                      log=lambda _: None)
+    finally:
+        manifest_path.write_bytes(original)
