@@ -10,7 +10,10 @@ index tests build on.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +134,108 @@ def write_synthetic_cache(root: Path, *, n_images: int = 12, m: int = 20, dim: i
                       {"stage": "regions", "fingerprint": f"regions-{seed}-{dim}",
                        "teacher": TEACHER_IDENTITY})
     return StageContext(dataset=load_manifest(manifest), cache=cache, device="cpu")
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def wds_breakdown(shards: list[Path]) -> tuple[int, dict[str, int], set[int]]:
+    """Total tar bytes of `shards`, payload bytes per member extension, and the image ids."""
+    total, per_ext, ids = 0, {}, set()
+    for shard in shards:
+        total += shard.stat().st_size
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                per_ext[ext] = per_ext.get(ext, 0) + m.size
+                ids.add(int(key[3:]))
+    return total, per_ext, ids
+
+
+def pth_bytes(regions: list[Path], out_dir: Path, max_images: int) -> tuple[int, int]:
+    """Write up to `max_images` per-image float32 .pth files (boxes [M, 4], embeddings [M, D])
+    from the regions parts; return (bytes written, images written)."""
+    import torch
+
+    total = done = 0
+    for f in regions:
+        t = pq.read_table(f, columns=["image_id", "box", "embedding"])
+        dim = t.schema.field("embedding").type.list_size
+        ids = t["image_id"].to_numpy()
+        boxes = t["box"].combine_chunks().flatten().to_numpy().reshape(-1, 4)
+        emb = t["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        for i in np.unique(ids):
+            if done >= max_images:
+                return total, done
+            sel = ids == i
+            path = out_dir / f"{int(i)}.pth"
+            torch.save({"boxes": torch.from_numpy(boxes[sel].astype(np.float32)),
+                        "embeddings": torch.from_numpy(emb[sel].astype(np.float32))}, path)
+            total += path.stat().st_size
+            path.unlink()
+            done += 1
+    return total, done
+
+
+def measure(cache: Path, max_pth_images: int) -> list[tuple[str, int, float]]:
+    """(what, images, bytes per image) rows for one dataset cache `<cache root>/<ds>`."""
+    regions = sorted((cache / "regions").glob("part-*.parquet"))
+    if not regions:
+        raise SystemExit(f"{cache / 'regions'}: no part-*.parquet (run the regions stage)")
+    n_regions = len({i for f in regions for i in np.unique(
+        pq.read_table(f, columns=["image_id"])["image_id"].to_numpy()).tolist()})
+    regions_bytes = sum(f.stat().st_size for f in regions)
+    rows = [("regions/*.parquet (boxes, scores, f16 emb)", n_regions, regions_bytes / n_regions)]
+    shards = sorted((cache / "pack" / "wds").glob("train-*.tar"))
+    if shards:
+        total, per_ext, ids = wds_breakdown(shards)
+        n = max(1, len(ids))
+        rows += [("wds/*.tar (whole shards)", len(ids), total / n),
+                 ("  .boxes.npy + .emb.npy (f32 boxes, f16 emb)", len(ids),
+                  (per_ext.get("boxes.npy", 0) + per_ext.get("emb.npy", 0)) / n),
+                 ("  .jpg", len(ids), per_ext.get("jpg", 0) / n),
+                 ("  .json", len(ids), per_ext.get("json", 0) / n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        pth, n_pth = pth_bytes(regions, Path(tmp), max_pth_images)
+    rows.append(("per-image .pth (f32 boxes + f32 emb)", n_pth, pth / max(1, n_pth)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.storage_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cache", nargs="?", default=None,
+                   help="a dataset cache dir, e.g. cache/toy (default: a synthetic one)")
+    p.add_argument("--images", type=int, default=100, help="synthetic: images")
+    p.add_argument("--m", type=int, default=300, help="synthetic: proposals per image")
+    p.add_argument("--dim", type=int, default=512, help="synthetic: embedding dim")
+    p.add_argument("--max-pth-images", type=int, default=500,
+                   help="images written as .pth to measure them (bytes/image is their mean)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.cache is None:
+            from pipeline.runner import run_stage
+            from stages import pack
+
+            ctx = write_synthetic_cache(Path(tmp), n_images=args.images, m=args.m,
+                                        dim=args.dim, per_part=50, without_regions=0,
+                                        image_size=(320, 240))
+            run_stage(pack, ctx, pack.Config(), distributor="local", progress=False,
+                      log=lambda s: None)
+            what = (f"synthetic cache: {args.images} images, M={args.m}, D={args.dim}, "
+                    f"noise jpgs 320x240")
+            rows = measure(ctx.cache, args.max_pth_images)
+        else:
+            what = f"cache {args.cache}"
+            rows = measure(Path(args.cache), args.max_pth_images)
+    pth = rows[-1][2]
+    print(f"storage per image, {what}")
+    print(f"{'what':<46} {'images':>7} {'bytes/image':>12} {'x .pth':>7}")
+    for name, n, per in rows:
+        print(f"{name:<46} {n:>7} {per:>12.0f} {per / pth:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
