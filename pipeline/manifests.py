@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 from pipeline.cache import sha256_file
 
 FORMATS = ("coco", "lvis")
+LVIS_FREQUENCIES = ("f", "c", "r")  # frequent, common, rare
 
 
 class ManifestError(ValueError):
@@ -72,9 +74,18 @@ class DatasetManifest:
     def check_files(self) -> None:
         """Fail with one line naming the first missing image folder or annotation file."""
         for s in self.splits.values():
-            for p in (s.annotations, s.images):
-                if not p.exists():
-                    raise ManifestError(f"{self.path}: split '{s.name}': missing {p}")
+            if not s.annotations.is_file():
+                what = "is not a file" if s.annotations.exists() else "is missing"
+                raise ManifestError(f"{self.path}: split '{s.name}': annotation file "
+                                    f"{s.annotations} {what}")
+            if not s.images.is_dir():
+                what = "is not a folder" if s.images.exists() else "is missing"
+                raise ManifestError(f"{self.path}: split '{s.name}': image folder "
+                                    f"{s.images} {what}")
+
+    def image_path(self, split: str, image: dict) -> Path:
+        """Where the image of annotation record `image` lives (see `image_file`)."""
+        return self.split(split).images / image_file(image)
 
     def categories(self) -> list[Category]:
         """Base and novel categories with their annotation-file ids, sorted by id.
@@ -83,8 +94,24 @@ class DatasetManifest:
         an open-vocabulary split may hold only the base ones)."""
         self.check_files()
         ann = self.splits.get("val", next(iter(self.splits.values()))).annotations
-        return list(_categories(str(ann), self.format, self.base, self.novel,
-                                _freeze(self.from_frequency), str(self.path)))
+        stat = ann.stat()  # part of the cache key: a regenerated file is read again
+        return list(_categories(str(ann), (stat.st_mtime_ns, stat.st_size), self.format,
+                                self.base, self.novel, _freeze(self.from_frequency),
+                                str(self.path)))
+
+
+def image_file(image: dict) -> str:
+    """The file of a COCO/LVIS image record, relative to its split's image folder.
+
+    COCO records carry `file_name`. LVIS v1 records carry only `coco_url`
+    (".../train2017/000000391895.jpg"); its last two parts are used, because LVIS val holds
+    images of both COCO train2017 and val2017 (so an LVIS split's image folder is the root
+    holding train2017/ and val2017/)."""
+    if image.get("file_name"):
+        return str(image["file_name"])
+    if image.get("coco_url"):
+        return "/".join(str(image["coco_url"]).rstrip("/").split("/")[-2:])
+    raise ManifestError(f"image record {image.get('id')!r} has neither file_name nor coco_url")
 
 
 def _freeze(d: dict | None):
@@ -92,12 +119,19 @@ def _freeze(d: dict | None):
 
 
 @lru_cache(maxsize=8)
-def _categories(ann_path: str, fmt: str, base, novel, from_frequency, manifest_path: str):
+def _categories(ann_path: str, _stat: tuple, fmt: str, base, novel, from_frequency,
+                manifest_path: str):
     try:
         with open(ann_path) as f:
             cats = json.load(f)["categories"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise ManifestError(f"{ann_path}: cannot read categories ({e})") from None
+        names = Counter(str(c["name"]) for c in cats)
+        ids = Counter(int(c["id"]) for c in cats)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{ann_path}: cannot read categories ({type(e).__name__}: {e})"
+                            ) from None
+    dup = sorted(n for n, k in names.items() if k > 1) or sorted(i for i, k in ids.items() if k > 1)
+    if dup:
+        raise ManifestError(f"{ann_path}: categories {dup[:5]} appear more than once")
     if from_frequency is not None:
         rule = dict(from_frequency)
         which = {}
@@ -114,6 +148,9 @@ def _categories(ann_path: str, fmt: str, base, novel, from_frequency, manifest_p
             if c["frequency"] in which:
                 out.append(Category(int(c["id"]), c["name"], which[c["frequency"]],
                                     tuple(c.get("synonyms", ()))))
+        if not any(c.split == "base" for c in out):
+            raise ManifestError(f"{manifest_path}: from_frequency selects no base category "
+                                f"in {ann_path}")
         return tuple(sorted(out, key=lambda c: c.id))
     by_name = {c["name"]: c for c in cats}
     out = []
@@ -126,6 +163,14 @@ def _categories(ann_path: str, fmt: str, base, novel, from_frequency, manifest_p
             c = by_name[n]
             out.append(Category(int(c["id"]), n, split, tuple(c.get("synonyms", ()))))
     return tuple(sorted(out, key=lambda c: c.id))
+
+
+def _as_list(value, path: Path, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ManifestError(f"{path}: {where} must be a list, got {type(value).__name__}")
+    return list(value)
 
 
 _ENV = re.compile(r"\$\{(\w+)\}")
@@ -171,6 +216,9 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
     else:
         raise ManifestError(f"{path}: missing required key 'root' (or pass --data-root)")
 
+    if not isinstance(doc["splits"], dict):
+        raise ManifestError(f"{path}: splits must be a mapping of split name to "
+                            f"{{images, annotations}}")
     splits = {}
     for name, s in doc["splits"].items():
         if not isinstance(s, dict) or "images" not in s or "annotations" not in s:
@@ -178,11 +226,29 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         splits[name] = Split(name, root / s["images"], root / s["annotations"])
     if "train" not in splits:
         raise ManifestError(f"{path}: a 'train' split is required")
+    seen: dict[Path, str] = {}
+    for s in splits.values():
+        if s.annotations in seen:
+            raise ManifestError(f"{path}: splits '{seen[s.annotations]}' and '{s.name}' use the "
+                                f"same annotation file {s.annotations}")
+        seen[s.annotations] = s.name
 
     voc = doc["vocabulary"] or {}
+    if not isinstance(voc, dict):
+        raise ManifestError(f"{path}: vocabulary must be a mapping")
     base = novel = from_frequency = None
     if "from_frequency" in voc:
-        from_frequency = {k: tuple(v) for k, v in voc["from_frequency"].items()}
+        rule = voc["from_frequency"]
+        if not isinstance(rule, dict) or set(rule) - {"base", "novel"} or "base" not in rule:
+            raise ManifestError(f"{path}: from_frequency must map 'base' (and 'novel') to "
+                                f"lists of LVIS frequencies {list(LVIS_FREQUENCIES)}")
+        from_frequency = {k: tuple(str(x) for x in _as_list(v, path, f"from_frequency.{k}"))
+                          for k, v in rule.items()}
+        for k, freqs in from_frequency.items():
+            bad = sorted(set(freqs) - set(LVIS_FREQUENCIES))
+            if bad:
+                raise ManifestError(f"{path}: from_frequency.{k}: unknown frequencies {bad} "
+                                    f"(use {list(LVIS_FREQUENCIES)})")
         overlap = set(from_frequency.get("base", ())) & set(from_frequency.get("novel", ()))
         if overlap:
             raise ManifestError(f"{path}: frequencies {sorted(overlap)} are both base and novel")
@@ -190,7 +256,8 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         if "base" not in voc or "novel" not in voc:
             raise ManifestError(f"{path}: vocabulary needs 'base' and 'novel' lists "
                                 f"(or 'from_frequency')")
-        base, novel = tuple(voc["base"]), tuple(voc["novel"])
+        base = tuple(str(n) for n in _as_list(voc["base"], path, "vocabulary.base"))
+        novel = tuple(str(n) for n in _as_list(voc["novel"], path, "vocabulary.novel"))
         for split, names in (("base", base), ("novel", novel)):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
@@ -200,6 +267,10 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
             raise ManifestError(f"{path}: categories {overlap} are in both base and novel")
         if not base:
             raise ManifestError(f"{path}: the base vocabulary is empty")
+
+    stages = doc.get("stages") or {}
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise ManifestError(f"{path}: stages must map a stage name to its config overrides")
 
     return DatasetManifest(
         name=str(doc["name"]),
@@ -212,5 +283,5 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         novel=novel,
         from_frequency=from_frequency,
         synthetic=doc.get("synthetic"),
-        stages=dict(doc.get("stages") or {}),
+        stages=dict(stages),
     )

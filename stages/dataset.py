@@ -210,6 +210,7 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
     base = set(ctx.dataset.base)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"}
                   for i, n in enumerate(names)]
+    splits = {n: ("base" if n in base else "novel") for n in names}
     images: dict[str, list] = {"train": [], "val": []}
     anns: dict[str, list] = {"train": [], "val": []}
     captions: list[dict] = []
@@ -266,12 +267,25 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
                              for k, v in per_category.items()},
             "captions": len(captions),
         },
-        "categories": categories,
+        "categories": [{**c, "split": splits[c["name"]]} for c in categories],
         "files": files,
     }
 
 
 # ----------------------------------------------------------------------------- real data
+
+
+def _check_some_images(ctx: StageContext, split: str, images: list[dict], n: int = 5) -> None:
+    """The first, last and a few evenly spaced images must exist: a wrong image folder is
+    reported here, in one line, rather than as thousands of rejects later."""
+    if not images:
+        return
+    picks = sorted({round(i * (len(images) - 1) / max(n - 1, 1)) for i in range(n)})
+    for i in picks:
+        path = ctx.dataset.image_path(split, images[i])
+        if not path.is_file():
+            raise StageError(f"{ctx.dataset.path}: split '{split}': image {path} (image id "
+                             f"{images[i].get('id')}) is missing; is the image folder right?")
 
 
 def _describe_real(ctx: StageContext) -> dict:
@@ -289,6 +303,7 @@ def _describe_real(ctx: StageContext) -> dict:
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise StageError(f"{s.annotations}: not a {ds.format.upper()} annotation file "
                              f"({type(e).__name__}: {e})") from None
+        _check_some_images(ctx, s.name, doc["images"])
         by_cat = Counter(a["category_id"] for a in ann_list)
         counts["images"][s.name] = n_images
         counts["boxes"][s.name] = {

@@ -53,7 +53,7 @@ class SyntheticSpec:
     caption_crop_fraction: float = 0.5  # share of crop-like caption images
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "synthetic") -> "SyntheticSpec":
+    def from_dict(cls, d: dict, where: str = "synthetic") -> SyntheticSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
