@@ -1,0 +1,145 @@
+"""The one typed config of a training run (`TrainConfig`), and how the CLI overrides it.
+
+Defaults follow the ViLD paper where it fixes a number (tau, image-loss weight, RPN NMS and
+top-k, final NMS, detections per image) and are otherwise sized for the embedded toy default on
+2 CPU cores (small images, ResNet-18 FPN, 512-d box head).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+MODES = ("text", "image", "vild")
+HEADS = ("shared", "separate")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message says which and why, in one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what is trained
+    mode: str = "vild"  # text: ViLD-text only | image: ViLD-image only | vild: both
+    heads: str = "shared"  # separate: a text head and an image head (for ViLD-ensemble)
+    # optimisation
+    steps: int = 1500
+    batch_size: int = 4  # images per process
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    # data and augmentation (sizes are the shortest image side in pixels)
+    train_sizes: tuple[int, ...] = (192, 224, 256, 288, 320)  # scale jitter: one per image
+    max_size: int = 512
+    test_size: int = 256
+    flip_prob: float = 0.5
+    shuffle_buffer: int = 64
+    num_workers: int = 1  # DataLoader workers per process
+    cached_per_image: int = 300  # M: cached proposals used for the ViLD-image loss
+    # model
+    backbone: str = "resnet18"
+    trainable_backbone_layers: int = 5  # 5 = all (the backbone starts from scratch)
+    init_from: str | None = None  # checkpoint with backbone.* (and rpn.*) weights, e.g. the RPN stage's
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # one per FPN level
+    representation_size: int = 512  # TwoMLPHead width
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 1000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    rpn_nms: float = 0.7
+    box_batch_size_per_image: int = 512  # N live proposals sampled per image (as RoIHeads)
+    box_positive_fraction: float = 0.25
+    # ViLD
+    temperature: float = 0.01
+    image_loss_weight: float = 0.5
+    # inference
+    final_nms: float = 0.5
+    detections_per_image: int = 0  # 0: 100 for COCO-format datasets, 300 for LVIS
+    score_thresh: float = 1e-3
+    # bookkeeping
+    log_every: int = 10
+    ckpt_every: int = 100
+
+    def validate(self) -> "TrainConfig":
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.heads not in HEADS:
+            raise ConfigError(f"heads must be one of {HEADS}, got {self.heads!r}")
+        if self.heads == "separate" and self.mode != "vild":
+            raise ConfigError("heads=separate trains a text head and an image head; it needs "
+                              f"mode=vild (got mode={self.mode!r})")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps and batch_size must be >= 1 (got {self.steps}, "
+                              f"{self.batch_size})")
+        if not self.train_sizes:
+            raise ConfigError("train_sizes must name at least one size")
+        return self
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def detections_per_image(cfg: TrainConfig, dataset_format: str) -> int:
+    """The paper's cap on final detections: 300 per image for LVIS, 100 for COCO."""
+    if cfg.detections_per_image > 0:
+        return cfg.detections_per_image
+    return 300 if dataset_format == "lvis" else 100
+
+
+def _coerce(field: dataclasses.Field, value: Any, key: str) -> Any:
+    default = field.default
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(int(v) for v in value)
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int) and not isinstance(value, bool):
+        if not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    return value
+
+
+def make_config(overrides: dict[str, Any] | None = None, base: TrainConfig | None = None
+                ) -> TrainConfig:
+    """`base` (default: TrainConfig()) with `overrides`; unknown keys are refused."""
+    base = base or TrainConfig()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown train config key(s) {unknown}; known: {sorted(fields)}")
+    typed = {k: _coerce(fields[k], v, k) for k, v in overrides.items()}
+    return dataclasses.replace(base, **typed).validate()
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`["lr=1e-3", "train_sizes=[128,160]"]` -> {"lr": 0.001, "train_sizes": [128, 160]}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Rebuild a config saved in a checkpoint (lists back to tuples)."""
+    return make_config(d)

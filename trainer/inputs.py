@@ -1,0 +1,124 @@
+"""What the trainer reads from the cache: shard URLs, the text-embedding vocabulary, the
+teacher identity, and checks that they agree on the embedding dimension D."""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+from torch import Tensor
+
+
+class CacheMismatch(ValueError):
+    """The cache does not fit this run (dimension, vocabulary); one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The categories of a text parquet, sorted by category id (the model's class columns)."""
+
+    path: str
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+    is_base: Tensor  # [C] bool
+    embeddings: Tensor  # [C, D] float32
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def base_labels(self) -> dict[int, int]:
+        """category id -> training label (1 + column among the base classes; 0 = bg)."""
+        base = [c for c, b in zip(self.category_ids, self.is_base.tolist()) if b]
+        return {c: i + 1 for i, c in enumerate(base)}
+
+
+def text_parquet_path(cache_dir: Path, dataset_name: str) -> Path:
+    return Path(cache_dir) / "text" / f"{dataset_name}.parquet"
+
+
+def load_vocabulary(path: str | Path, expect_dim: int | None = None) -> Vocabulary:
+    """Read `text/<vocab>.parquet` (category_id, name, split, embedding[D]).
+
+    `expect_dim`: refuse a file whose D differs (e.g. the D a checkpoint was trained with).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CacheMismatch(f"{path}: text embeddings not found (run the `text` stage first)")
+    table = pq.read_table(path)
+    need = {"category_id", "name", "split", "embedding"}
+    if not need <= set(table.column_names):
+        raise CacheMismatch(f"{path}: needs columns {sorted(need)}, has {table.column_names}")
+    if table.num_rows == 0:
+        raise CacheMismatch(f"{path}: no categories")
+    rows = sorted(zip(table.column("category_id").to_pylist(), table.column("name").to_pylist(),
+                      table.column("split").to_pylist(),
+                      table.column("embedding").to_pylist()), key=lambda r: r[0])
+    bad = [r[2] for r in rows if r[2] not in ("base", "novel")]
+    if bad:
+        raise CacheMismatch(f"{path}: split must be base or novel, found {bad[0]!r}")
+    emb = torch.tensor(np.asarray([r[3] for r in rows], dtype=np.float32))
+    if expect_dim is not None and emb.shape[1] != expect_dim:
+        raise CacheMismatch(f"{path}: embedding dim D={emb.shape[1]}, but the trainer expects "
+                            f"D={expect_dim}; this cache was built with another teacher")
+    is_base = torch.tensor([r[2] == "base" for r in rows])
+    if not bool(is_base.any()):
+        raise CacheMismatch(f"{path}: no base categories")
+    return Vocabulary(str(path), tuple(int(r[0]) for r in rows), tuple(r[1] for r in rows),
+                      is_base, emb)
+
+
+def shard_urls(spec: str | None, cache_dir: Path) -> list[str]:
+    """Brace-expanded `spec` (local paths or `pipe:` URLs), or every `wds/train-*.tar` of the
+    cache when `spec` is None."""
+    if spec:
+        urls = []
+        for part in spec.split("::"):
+            urls.extend(braceexpand.braceexpand(part))
+        return urls
+    folder = Path(cache_dir) / "wds"
+    urls = sorted(str(p) for p in folder.glob("train-*.tar"))
+    if not urls:
+        raise CacheMismatch(f"{folder}: no train-*.tar shards (run the `pack` stage first)")
+    return urls
+
+
+def shard_embedding_dim(url: str) -> int:
+    """D of the first sample's `.emb.npy` in shard `url`."""
+    try:
+        sample = next(iter(wds.DataPipeline(wds.SimpleShardList([url]),
+                                            wds.tarfile_to_samples())))
+    except StopIteration:
+        raise CacheMismatch(f"{url}: shard holds no samples") from None
+    except (OSError, ValueError) as e:
+        raise CacheMismatch(f"{url}: cannot read shard ({e})") from None
+    if "emb.npy" not in sample:
+        raise CacheMismatch(f"{url}: sample {sample['__key__']} has no .emb.npy")
+    emb = np.load(io.BytesIO(sample["emb.npy"]))
+    if emb.ndim != 2:
+        raise CacheMismatch(f"{url}: sample {sample['__key__']}: .emb.npy has shape "
+                            f"{emb.shape}, expected [M, D]")
+    return int(emb.shape[1])
+
+
+def check_shard_dim(url: str, vocab: Vocabulary) -> None:
+    """Refuse shards whose cached region embeddings have another D than the text file."""
+    d = shard_embedding_dim(url)
+    if d != vocab.dim:
+        raise CacheMismatch(f"{url}: cached region embeddings have D={d}, but {vocab.path} has "
+                            f"D={vocab.dim}; rebuild the cache with one teacher")
+
+
+def teacher_identity(cache_dir: Path) -> dict | None:
+    """The teacher recorded by the teacher stage (None when the cache has no teacher stage)."""
+    path = Path(cache_dir) / "teacher" / "_MANIFEST.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f).get("teacher")

@@ -1,0 +1,74 @@
+"""ViLD losses as plain functions on tensors.
+
+The RPN losses are torchvision's own (`RegionProposalNetwork.compute_loss`, returned by the
+RPN module); the second-stage box loss below is torchvision's `fastrcnn_loss` box term made
+class-agnostic. Region and text embeddings are expected L2-normalized.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def region_logits(region_emb: Tensor, bg_emb: Tensor, text_emb: Tensor, tau: float) -> Tensor:
+    """Cosine-similarity logits against [background, classes].
+
+    region_emb: Tensor[N, D] L2-normalized; bg_emb: Tensor[D] (normalized here);
+    text_emb: Tensor[C, D] L2-normalized. Returns Tensor[N, 1 + C] = sim / tau,
+    column 0 = background.
+    """
+    classifier = torch.cat([F.normalize(bg_emb, dim=-1)[None], text_emb], dim=0)
+    return region_emb @ classifier.t() / tau
+
+
+def vild_text_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """ViLD-text: softmax cross-entropy over [background, base classes].
+
+    logits: Tensor[N, 1 + B]; labels: Tensor[N] int64 in [0, B], 0 = background.
+    Mean over the N sampled live proposals.
+    """
+    return F.cross_entropy(logits, labels)
+
+
+def foreground_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Class-agnostic foreground / background cross-entropy (the ViLD-image-only ablation).
+
+    p_bg = softmax(logits)[:, 0]; the loss is -log p_bg on background proposals and
+    -log(1 - p_bg) on foreground ones, so no base-category identity is supervised.
+    logits: Tensor[N, 1 + B]; labels: Tensor[N] int64, 0 = background. Mean over N.
+    """
+    log_p = F.log_softmax(logits, dim=-1)
+    log_bg = log_p[:, 0]
+    log_fg = torch.logsumexp(log_p[:, 1:], dim=-1)
+    return -torch.where(labels == 0, log_bg, log_fg).mean()
+
+
+def vild_image_loss(region_emb: Tensor, teacher_emb: Tensor, weight: float = 0.5) -> Tensor:
+    """ViLD-image: L1 distance to the teacher's embedding, summed over dimensions and averaged
+    over proposals, times `weight` (0.5 in the paper for ResNet-50).
+
+    region_emb: Tensor[M, D] L2-normalized; teacher_emb: Tensor[M, D] L2-normalized.
+    M = 0 gives a zero that still depends on region_emb (so DDP sees every parameter used).
+    """
+    if region_emb.shape != teacher_emb.shape:
+        raise ValueError(f"region embeddings {tuple(region_emb.shape)} and teacher embeddings "
+                         f"{tuple(teacher_emb.shape)} differ in shape")
+    if region_emb.shape[0] == 0:
+        return region_emb.sum() * 0.0
+    per_proposal = (region_emb - teacher_emb.to(region_emb.dtype)).abs().sum(dim=-1)
+    return weight * per_proposal.mean()
+
+
+def box_regression_loss(box_deltas: Tensor, regression_targets: Tensor, labels: Tensor,
+                        beta: float = 1.0 / 9) -> Tensor:
+    """Class-agnostic box regression: smooth-L1 on the foreground proposals, summed, divided
+    by the number of sampled proposals (torchvision's `fastrcnn_loss` normalisation).
+
+    box_deltas: Tensor[N, 4]; regression_targets: Tensor[N, 4] (BoxCoder encoding);
+    labels: Tensor[N] int64, 0 = background.
+    """
+    pos = labels > 0
+    loss = F.smooth_l1_loss(box_deltas[pos], regression_targets[pos], beta=beta,
+                            reduction="sum")
+    return loss / max(1, labels.numel())

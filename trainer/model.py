@@ -1,0 +1,286 @@
+"""The ViLD student: torchvision Faster R-CNN pieces with an open-vocabulary classifier.
+
+    images ─► ResNet-FPN ─► RPN (online, class-agnostic) ─► N live proposals
+                  │                                            │ RoIAlign ─► TwoMLPHead (text tower)
+                  │                                            ├─► box deltas [N, 4] (class-agnostic)
+                  │                                            └─► region embedding [N, D] ─► cos/τ
+                  │                                                 vs [bg, text embeddings]
+                  └── RoIAlign on the M cached boxes ─► tower ─► region embedding [M, D] ─► L1 to
+                      the cached teacher embeddings (ViLD-image)
+
+`heads="shared"`: one tower and projection serve both losses (the paper's ViLD).
+`heads="separate"`: the ViLD-image loss trains a second tower + projection (the image head);
+the text tower keeps the box regressor. ViLD-ensemble combines the two at inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
+
+from trainer.config import TrainConfig
+from trainer.losses import (
+    box_regression_loss,
+    foreground_loss,
+    region_logits,
+    vild_image_loss,
+    vild_text_loss,
+)
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # the backbone's input normalisation (ImageNet statistics)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+def _group_norm(channels: int) -> nn.Module:
+    # GroupNorm, not frozen BatchNorm: the backbone trains from scratch with small batches.
+    return nn.GroupNorm(32, channels)
+
+
+def batch_images(images: list[Tensor], size_divisible: int = 32) -> ImageList:
+    """Normalize and zero-pad images into one batch.
+
+    images: list of Tensor[3, H_i, W_i] float in [0, 1]. Returns an ImageList whose tensor is
+    Tensor[B, 3, H, W] (H, W = max sizes rounded up to `size_divisible`) and whose
+    image_sizes are the (H_i, W_i) before padding.
+    """
+    mean = torch.tensor(IMAGE_MEAN, device=images[0].device)[:, None, None]
+    std = torch.tensor(IMAGE_STD, device=images[0].device)[:, None, None]
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    h = (h + size_divisible - 1) // size_divisible * size_divisible
+    w = (w + size_divisible - 1) // size_divisible * size_divisible
+    batch = images[0].new_zeros((len(images), 3, h, w))
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]] = (im - mean) / std
+    return ImageList(batch, [(int(im.shape[-2]), int(im.shape[-1])) for im in images])
+
+
+def ensemble_scores(p_text: Tensor, p_image: Tensor, is_base: Tensor) -> Tensor:
+    """ViLD-ensemble: geometric weighting of the text-head and image-head probabilities.
+
+    p_text: Tensor[N, C] class probabilities of the text head (softmax over [bg, classes],
+    background column dropped); p_image: Tensor[N, C] of the image head (softmax over the
+    classes); is_base: Tensor[C] bool. Base: p_text^(2/3) p_image^(1/3); novel:
+    p_text^(1/3) p_image^(2/3).
+    """
+    lam = torch.where(is_base, 2.0 / 3.0, 1.0 / 3.0).to(p_text.dtype)
+    return p_text.pow(lam) * p_image.pow(1.0 - lam)
+
+
+def postprocess(boxes: Tensor, scores: Tensor, image_size: tuple[int, int],
+                score_thresh: float, nms_thresh: float, max_detections: int,
+                min_size: float = 1e-2) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class detections from class-agnostic boxes.
+
+    boxes: Tensor[N, 4] (x1, y1, x2, y2) decoded; scores: Tensor[N, C]. Boxes are clipped to
+    `image_size` (H, W); every (box, class) pair above `score_thresh` is a candidate; NMS per
+    class at `nms_thresh`; the `max_detections` best are kept. Returns (boxes Tensor[K, 4],
+    scores Tensor[K], class indices Tensor[K] int64 in [0, C)).
+    """
+    n, c = scores.shape
+    boxes = clip_boxes_to_image(boxes, image_size)
+    boxes = boxes[:, None, :].expand(n, c, 4).reshape(-1, 4)
+    labels = torch.arange(c, device=scores.device).expand(n, c).reshape(-1)
+    scores = scores.reshape(-1)
+    keep = scores > score_thresh
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+@dataclass
+class Detections:
+    boxes: Tensor  # [K, 4] (x1, y1, x2, y2) in the pixels of the image given to the model
+    scores: Tensor  # [K]
+    labels: Tensor  # [K] int64 index into the model's vocabulary
+
+
+class EmbeddingTower(nn.Module):
+    """RoI features -> L2-normalized region embedding (TwoMLPHead + linear projection to D)."""
+
+    def __init__(self, in_features: int, representation_size: int, embed_dim: int):
+        super().__init__()
+        self.mlp = TwoMLPHead(in_features, representation_size)
+        self.proj = nn.Linear(representation_size, embed_dim)
+
+    def forward(self, roi_features: Tensor) -> tuple[Tensor, Tensor]:
+        """roi_features: Tensor[N, C, 7, 7] -> (hidden Tensor[N, R], embedding Tensor[N, D])."""
+        hidden = self.mlp(roi_features)
+        return hidden, F.normalize(self.proj(hidden).float(), dim=-1)
+
+
+class OpenVocabDetector(nn.Module):
+    """Faster R-CNN with a class-agnostic box regressor and a text-embedding classifier.
+
+    The vocabulary (frozen text embeddings, base mask) is set with `set_vocabulary`; it is not
+    part of the state dict, so one checkpoint serves any vocabulary of the same dimension D.
+    """
+
+    def __init__(self, cfg: TrainConfig, embed_dim: int, detections_per_image: int = 100):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = embed_dim
+        self.detections_per_image = detections_per_image
+        self.backbone = resnet_fpn_backbone(
+            backbone_name=cfg.backbone, weights=None, norm_layer=_group_norm,
+            trainable_layers=cfg.trainable_backbone_layers)
+        channels = self.backbone.out_channels
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
+                                  ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+        self.rpn = RegionProposalNetwork(
+            anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+            positive_fraction=0.5,
+            pre_nms_top_n=dict(training=cfg.rpn_pre_nms_train, testing=cfg.rpn_pre_nms_test),
+            post_nms_top_n=dict(training=cfg.rpn_post_nms_train, testing=cfg.rpn_post_nms_test),
+            nms_thresh=cfg.rpn_nms)
+        # RoIHeads is used for its proposal sampler (select_training_samples) and box coder;
+        # the class-agnostic regressor sits in its box_predictor slot.
+        self.roi_heads = RoIHeads(
+            box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7,
+                                            sampling_ratio=2),
+            box_head=nn.Identity(), box_predictor=nn.Linear(cfg.representation_size, 4),
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+            batch_size_per_image=cfg.box_batch_size_per_image,
+            positive_fraction=cfg.box_positive_fraction, bbox_reg_weights=None,
+            score_thresh=cfg.score_thresh, nms_thresh=cfg.final_nms,
+            detections_per_img=detections_per_image)
+        roi_features = channels * 7 * 7
+        self.text_tower = EmbeddingTower(roi_features, cfg.representation_size, embed_dim)
+        self.image_tower = (EmbeddingTower(roi_features, cfg.representation_size, embed_dim)
+                            if cfg.heads == "separate" else None)
+        self.bg_embedding = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
+        self.register_buffer("text_emb", torch.zeros(0, embed_dim), persistent=False)
+        self.register_buffer("is_base", torch.zeros(0, dtype=torch.bool), persistent=False)
+
+    # ------------------------------------------------------------------ vocabulary
+
+    def set_vocabulary(self, text_emb: Tensor, is_base: Tensor) -> None:
+        """text_emb: Tensor[C, D] (normalized here); is_base: Tensor[C] bool."""
+        if text_emb.ndim != 2 or text_emb.shape[1] != self.embed_dim:
+            raise ValueError(f"text embeddings have shape {tuple(text_emb.shape)}; the model "
+                             f"expects [C, {self.embed_dim}]")
+        device = self.bg_embedding.device
+        self.text_emb = F.normalize(text_emb.float(), dim=-1).to(device)
+        self.is_base = is_base.bool().to(device)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _roi_features(self, features: dict[str, Tensor], boxes: list[Tensor],
+                      image_sizes: list[tuple[int, int]]) -> Tensor:
+        return self.roi_heads.box_roi_pool(features, boxes, image_sizes)
+
+    def _image_tower(self) -> EmbeddingTower:
+        return self.image_tower if self.image_tower is not None else self.text_tower
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+                ) -> dict[str, Tensor]:
+        """Training losses.
+
+        images: list of Tensor[3, H_i, W_i] in [0, 1] (already augmented); targets: per image
+        {"boxes": Tensor[G, 4], "labels": Tensor[G] int64 in [1, B] (base-class column + 1),
+        "cached_boxes": Tensor[M, 4], "cached_emb": Tensor[M, D]}, boxes in the pixels of
+        the augmented image. Returns the named losses (each already weighted).
+        """
+        cfg = self.cfg
+        batch = batch_images(images)
+        features = self.backbone(batch.tensors)
+        proposals, losses = self.rpn(batch, features, targets)
+        losses = dict(losses)
+
+        sampled, _, labels, regression_targets = self.roi_heads.select_training_samples(
+            proposals, targets)
+        labels = torch.cat(labels)
+        hidden, region_emb = self.text_tower(
+            self._roi_features(features, sampled, batch.image_sizes))
+        deltas = self.roi_heads.box_predictor(hidden).float()
+        losses["loss_box_reg"] = box_regression_loss(deltas, torch.cat(regression_targets),
+                                                     labels)
+        logits = region_logits(region_emb, self.bg_embedding.float(),
+                               self.text_emb[self.is_base], cfg.temperature)
+        if cfg.mode == "image":
+            losses["loss_foreground"] = foreground_loss(logits, labels)
+        else:
+            losses["loss_text"] = vild_text_loss(logits, labels)
+
+        if cfg.mode in ("image", "vild"):
+            cached = [t["cached_boxes"] for t in targets]
+            _, cached_emb = self._image_tower()(
+                self._roi_features(features, cached, batch.image_sizes))
+            teacher = torch.cat([t["cached_emb"] for t in targets]).float()
+            losses["loss_image"] = vild_image_loss(cached_emb, teacher, cfg.image_loss_weight)
+        return losses
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def detect(self, images: list[Tensor], ensemble: bool = False) -> list[Detections]:
+        """Detections over the whole vocabulary (base and novel).
+
+        images: list of Tensor[3, H_i, W_i] in [0, 1]. Scores: softmax over [bg, classes] of
+        the text head; with `ensemble`, ViLD-ensemble of the text and image heads.
+        """
+        if self.text_emb.shape[0] == 0:
+            raise RuntimeError("no vocabulary: call set_vocabulary(text_emb, is_base) first")
+        if ensemble and self.image_tower is None:
+            raise ValueError("ViLD-ensemble needs a model trained with heads=separate "
+                             "(a text head and an image head); this one has one shared head")
+        batch = batch_images(images)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        roi = self._roi_features(features, proposals, batch.image_sizes)
+        hidden, emb = self.text_tower(roi)
+        deltas = self.roi_heads.box_predictor(hidden).float()
+        p_text = region_logits(emb, self.bg_embedding.float(), self.text_emb,
+                               self.cfg.temperature).softmax(-1)[:, 1:]
+        if ensemble:
+            _, emb_image = self.image_tower(roi)
+            p_image = (emb_image @ self.text_emb.t() / self.cfg.temperature).softmax(-1)
+            scores = ensemble_scores(p_text, p_image, self.is_base)
+        else:
+            scores = p_text
+        boxes = self.roi_heads.box_coder.decode(deltas, proposals).reshape(-1, 4)
+        out = []
+        counts = [len(p) for p in proposals]
+        for b, s, size in zip(boxes.split(counts), scores.split(counts), batch.image_sizes):
+            kept = postprocess(b, s, size, self.cfg.score_thresh, self.cfg.final_nms,
+                               self.detections_per_image)
+            out.append(Detections(*kept))
+        return out
+
+
+def load_init_weights(model: OpenVocabDetector, path: str) -> list[str]:
+    """Copy backbone.* and rpn.* weights from a checkpoint (a state dict, or a dict holding
+    one under "model" / "state_dict"). Returns the loaded key prefixes; a shape mismatch or a
+    checkpoint with none of them is an error naming the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot load init checkpoint ({e})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    own = model.state_dict()
+    take = {k: v for k, v in blob.items()
+            if k.split(".", 1)[0] in ("backbone", "rpn") and k in own}
+    if not take:
+        raise ValueError(f"{path}: no backbone.* or rpn.* weights matching this model")
+    for k, v in take.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(own[k].shape)} (check backbone / anchor_sizes)")
+    model.load_state_dict(take, strict=False)
+    return sorted({k.split(".", 1)[0] for k in take})

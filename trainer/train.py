@@ -1,0 +1,262 @@
+"""`python -m trainer.train`: train the ViLD student on a cache's WebDataset shards.
+
+    python -m trainer.train --manifest data_manifests/toy.yaml --cache cache --out runs/toy \
+        [--mode text|image|vild] [--heads shared|separate] [--steps N] [--seed S] \
+        [--shards 'cache/toy/wds/train-{000000..000009}.tar'] [--set KEY=VALUE ...] \
+        [--resume latest|PATH]
+    torchrun --nproc_per_node 2 -m trainer.train ...      # DDP (gloo on CPU, nccl on CUDA)
+
+Writes to --out: config.json, metrics.jsonl (one line per logged step), tb/ (TensorBoard),
+latest.pt (model, optimizer, scheduler, step, config; replaced atomically).
+Config precedence: TrainConfig defaults < the manifest's `stages: {train: {...}}` < --set <
+the dedicated flags. A resumed run keeps its checkpoint's config (only --steps may change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.cache import tmp_path
+from pipeline.manifests import DatasetManifest, ManifestError, load_manifest
+from trainer import distributed
+from trainer.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    detections_per_image,
+    make_config,
+    parse_set,
+)
+from trainer.data import train_loader
+from trainer.inputs import (
+    CacheMismatch,
+    check_shard_dim,
+    load_vocabulary,
+    shard_urls,
+    teacher_identity,
+    text_parquet_path,
+)
+from trainer.model import OpenVocabDetector, load_init_weights
+
+CHECKPOINT = "latest.pt"
+# settings a resumed run may change (they do not alter what is learned)
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers"}
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier at `step` (0-based): linear warmup from 1/warmup to 1 over `warmup`
+    steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary sibling, then rename: `path` is always a whole checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resolve_config(args, dataset: DatasetManifest, resumed: dict | None) -> TrainConfig:
+    overrides = dict(dataset.stages.get("train") or {})
+    overrides.update(parse_set(args.set))
+    for key in ("mode", "heads", "steps", "seed", "batch_size", "init_from"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if resumed is None:
+        return make_config(overrides)
+    saved = config_from_dict(resumed["config"])
+    wanted = make_config(overrides, base=saved)
+    changed = sorted(k for k, v in wanted.to_dict().items()
+                     if v != saved.to_dict()[k] and k not in RESUMABLE_CHANGES
+                     and k in overrides)
+    if changed:
+        raise ConfigError(f"resuming a run trained with {', '.join(f'{k}={saved.to_dict()[k]!r}' for k in changed)}; "
+                          f"start a new --out to change {changed}")
+    return wanted
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", default="data_manifests/toy.yaml")
+    p.add_argument("--cache", default="cache", help="cache root (holds <dataset>/wds, text)")
+    p.add_argument("--data-root", default=None, help="overrides the manifest's root")
+    p.add_argument("--out", default="runs/toy", help="run folder")
+    p.add_argument("--shards", default=None,
+                   help="brace pattern of shards (local or pipe:); default: <cache>/<ds>/wds/")
+    p.add_argument("--mode", choices=("text", "image", "vild"), default=None)
+    p.add_argument("--heads", choices=("shared", "separate"), default=None,
+                   help="separate: text + image heads, for `trainer.evaluate --ensemble`")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="images per process")
+    p.add_argument("--init-from", default=None,
+                   help="checkpoint with backbone.* / rpn.* weights (e.g. the RPN stage's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one TrainConfig field (repeatable)")
+    p.add_argument("--resume", default=None, help="'latest' (= <out>/latest.pt) or a path")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="checkpoint and exit after this step (the schedule still ends at --steps)")
+    return p
+
+
+def train(args) -> int:
+    info = distributed.setup(args.device)
+    out = Path(args.out)
+    dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
+    cache_dir = Path(args.cache) / dataset.name
+    resumed = None
+    if args.resume:
+        resumed = load_checkpoint(out / CHECKPOINT if args.resume == "latest" else args.resume)
+    cfg = resolve_config(args, dataset, resumed)
+
+    vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name),
+                            expect_dim=resumed["embed_dim"] if resumed else None)
+    urls = shard_urls(args.shards, cache_dir)
+    check_shard_dim(urls[0], vocab)
+
+    torch.manual_seed(cfg.seed)
+    model = OpenVocabDetector(cfg, vocab.dim, detections_per_image(cfg, dataset.format))
+    if cfg.init_from and resumed is None:
+        loaded = load_init_weights(model, cfg.init_from)
+        if info.is_main:
+            print(f"initialised {loaded} from {cfg.init_from}")
+    model.to(info.device)
+    model.set_vocabulary(vocab.embeddings, vocab.is_base)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup=cfg.warmup_steps, total=cfg.steps))
+    step = 0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        step = int(resumed["step"])
+    ddp = DistributedDataParallel(model) if info.world_size > 1 else model
+
+    # a resumed stream is seeded by its start step, so it does not replay the first batches
+    loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step)
+    meta = {"embed_dim": vocab.dim, "dataset": dataset.name, "format": dataset.format,
+            "vocabulary": {"path": vocab.path, "category_ids": list(vocab.category_ids),
+                           "names": list(vocab.names)},
+            "teacher": teacher_identity(cache_dir), "world_size": info.world_size}
+    writer = metrics = None
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), **meta},
+                                                    indent=2) + "\n")
+        writer = SummaryWriter(str(out / "tb"), purge_step=step + 1 if step else None)
+        metrics = open(out / "metrics.jsonl", "a")
+        print(f"training mode={cfg.mode} heads={cfg.heads} steps={step}->{cfg.steps} "
+              f"on {info.world_size} x {info.device}, {len(urls)} shards, D={vocab.dim}")
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
+                else nullcontext())
+    model.train()
+    batches = iter(loader)
+    sums: dict[str, float] = {}
+    last = time.time()
+    while step < cfg.steps:
+        t_data = time.time()
+        images, targets = next(batches)
+        images = [im.to(info.device, non_blocking=True) for im in images]
+        targets = [{k: v.to(info.device, non_blocking=True) for k, v in t.items()}
+                   for t in targets]
+        t_data = time.time() - t_data
+        with autocast:
+            losses = ddp(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss.item()} "
+                                     f"({ {k: float(v) for k, v in losses.items()} })")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        sums["data_sec"] = sums.get("data_sec", 0.0) + t_data
+        sums["n"] = sums.get("n", 0.0) + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n = sums.pop("n")
+            row = distributed.mean_across({k: v / n for k, v in sums.items()}, info)
+            now = time.time()
+            row.update(step=step, lr=lr, sec_per_step=(now - last) / n,
+                       images_per_sec=n * cfg.batch_size * info.world_size / (now - last))
+            last, sums = now, {}
+            if info.is_main:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, step)
+                print(f"step {step:>6}/{cfg.steps} loss {row['loss']:.4f} lr {lr:.2e} "
+                      f"{row['sec_per_step']:.2f}s/step", flush=True)
+        stop = args.stop_at is not None and step >= args.stop_at
+        if info.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop):
+            save_checkpoint(out / CHECKPOINT, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "config": cfg.to_dict(),
+                **meta})
+        if stop:
+            break
+    if info.is_main:
+        metrics.close()
+        writer.close()
+        print(f"done at step {step}: {out / CHECKPOINT}")
+    distributed.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except (ManifestError, ConfigError, CacheMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.cleanup()
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
