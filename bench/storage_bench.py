@@ -52,11 +52,13 @@ def regions_table(image_ids: np.ndarray, ranks: np.ndarray, boxes: np.ndarray,
 def write_synthetic_cache(root: Path, *, n_images: int = 12, m: int = 20, dim: int = 32,
                           per_part: int = 5, seed: int = 0, png_every: int = 0,
                           image_size: tuple[int, int] = (96, 64), without_regions: int = 1,
-                          plant: dict | None = None, name: str = "synth") -> StageContext:
+                          plant: dict | None = None, vary_m: bool = True,
+                          name: str = "synth") -> StageContext:
     """Write `<root>/<name>.yaml` and `<root>/cache/<name>/{dataset,teacher,regions}` and
     return the StageContext for that cache.
 
-    Train image ids are 1..n_images, each with `m - (id % 3)` proposals, except the last
+    Train image ids are 1..n_images, each with `m - (id % 3)` proposals (`m` when not
+    `vary_m`), except the last
     `without_regions` images (absent from regions, as if rejected upstream). Every
     `png_every`-th image is a PNG. train.json holds base boxes plus, to be filtered out, a
     novel box and a crowd box on image 1. `plant` maps (image_id, rank) -> a vector that
@@ -112,7 +114,7 @@ def write_synthetic_cache(root: Path, *, n_images: int = 12, m: int = 20, dim: i
     for part, s in enumerate(range(0, len(with_regions), per_part)):
         ids, ranks, boxes, scores, embs = [], [], [], [], []
         for i in with_regions[s:s + per_part]:
-            mi = m - i % 3
+            mi = m - i % 3 if vary_m else m
             xy = rng.uniform(0, [w / 2, h / 2], (mi, 2))
             wh = rng.uniform(2, [w / 2, h / 2], (mi, 2))
             e = rng.standard_normal((mi, dim)).astype(np.float32)
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             from stages import pack
 
             ctx = write_synthetic_cache(Path(tmp), n_images=args.images, m=args.m,
-                                        dim=args.dim, per_part=50, without_regions=0,
+                                        dim=args.dim, per_part=50, without_regions=0, vary_m=False,
                                         image_size=(320, 240))
             run_stage(pack, ctx, pack.Config(), distributor="local", progress=False,
                       log=lambda s: None)

@@ -169,3 +169,35 @@ def test_bad_image_is_rejected_and_the_part_goes_on(tmp_path):
     assert reject["item"] == 2 and reject["file"] == str(bad) and "000002.jpg" in reject["reason"]
     assert (manifest["samples"], manifest["rejected"]) == (10, 1)
     assert "img2" not in read_shards(ctx)
+
+
+def test_exif_rotated_jpeg_is_reencoded_upright(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left
+    src = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(src, exif=exif.tobytes(), quality=95)
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(pixels).save(plain, quality=95)
+    assert pack.is_plain_jpeg(plain) and not pack.is_plain_jpeg(src)
+    data, size = pack.jpeg_payload(src, 95)
+    assert size == (20, 40) and data != src.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (20, 40) and im.getexif().get(0x0112, 1) == 1
+        top = np.asarray(im.convert("L"))[:10].mean()
+    assert top > 200  # the band is on top once upright
+    assert pack.planned_jpeg_size(src, 95) == len(data)
+    assert pack.planned_jpeg_size(plain, 95) == plain.stat().st_size
+
+
+def test_storage_bench_runs_on_a_synthetic_cache(capsys):
+    from bench.storage_bench import main
+
+    assert main(["--images", "4", "--m", "10", "--dim", "16"]) == 0
+    rows = {ln[:46].strip(): ln[46:].split() for ln in capsys.readouterr().out.splitlines()[2:]}
+    pth = float(rows["per-image .pth (f32 boxes + f32 emb)"][1])
+    assert pth > 10 * (16 + 4) * 4  # the float32 payload plus torch's zip container
+    emb = float(rows[".boxes.npy + .emb.npy (f32 boxes, f16 emb)"][1])
+    assert emb == 2 * 128 + 10 * 4 * 4 + 10 * 16 * 2  # two npy headers + payloads
+    assert rows["regions/*.parquet (boxes, scores, f16 emb)"][0] == "4"
