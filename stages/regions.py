@@ -13,6 +13,7 @@ fixed_size_list<float16>[D], L2-normalised.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.manifests import image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
-from stages.boxes import read_annotations
 from stages.crops import combine_views, region_crops
 from stages.images import ImageError, load_rgb, to_uint8_tensor
 from stages.teacher import Teacher, teacher_from_cache
@@ -149,6 +150,17 @@ def proposals_file(ctx: StageContext, index: int) -> Path:
     return ctx.stage_dir("proposals") / f"part-{index:05d}.parquet"
 
 
+def image_files(annotations: Path) -> dict[int, str]:
+    """{image id: file relative to the split's image folder} of a COCO/LVIS-format file."""
+    try:
+        with open(annotations) as f:
+            images = json.load(f)["images"]
+        return {int(im["id"]): image_file(im) for im in images}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StageError(f"{annotations}: cannot read the image list "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     return {"teacher": ctx.fingerprint("teacher"), "proposals": ctx.fingerprint("proposals")}
 
@@ -157,7 +169,7 @@ def plan(ctx: StageContext, cfg: Config) -> list[Part]:
     """Part i = the `cfg.split` images of proposals part i, as sorted (image_id, file_name)."""
     n_parts = int(ctx.upstream("proposals")["n_parts"])
     split = ctx.dataset.split(cfg.split)
-    names = {iid: rec.file_name for iid, rec in read_annotations(split.annotations).items()}
+    names = image_files(split.annotations)
     parts = []
     for i in range(n_parts):
         path = proposals_file(ctx, i)
