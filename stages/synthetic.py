@@ -79,6 +79,7 @@ class SceneObject:
     colour: str
     box: tuple[float, float, float, float]  # x1, y1, x2, y2, tight, clipped to the image
     area: int = 0  # visible pixels
+    full_area: int = 0  # pixels of the whole shape, hidden and off-image parts included
     mask: np.ndarray | None = field(default=None, repr=False)  # bool[H, W], visible pixels
 
 
@@ -312,7 +313,8 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, categories: li
         x2, y2 = min(float(xs.max() + 1 + x), float(width)), min(float(ys.max() + 1 + y),
                                                                   float(height))
         vis = owner == k
-        objects.append(SceneObject(name, colour, (x1, y1, x2, y2), int(vis.sum()), vis))
+        objects.append(SceneObject(name, colour, (x1, y1, x2, y2), int(vis.sum()),
+                                   full_areas[k], vis))
     return Scene(Image.fromarray(img, "RGB"), objects, kind)
 
 
@@ -448,6 +450,7 @@ def _overlay_main(rng, scene: Scene, categories: list[str], main_size: float) ->
     ys, xs = np.nonzero(alpha >= 0.5)
     box = (float(xs.min() + x), float(ys.min() + y), float(xs.max() + 1 + x),
            float(ys.max() + 1 + y))
-    main = SceneObject(name, colour, box, int((alpha >= 0.5).sum()))
+    area = int((alpha >= 0.5).sum())
+    main = SceneObject(name, colour, box, area, area)
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     return Scene(image, scene.objects + [main], scene.background)
