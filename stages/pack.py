@@ -289,10 +289,31 @@ class Worker:
         self.where, self.dim = regions_layout(region_files(ctx))
         self.split = load_split(ctx, cfg.split)
 
+    def sample(self, image_id: int, regions: dict) -> tuple[dict | None, dict | None]:
+        """(the tar sample of one image, None) or (None, a reject naming the file)."""
+        from stages.images import ImageError
+
+        image = self.split.images.get(image_id)
+        if image is None:
+            return None, {"item": image_id, "file": str(self.split.image_dir),
+                          "reason": f"image id {image_id} is in regions but not in the "
+                                    f"{self.cfg.split} annotations"}
+        file = self.split.image_dir / image["file_name"]
+        try:
+            jpg, (w, h) = jpeg_payload(file, self.cfg.jpeg_quality)
+        except ImageError as e:
+            return None, {"item": image_id, "file": str(file), "reason": str(e)}
+        if (w, h) != (int(image["width"]), int(image["height"])):
+            return None, {"item": image_id, "file": str(file),
+                          "reason": f"{file}: decoded size {w}x{h} differs from the "
+                                    f"annotation's {image['width']}x{image['height']}"}
+        boxes, emb = regions[image_id]
+        meta = sample_meta(image, self.split.anns.get(image_id, []), self.split.base_ids)
+        return {"__key__": sample_key(image_id), "jpg": jpg, "boxes.npy": npy_bytes(boxes),
+                "emb.npy": npy_bytes(emb), "json": meta_bytes(meta)}, None
+
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         import webdataset as wds
-
-        from stages.images import ImageError
 
         by_file: dict[Path, list[int]] = {}
         for i in part.items:
@@ -304,37 +325,21 @@ class Worker:
         name = shard_name(part.index)
         path = out.tmp(f"{SHARDS_DIR}/{name}")
         rejects, written, members = [], 0, 0
-        with open(path, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
-            for i in part.items:
-                image = self.split.images.get(i)
-                if image is None:
-                    rejects.append({"item": i, "file": str(self.split.image_dir),
-                                    "reason": f"image id {i} is in regions but not in the "
-                                              f"{self.cfg.split} annotations"})
-                    continue
-                file = self.split.image_dir / image["file_name"]
-                try:
-                    jpg, (w, h) = jpeg_payload(file, self.cfg.jpeg_quality)
-                except ImageError as e:
-                    rejects.append({"item": i, "file": str(file), "reason": str(e)})
-                    continue
-                if (w, h) != (int(image["width"]), int(image["height"])):
-                    rejects.append({"item": i, "file": str(file),
-                                    "reason": f"decoded size {w}x{h} differs from the "
-                                              f"annotation's {image['width']}x{image['height']}"})
-                    continue
-                boxes, emb = regions[i]
-                meta = meta_bytes(sample_meta(image, self.split.anns.get(i, []),
-                                              self.split.base_ids))
-                sample = {"__key__": sample_key(i), "jpg": jpg, "boxes.npy": npy_bytes(boxes),
-                          "emb.npy": npy_bytes(emb), "json": meta}
-                tw.write(sample)
-                members += sum(tar_member_bytes(len(v)) for k, v in sample.items()
-                               if k != "__key__")
-                written += 1
-        nbytes = os.path.getsize(path)
+        with open(path, "wb") as fh:
+            with wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
+                for i in part.items:
+                    sample, reject = self.sample(i, regions)
+                    if reject is not None:
+                        rejects.append(reject)
+                        continue
+                    tw.write(sample)
+                    members += sum(tar_member_bytes(len(v)) for k, v in sample.items()
+                                   if k != "__key__")
+                    written += 1
+            fh.flush()
+            os.fsync(fh.fileno())
         return PartResult(rows=written, rejects=rejects,
-                          extra={"shard": name, "bytes": nbytes,
+                          extra={"shard": name, "bytes": os.path.getsize(path),
                                  "expected_bytes": tar_file_bytes(members)})
 
 
