@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -89,7 +89,7 @@ def region_embeddings(teacher: Teacher, images: Iterable[tuple[torch.Tensor, tor
                                    teacher.mean, teacher.std, scale)
 
     feats = [teacher.encode_images(batch).cpu() for batch in rebatch(crops(), batch_size)]
-    if not feats:
+    if not feats:  # no boxes at all
         return torch.empty(0, teacher.embed_dim)
     feats = torch.cat(feats)
     out, start = [], 0
@@ -183,6 +183,52 @@ def plan(ctx: StageContext, cfg: Config) -> list[Part]:
     return parts
 
 
+def embed_proposals(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple[int, Path]],
+                    cfg: Config) -> tuple[pa.Table, list[dict]]:
+    """The regions table of the images `files` ((image id, path) pairs) from their rows of
+    `proposals` -> (proposal columns + embedding, sorted by image_id then rank; rejects).
+
+    An image that cannot be decoded, or whose boxes do not fit it, is a reject and has no rows.
+    """
+    ids = pa.array([iid for iid, _ in files], pa.int64())
+    table = proposals.filter(pc.is_in(proposals.column("image_id"), value_set=ids))
+    table = table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
+    uniq, first, count = image_groups(table)
+    boxes = torch.from_numpy(boxes_array(table))
+    where = {int(iid): (int(f), int(c)) for iid, f, c in zip(uniq, first, count)}
+
+    def decode(item):
+        iid, path = item
+        try:
+            image = to_uint8_tensor(load_rgb(path))
+        except ImageError as e:
+            return iid, str(path), None, str(e)
+        f, c = where.get(iid, (0, 0))
+        b = boxes[f:f + c]
+        h, w = image.shape[-2:]
+        if c and (b[:, 2].max() > w + BOX_SLACK or b[:, 3].max() > h + BOX_SLACK):
+            return iid, str(path), None, (f"{path}: proposal boxes reach beyond the {w}x{h} "
+                                          f"image; it changed since the proposals were made")
+        return iid, str(path), (image, b), None
+
+    rejects: list[dict] = []
+    kept: list[int] = []
+
+    def decoded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for iid, path, pair, reason in prefetch(decode, sorted(files), cfg.decode_threads):
+            if pair is None:
+                rejects.append({"item": iid, "file": path, "reason": reason})
+                continue
+            kept.append(iid)
+            yield pair
+
+    emb = region_embeddings(teacher, decoded(), cfg.batch_size, cfg.context_scale)
+    if rejects:
+        table = table.filter(pc.is_in(table.column("image_id"),
+                                      value_set=pa.array(kept, pa.int64())))
+    return with_embeddings(table, emb), rejects
+
+
 class Worker:
     def __init__(self, ctx: StageContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
@@ -191,51 +237,13 @@ class Worker:
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         start = time.time()
-        cfg = self.cfg
-        ids = pa.array([iid for iid, _ in part.items], pa.int64())
-        table = pq.read_table(proposals_file(self.ctx, part.index))
-        table = table.filter(pc.is_in(table.column("image_id"), value_set=ids))
-        table = table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
-        uniq, first, count = image_groups(table)
-        boxes = torch.from_numpy(boxes_array(table))
-        where = {int(iid): (int(f), int(c)) for iid, f, c in zip(uniq, first, count)}
-
-        def decode(item):
-            iid, name = item
-            path = self.images_dir / name
-            try:
-                image = to_uint8_tensor(load_rgb(path))
-            except ImageError as e:
-                return iid, str(path), None, str(e)
-            f, c = where[iid]
-            b = boxes[f:f + c]
-            h, w = image.shape[-2:]
-            if c and (b[:, 2].max() > w + BOX_SLACK or b[:, 3].max() > h + BOX_SLACK):
-                return iid, str(path), None, (f"{path}: proposal boxes reach beyond the "
-                                              f"{w}x{h} image; it changed since the "
-                                              f"proposals were made")
-            return iid, str(path), (image, b), None
-
-        rejects, kept = [], []
-
-        def decoded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for iid, path, pair, reason in prefetch(decode, part.items, cfg.decode_threads):
-                if pair is None:
-                    rejects.append({"item": iid, "file": path, "reason": reason})
-                    continue
-                kept.append(iid)
-                yield pair
-
-        emb = region_embeddings(self.teacher, decoded(), cfg.batch_size, cfg.context_scale)
-        if rejects:
-            table = table.filter(pc.is_in(table.column("image_id"),
-                                          value_set=pa.array(kept, pa.int64())))
-        if len(table) == 0:
-            emb = torch.empty(0, self.teacher.embed_dim)
-        pq.write_table(with_embeddings(table, emb), out.tmp(f"{part.stem}.parquet"))
+        files = [(iid, self.images_dir / name) for iid, name in part.items]
+        proposals = pq.read_table(proposals_file(self.ctx, part.index))
+        table, rejects = embed_proposals(self.teacher, proposals, files, self.cfg)
+        pq.write_table(table, out.tmp(f"{part.stem}.parquet"))
         seconds = time.time() - start
         return PartResult(rows=len(table), rejects=rejects,
-                          extra={"images": len(kept), "crops": 2 * len(table),
+                          extra={"images": len(files) - len(rejects), "crops": 2 * len(table),
                                  "embed_dim": self.teacher.embed_dim,
                                  "crops_per_s": round(2 * len(table) / max(seconds, 1e-9), 1)})
 
