@@ -32,7 +32,7 @@ from stages import synthetic
 NAME = "dataset"
 RESOURCES = {"num_cpus": 1}
 # Bump when the drawing code changes what a seed produces, so old caches are refused.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SPLIT_CODES = {"train": 0, "val": 1, "captions": 2}  # part of every image's RNG seed
 
 

@@ -417,11 +417,13 @@ def caption_sample(rng: np.random.Generator, categories: list[str], size: int = 
         main_scene = _overlay_main(rng, scene, categories, main_size)
         obj = main_scene.objects[-1]
         x1, y1, x2, y2 = obj.box
-        side = max(x2 - x1, y2 - y1) * float(rng.uniform(1.0, 1.7))
-        cx = (x1 + x2) / 2 + rng.uniform(-0.1, 0.1) * side
-        cy = (y1 + y2) / 2 + rng.uniform(-0.1, 0.1) * side
-        crop = main_scene.image.crop((int(cx - side / 2), int(cy - side / 2),
-                                      int(cx + side / 2), int(cy + side / 2)))
+        side = min(max(x2 - x1, y2 - y1) * float(rng.uniform(1.0, 1.7)), canvas)
+        # a jittered square window around the object, kept inside the canvas (no padding)
+        left = (x1 + x2 - side) / 2 + rng.uniform(-0.1, 0.1) * side
+        top = (y1 + y2 - side) / 2 + rng.uniform(-0.1, 0.1) * side
+        left, top = min(max(left, 0.0), canvas - side), min(max(top, 0.0), canvas - side)
+        crop = main_scene.image.crop((round(left), round(top), round(left + side),
+                                      round(top + side)))
         image = crop.resize((size, size), Image.Resampling.BILINEAR)
         rel = max(x2 - x1, y2 - y1) / side
         return image, crop_caption(rng, obj, main_scene.background, rel)
