@@ -1,0 +1,220 @@
+"""Regions throughput: the whole per-part path (decode, crops, encode, write) against the bare
+teacher forward pass on the same number of already-made crops, on the same device in the same
+run; and the batched `roi_align` crops against a per-crop PIL path (crop + the teacher's own
+preprocess per box, the peers' way). On CUDA it adds ViT-B-32 (random weights) with M = 300.
+
+    python -m bench.regions_bench                      # small sizes, a few seconds on CPU
+    python -m bench.regions_bench --images 32 --m 300 --model ViT-B-32 --device cuda
+
+Weights are random: throughput does not depend on them, and nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+
+from stages.crops import enlarge_boxes, region_crops
+from stages.images import load_rgb, to_uint8_tensor
+from stages.regions import Config, embed_proposals, rebatch
+from stages.teacher import DEFAULT_MODEL, Teacher, TeacherSpec, register_model_config
+
+PROPOSALS_SCHEMA = pa.schema([("image_id", pa.int64()), ("rank", pa.int32()),
+                              ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32())])
+
+
+def random_teacher(model: str, device: str) -> Teacher:
+    """An open_clip model with random weights wrapped as a Teacher (no weights file)."""
+    import open_clip
+
+    register_model_config(TeacherSpec(model))
+    net, _, preprocess = open_clip.create_model_and_transforms(model, device=device)
+    net.eval()
+    pp = net.visual.preprocess_cfg
+    size = pp["size"]
+    return Teacher(model=net, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
+                   identity={"model": model, "pretrained": None, "model_config": None,
+                             "sha256": None},
+                   embed_dim=int(open_clip.get_model_config(model)["embed_dim"]),
+                   image_size=int(size if isinstance(size, int) else size[0]),
+                   mean=tuple(pp["mean"]), std=tuple(pp["std"]), device=device)
+
+
+def make_images(folder: Path, n: int, width: int, height: int,
+                seed: int = 0) -> list[tuple[int, Path]]:
+    """`n` JPEGs of smooth colour noise with shapes -> [(image id, path)]."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+        draw = ImageDraw.Draw(im)
+        for _ in range(8):
+            x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(8, 80)
+            draw.ellipse([x - r, y - r, x + r, y + r],
+                         fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        path = folder / f"{i:06d}.jpg"
+        im.save(path, quality=90)
+        files.append((i, path))
+    return files
+
+
+def make_proposals(ids: list[int], m: int, width: int, height: int, seed: int = 0) -> pa.Table:
+    """`m` random boxes (2..80% of each side) per image, in the proposals contract."""
+    rng = np.random.default_rng(seed)
+    n = len(ids) * m
+    w = rng.uniform(0.02, 0.8, n) * width
+    h = rng.uniform(0.02, 0.8, n) * height
+    x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    boxes = np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+    return pa.Table.from_arrays(
+        [pa.array(np.repeat(ids, m), pa.int64()), pa.array(np.tile(np.arange(m), len(ids)),
+                                                           pa.int32()),
+         pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4),
+         pa.array(rng.uniform(0, 1, n), pa.float32())], schema=PROPOSALS_SCHEMA)
+
+
+def timed(fn: Callable, device: str, repeat: int) -> tuple[object, float]:
+    """(result, best wall seconds over `repeat` runs), CUDA synchronised."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def end_to_end(teacher: Teacher, files, proposals_path: Path, out_path: Path,
+               cfg: Config) -> int:
+    """What a regions part does: read proposals, decode, crop, encode, write -> rows."""
+    table, rejects = embed_proposals(teacher, pq.read_table(proposals_path), files, cfg)
+    if rejects:
+        raise RuntimeError(f"benchmark images were rejected: {rejects[:1]}")
+    pq.write_table(table, out_path)
+    return len(table)
+
+
+def bare_forward(teacher: Teacher, batch: torch.Tensor, n_crops: int, batch_size: int) -> int:
+    """The teacher alone on `n_crops` already-made crops, cut as the stage cuts them."""
+    done = 0
+    for size in [batch_size] * (n_crops // batch_size) + [n_crops % batch_size]:
+        if size:
+            teacher.encode_images(batch[:size]).cpu()
+            done += size
+    return done
+
+
+def per_crop_pil(teacher: Teacher, images: list[Image.Image], boxes: list[torch.Tensor],
+                 scale: float) -> torch.Tensor:
+    """The peers' way: PIL crop + the teacher's own preprocess, one box at a time."""
+    crops = []
+    for image, b in zip(images, boxes):
+        big = enlarge_boxes(b, scale, image.width, image.height)
+        for box in torch.cat([b, big]).tolist():
+            crops.append(teacher.preprocess(image.crop(tuple(box))))
+    return torch.stack(crops).to(teacher.device)
+
+
+def batched_crops(teacher: Teacher, images: list[Image.Image], boxes: list[torch.Tensor],
+                  scale: float) -> torch.Tensor:
+    return torch.cat([region_crops(to_uint8_tensor(im).to(teacher.device), b,
+                                   teacher.image_size, teacher.mean, teacher.std, scale)
+                      for im, b in zip(images, boxes)])
+
+
+def run_one(model: str, device: str, n_images: int, m: int, width: int, height: int,
+            batch_size: int, pil_images: int, repeat: int, workdir: Path) -> list[str]:
+    """Benchmark one (model, device, sizes) -> table lines."""
+    torch.manual_seed(0)
+    teacher = random_teacher(model, device)
+    cfg = Config(batch_size=batch_size)
+    files = make_images(workdir / "images", n_images, width, height)
+    proposals = make_proposals([i for i, _ in files], m, width, height)
+    proposals_path = workdir / "proposals.parquet"
+    pq.write_table(proposals, proposals_path)
+    n_crops = 2 * len(proposals)
+
+    pil = [load_rgb(p) for _, p in files]
+    boxes = [torch.from_numpy(np.asarray(proposals.column("box").combine_chunks().flatten())
+                              .reshape(-1, 4)[i * m:(i + 1) * m].copy()) for i in range(n_images)]
+    batch = next(rebatch((batched_crops(teacher, pil[i:i + 1], boxes[i:i + 1], cfg.context_scale)
+                          for i in range(n_images)), batch_size))
+    bare_forward(teacher, batch, batch_size, batch_size)  # warm-up
+
+    rows, t_e2e = timed(lambda: end_to_end(teacher, files, proposals_path,
+                                           workdir / "regions.parquet", cfg), device, repeat)
+    assert rows * 2 == n_crops
+    _, t_bare = timed(lambda: bare_forward(teacher, batch, n_crops, batch_size), device, repeat)
+
+    k = min(pil_images, n_images)
+    n_small = 2 * m * k
+    _, t_pil = timed(lambda: per_crop_pil(teacher, pil[:k], boxes[:k], cfg.context_scale),
+                     device, repeat)
+    _, t_roi = timed(lambda: batched_crops(teacher, pil[:k], boxes[:k], cfg.context_scale),
+                     device, repeat)
+
+    head = (f"model={model} (S={teacher.image_size}, D={teacher.embed_dim}) device={device} "
+            f"images={n_images} of {width}x{height}, M={m}, batch={batch_size}, "
+            f"torch threads={torch.get_num_threads()}")
+    line = "{:<44} {:>7} {:>9.3f} {:>10.1f}"
+    return [
+        head,
+        "{:<44} {:>7} {:>9} {:>10}".format("path", "crops", "seconds", "crops/s"),
+        line.format("end-to-end (decode+crops+encode+write)", n_crops, t_e2e, n_crops / t_e2e),
+        line.format("bare teacher forward (crops already made)", n_crops, t_bare,
+                    n_crops / t_bare),
+        f"  ratio end-to-end / bare = {t_bare / t_e2e:.3f}  (target >= 0.80)",
+        line.format("crops: per-crop PIL crop + preprocess", n_small, t_pil, n_small / t_pil),
+        line.format("crops: batched roi_align (1 op per image)", n_small, t_roi,
+                    n_small / t_roi),
+        f"  crop speed-up batched / PIL = {t_pil / t_roi:.1f}x",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.regions_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model (random weights)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--m", type=int, default=100, help="proposals per image")
+    p.add_argument("--size", default="320x240", help="image WxH")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--pil-images", type=int, default=4,
+                   help="images for the crop-path comparison")
+    p.add_argument("--repeat", type=int, default=2, help="best of this many runs")
+    p.add_argument("--no-cuda-vit", action="store_true",
+                   help="skip the ViT-B-32 M=300 run that is added on CUDA")
+    args = p.parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    runs = [(args.model, args.images, args.m, width, height, args.batch_size)]
+    if device.startswith("cuda") and not args.no_cuda_vit and args.model != "ViT-B-32":
+        runs.append(("ViT-B-32", 32, 300, 640, 480, 1024))
+    with tempfile.TemporaryDirectory(prefix="regions-bench-") as tmp:
+        for i, (model, n, m, w, h, bs) in enumerate(runs):
+            lines = run_one(model, device, n, m, w, h, bs, args.pil_images, args.repeat,
+                            Path(tmp) / str(i))
+            print("\n".join(lines))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
