@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.cache import read_json
-from pipeline.manifests import ManifestError, load_manifest
+from pipeline.manifests import ManifestError, image_file, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 
 IOU_MATCH = 0.5  # a hit counts for precision@k when its best GT box overlaps this much
@@ -62,7 +62,7 @@ def image_records(ann_files: list[tuple[Path, Path]], wanted: set[int]) -> dict[
             doc = read_json(ann)
         except (OSError, json.JSONDecodeError) as e:
             raise StageError(f"{ann}: cannot read annotations ({e})") from None
-        paths = {int(im["id"]): folder / im["file_name"] for im in doc.get("images", [])
+        paths = {int(im["id"]): folder / image_file(im) for im in doc.get("images", [])
                  if int(im["id"]) in wanted}
         boxes: dict[int, list] = {}
         for a in doc.get("annotations", []):

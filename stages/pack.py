@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.cache import atomic_write_json, read_json
+from pipeline.manifests import ManifestError, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "pack"
@@ -166,7 +167,7 @@ def sample_meta(image: dict, anns: list[dict], base_ids: set[int]) -> dict:
         x, y, w, h = (float(v) for v in a["bbox"])
         boxes.append([x, y, x + w, y + h])
         cats.append(int(a["category_id"]))
-    return {"image_id": int(image["id"]), "file_name": image["file_name"],
+    return {"image_id": int(image["id"]), "file_name": image_file(image),
             "width": int(image["width"]), "height": int(image["height"]),
             "gt_boxes": boxes, "gt_category_ids": cats}
 
@@ -182,6 +183,7 @@ class SplitIndex:
     images: dict  # image_id -> image record
     anns: dict  # image_id -> [annotation, ...]
     image_dir: Path
+    annotations: Path
     base_ids: frozenset
 
 
@@ -196,7 +198,7 @@ def load_split(ctx: StageContext, split: str) -> SplitIndex:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise StageError(f"{s.annotations}: cannot read images/annotations ({e})") from None
     base = frozenset(c.id for c in ctx.dataset.categories() if c.split == "base")
-    return SplitIndex(images, anns, s.images, base)
+    return SplitIndex(images, anns, s.images, s.annotations, base)
 
 
 # ----------------------------------------------------------------------------- regions
@@ -269,9 +271,14 @@ def sample_sizes(ctx: StageContext, cfg: Config) -> dict[int, int]:
         if image is None:
             sizes[i] = 0
             continue
+        try:
+            file = split.image_dir / image_file(image)
+        except ManifestError:
+            sizes[i] = 0
+            continue
         meta = sample_meta(image, split.anns.get(i, []), split.base_ids)
         sizes[i] = sample_bytes(
-            planned_jpeg_size(split.image_dir / image["file_name"], cfg.jpeg_quality),
+            planned_jpeg_size(file, cfg.jpeg_quality),
             npy_nbytes((m, 4), np.float32), npy_nbytes((m, dim), np.float16),
             len(meta_bytes(meta)))
     return sizes
@@ -298,9 +305,11 @@ class Worker:
             return None, {"item": image_id, "file": str(self.split.image_dir),
                           "reason": f"image id {image_id} is in regions but not in the "
                                     f"{self.cfg.split} annotations"}
-        file = self.split.image_dir / image["file_name"]
         try:
+            file = self.split.image_dir / image_file(image)
             jpg, (w, h) = jpeg_payload(file, self.cfg.jpeg_quality)
+        except ManifestError as e:
+            return None, {"item": image_id, "file": str(self.split.annotations), "reason": str(e)}
         except ImageError as e:
             return None, {"item": image_id, "file": str(file), "reason": str(e)}
         if (w, h) != (int(image["width"]), int(image["height"])):

@@ -202,3 +202,22 @@ def test_storage_bench_runs_on_a_synthetic_cache(capsys):
     emb = float(rows[".boxes.npy + .emb.npy (f32 boxes, f16 emb)"][1])
     assert emb == 2 * 128 + 10 * 4 * 4 + 10 * 16 * 2  # two npy headers + payloads
     assert rows["regions/*.parquet (boxes, scores, f16 emb)"][0] == "4"
+
+
+def test_lvis_records_with_coco_url_only(tmp_path):
+    ctx = write_synthetic_cache(tmp_path, n_images=6, m=M, dim=DIM)
+    split = ctx.dataset.split("train")
+    doc = json.loads(split.annotations.read_text())
+    (split.images / "train2017").mkdir()
+    for im in doc["images"][:2]:  # as LVIS v1 lists them: no file_name, a coco_url
+        os.rename(split.images / im["file_name"], split.images / "train2017" / im["file_name"])
+        im["coco_url"] = f"http://images.cocodataset.org/train2017/{im.pop('file_name')}"
+    doc["images"][2].pop("file_name")  # neither: rejected, one line naming the record
+    split.annotations.write_text(json.dumps(doc))
+    manifest = run_pack(ctx, max_samples=10)
+    samples = read_shards(ctx)
+    assert samples["img1"]["json"]["file_name"] == "train2017/000001.jpg"
+    assert samples["img1"]["jpg"] == (split.images / "train2017" / "000001.jpg").read_bytes()
+    assert "img3" not in samples and manifest["rejected"] == 1
+    reject = json.loads((ctx.cache / "pack" / "part-00000.stats.json").read_text())["rejects"][0]
+    assert reject["item"] == 3 and "neither file_name nor coco_url" in reject["reason"]
