@@ -118,11 +118,11 @@ def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     spec = synthetic_spec(ctx)
     if spec is not None:
         _check_synthetic_layout(ctx)
+        names = vocabulary(ctx)
         return {
             "synthetic": canonical_hash(asdict(spec)),
-            "vocabulary": canonical_hash([list(ctx.dataset.base), list(ctx.dataset.novel)]),
+            "vocabulary": canonical_hash([names, len(ctx.dataset.base)]),
             "generator": GENERATOR_VERSION,
-            "categories": canonical_hash(vocabulary(ctx)),
         }
     ctx.dataset.check_files()
     ctx.dataset.categories()  # the vocabulary must resolve before anything runs
