@@ -23,9 +23,9 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import IterableDataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from stages.images import ImageError, decode_rgb, to_uint8_tensor
 from trainer.config import TrainConfig
 from trainer.inputs import CacheMismatch
 
@@ -83,11 +83,12 @@ def decode_sample(sample: dict, embed_dim: int, labels: dict[int, int],
         raise SampleError(f"{where}: missing {missing}")
     try:
         meta = json.loads(sample["json"])
-        image = decode_image(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8),
-                             mode=ImageReadMode.RGB)
+        image = to_uint8_tensor(decode_rgb(sample["jpg"], f"{where}.jpg"))
         boxes = np.load(io.BytesIO(sample["boxes.npy"]))
         emb = np.load(io.BytesIO(sample["emb.npy"]))
-    except (ValueError, RuntimeError, OSError) as e:
+    except ImageError as e:
+        raise SampleError(str(e)) from None
+    except (ValueError, OSError) as e:  # json / npy
         raise SampleError(f"{where}: cannot decode ({str(e).splitlines()[0]})") from None
     if emb.ndim != 2 or emb.shape[1] != embed_dim:
         raise CacheMismatch(f"{where}: .emb.npy has shape {emb.shape}, the trainer expects "

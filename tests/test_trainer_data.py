@@ -1,0 +1,131 @@
+"""The training stream: joint augmentation of image / GT boxes / cached boxes, decoding,
+node and worker splitting, and refusal of a cache with another embedding dimension."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from trainer.config import make_config
+from trainer.data import Augmentation, SampleError, augment, decode_sample, train_pipeline
+from trainer.inputs import CacheMismatch, check_shard_dim, load_vocabulary, shard_urls
+from trainer.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_cache(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_augment_moves_cached_boxes_exactly_like_gt_boxes(flip):
+    h, w = 60, 100
+    image = torch.zeros(3, h, w, dtype=torch.uint8)
+    image[:, 10:30, 20:50] = 255  # a white block at box (20, 10, 50, 30)
+    gt = torch.tensor([[20.0, 10.0, 50.0, 30.0], [0.0, 0.0, 100.0, 60.0]])
+    cached = torch.tensor([[0.0, 0.0, 100.0, 60.0], [20.0, 10.0, 50.0, 30.0],
+                           [5.0, 7.0, 9.0, 40.0]])
+    out, gt2, cached2 = augment(image, gt, cached, Augmentation(size=90, max_size=1000,
+                                                                  flip=flip))
+    assert out.shape == (3, 90, 150) and out.dtype == torch.float32
+    torch.testing.assert_close(cached2[0], gt2[1])
+    torch.testing.assert_close(cached2[1], gt2[0])
+    # by hand: scale 1.5, then x -> W' - x when flipped
+    x1, y1, x2, y2 = 5 * 1.5, 7 * 1.5, 9 * 1.5, 40 * 1.5
+    want = [150 - x2, y1, 150 - x1, y2] if flip else [x1, y1, x2, y2]
+    torch.testing.assert_close(cached2[2], torch.tensor(want))
+    # the white block is where the transformed box says
+    bx1, by1, bx2, by2 = (int(round(v)) for v in gt2[0].tolist())
+    assert out[:, by1 + 2:by2 - 2, bx1 + 2:bx2 - 2].min() > 0.95
+    outside = out.clone()
+    outside[:, by1 - 2:by2 + 2, bx1 - 2:bx2 + 2] = 0
+    assert outside.max() < 0.05
+
+
+def test_augment_respects_max_size():
+    image = torch.zeros(3, 50, 200, dtype=torch.uint8)
+    box = torch.tensor([[0.0, 0.0, 200.0, 50.0]])
+    out, gt2, cached2 = augment(image, box, box.clone(), Augmentation(100, 300, False))
+    assert out.shape[-1] == 300 and out.shape[-2] == 75
+    torch.testing.assert_close(gt2, torch.tensor([[0.0, 0.0, 300.0, 75.0]]))
+    torch.testing.assert_close(cached2, gt2)
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _raw_sample(tiny):
+    import webdataset as wds
+
+    return next(iter(wds.DataPipeline(wds.SimpleShardList(tiny.shards[:1]),
+                                      wds.tarfile_to_samples())))
+
+
+def test_decode_sample_and_its_rejects(tiny):
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    raw = _raw_sample(tiny)
+    s = decode_sample(raw, vocab.dim, vocab.base_labels(), cached_per_image=5)
+    meta = json.loads(raw["json"])
+    assert s["image"].shape == (3, meta["height"], meta["width"])
+    assert s["cached_boxes"].shape == (5, 4) and s["cached_emb"].shape == (5, vocab.dim)
+    assert s["gt_boxes"].tolist() == meta["gt_boxes"]
+    assert s["labels"].tolist() == [vocab.base_labels()[c] for c in meta["gt_category_ids"]]
+    with pytest.raises(SampleError, match=r"train-000000\.tar: sample img\d+: missing"):
+        decode_sample({k: v for k, v in raw.items() if k != "emb.npy"}, vocab.dim,
+                      vocab.base_labels(), 5)
+    novel = dict(raw, json=json.dumps({**meta, "gt_category_ids": [4] * len(
+        meta["gt_boxes"])}).encode())
+    with pytest.raises(SampleError, match=r"gt category ids \[4\] are not base"):
+        decode_sample(novel, vocab.dim, vocab.base_labels(), 5)
+    broken = dict(raw, jpg=raw["jpg"][:20])
+    with pytest.raises(SampleError, match=r"sample img\d+\.jpg: not a recognised image"):
+        decode_sample(broken, vocab.dim, vocab.base_labels(), 5)
+    short = dict(raw, **{"boxes.npy": _npy(np.zeros((2, 4), np.float32))})
+    with pytest.raises(SampleError, match="does not match"):
+        decode_sample(short, vocab.dim, vocab.base_labels(), 5)
+    with pytest.raises(CacheMismatch, match=r"expects \[M, 32\]"):
+        decode_sample(raw, 32, vocab.base_labels(), 5)
+
+
+def test_stream_splits_shards_between_nodes(tiny, monkeypatch):
+    cfg = make_config({**TINY_SETTINGS, "shuffle_buffer": 1})  # epoch 0 only, in order
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    urls = shard_urls(None, tiny.dataset_dir)
+    assert len(urls) == 4
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = iter(train_pipeline(urls, cfg, vocab.dim, vocab.base_labels(), seed=3))
+        ids = set()
+        for _ in range(4):  # 8 images = one epoch of this rank's two shards
+            _, targets = next(stream)
+            ids.update(int(t["image_id"]) for t in targets)
+        seen[rank] = ids
+    assert len(seen[0]) == len(seen[1]) == 8
+    assert not seen[0] & seen[1]
+    # brace patterns expand to the same list
+    spec = str(tiny.dataset_dir / "wds" / "train-{000000..000003}.tar")
+    assert shard_urls(spec, tiny.dataset_dir) == urls
+
+
+def test_cache_with_another_embedding_dim_is_refused(tmp_path, capsys):
+    bad = write_tiny_cache(tmp_path, n_train=4, n_val=2, emb_dim_in_shards=8)
+    vocab = load_vocabulary(bad.dataset_dir / "text" / "tiny.parquet")
+    with pytest.raises(CacheMismatch) as e:
+        check_shard_dim(bad.shards[0], vocab)
+    msg = str(e.value)
+    assert "\n" not in msg and bad.shards[0] in msg and "D=8" in msg and "D=16" in msg
+    rc = train_main(["--manifest", str(bad.manifest), "--cache", str(bad.cache),
+                     "--out", str(tmp_path / "run"), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and "train-000000.tar" in err[0]
+    with pytest.raises(CacheMismatch, match=r"tiny\.parquet: embedding dim D=16, but the "
+                                             r"trainer expects D=8"):
+        load_vocabulary(bad.dataset_dir / "text" / "tiny.parquet", expect_dim=8)

@@ -1,0 +1,98 @@
+"""Trainer losses, scoring and schedule against values computed by hand on tiny tensors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.losses import (
+    box_regression_loss,
+    foreground_loss,
+    region_logits,
+    vild_image_loss,
+    vild_text_loss,
+)
+from trainer.model import ensemble_scores, postprocess
+from trainer.train import warmup_cosine
+
+
+def test_region_logits_are_cosines_over_tau_with_background_first():
+    region = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    bg = torch.tensor([0.0, 2.0])  # normalised inside
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    z = region_logits(region, bg, text, tau=0.5)
+    want = torch.tensor([[0.0, 1.0, 0.0, -1.0], [0.8, 0.6, 0.8, -0.6]]) / 0.5
+    torch.testing.assert_close(z, want)
+
+
+def test_vild_text_loss_is_softmax_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    labels = torch.tensor([0, 1])
+    by_hand = -(math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1)))
+                + math.log(math.exp(1.5) / (math.exp(0.5) + math.exp(1.5) + 1))) / 2
+    assert vild_text_loss(logits, labels).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_foreground_loss_ignores_which_base_class():
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    e = [[math.exp(v) for v in row] for row in logits.tolist()]
+    p_bg = [row[0] / sum(row) for row in e]
+    by_hand = -(math.log(p_bg[0]) + math.log(1 - p_bg[1])) / 2
+    labels = torch.tensor([0, 1])
+    assert foreground_loss(logits, labels).item() == pytest.approx(by_hand, rel=1e-6)
+    # the foreground term is the same whichever base class is the label
+    assert foreground_loss(logits, torch.tensor([0, 2])).item() == pytest.approx(by_hand,
+                                                                                  rel=1e-6)
+
+
+def test_vild_image_loss_sums_dims_averages_proposals_and_weights():
+    region = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    teacher = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.6, 0.8]], dtype=torch.float16)
+    # |diffs|: row0 = 1 + 1 + 0 = 2; row1 = 0 + 0.4 + 0.8 = 1.2; mean 1.6; x 0.5
+    assert vild_image_loss(region, teacher, 0.5).item() == pytest.approx(0.8, abs=1e-3)
+    empty = torch.zeros(0, 3, requires_grad=True)
+    loss = vild_image_loss(empty, torch.zeros(0, 3))
+    assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="differ in shape"):
+        vild_image_loss(region, teacher[:1])
+
+
+def test_box_regression_loss_smooth_l1_on_foreground_over_all_samples():
+    deltas = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.05, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    targets = torch.zeros(3, 4)
+    labels = torch.tensor([2, 1, 0])  # the last is background: ignored
+    beta = 1.0 / 9
+    by_hand = ((1.0 - 0.5 * beta) + 0.5 * 0.05 ** 2 / beta) / 3
+    assert box_regression_loss(deltas, targets, labels).item() == pytest.approx(by_hand,
+                                                                                rel=1e-5)
+    ref = F.smooth_l1_loss(deltas[:2], targets[:2], beta=beta, reduction="sum") / 3
+    assert box_regression_loss(deltas, targets, labels).item() == pytest.approx(ref.item())
+
+
+def test_ensemble_weights_base_toward_text_and_novel_toward_image():
+    p_text = torch.tensor([[0.8, 0.8]])
+    p_img = torch.tensor([[0.1, 0.1]])
+    s = ensemble_scores(p_text, p_img, torch.tensor([True, False]))
+    assert s[0, 0].item() == pytest.approx(0.8 ** (2 / 3) * 0.1 ** (1 / 3), rel=1e-6)
+    assert s[0, 1].item() == pytest.approx(0.8 ** (1 / 3) * 0.1 ** (2 / 3), rel=1e-6)
+
+
+def test_postprocess_nms_per_class_and_cap():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60], [0, 0, 300, 300]])
+    scores = torch.tensor([[0.9, 0.0], [0.8, 0.7], [0.0, 0.6], [0.5, 0.0]])
+    b, s, lab = postprocess(boxes, scores, (100, 100), score_thresh=0.05, nms_thresh=0.5,
+                            max_detections=3)
+    # box 1 is suppressed in class 0 by box 0 but kept in class 1; box 3 clipped to 100
+    assert s.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert lab.tolist() == [0, 1, 1]
+    b, s, lab = postprocess(boxes, scores, (100, 100), 0.05, 0.5, max_detections=10)
+    assert s.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.5])
+    assert b[-1].tolist() == [0.0, 0.0, 100.0, 100.0]
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)

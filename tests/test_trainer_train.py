@@ -1,0 +1,105 @@
+"""The training CLI end to end on the tiny fixture cache: resume, 2-process DDP on CPU (gloo),
+and evaluation (plain and ViLD-ensemble)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from trainer.evaluate import main as evaluate_main
+from trainer.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = [arg for k, v in TINY_SETTINGS.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_cache(tmp_path_factory.mktemp("tiny"))
+
+
+def _train(tiny, out, *extra):
+    return train_main(["--manifest", str(tiny.manifest), "--cache", str(tiny.cache),
+                       "--out", str(out), "--device", "cpu", *SETS, *extra])
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
+    assert _train(tiny, tmp_path / "full", "--steps", "4") == 0
+    assert _train(tiny, tmp_path / "cut", "--steps", "4", "--stop-at", "2") == 0
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)["step"] == 2
+    assert _train(tiny, tmp_path / "cut", "--resume", "latest") == 0
+
+    full, cut = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [r["step"] for r in full] == [1, 2, 3, 4]
+    assert [r["lr"] for r in cut] == pytest.approx([r["lr"] for r in full])
+    ckpt = torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["scheduler"]["last_epoch"] == 4
+    assert not list((tmp_path / "cut").glob(".latest.pt.tmp-*"))
+
+    capsys.readouterr()
+    rc = _train(tiny, tmp_path / "cut", "--resume", "latest", "--mode", "text")
+    assert rc == 2
+    assert "resuming a run trained with mode='vild'" in capsys.readouterr().err
+
+    # a shared-head run cannot be ensembled: one clear line
+    rc = evaluate_main(["--manifest", str(tiny.manifest), "--cache", str(tiny.cache),
+                        "--run", str(tmp_path / "full"), "--ensemble", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--heads separate" in err[0]
+
+
+@pytest.mark.slow
+def test_separate_heads_train_and_evaluate_with_ensemble(tiny, tmp_path, capsys):
+    run = tmp_path / "ens"
+    assert _train(tiny, run, "--steps", "2", "--heads", "separate") == 0
+    args = ["--manifest", str(tiny.manifest), "--cache", str(tiny.cache), "--run", str(run),
+            "--device", "cpu"]
+    assert evaluate_main(args) == 0
+    assert evaluate_main(args + ["--ensemble"]) == 0
+    out = capsys.readouterr().out
+    assert "AP50_novel" in out and "\nensemble " in out
+    plain = json.loads((run / "eval.json").read_text())
+    ens = json.loads((run / "eval_ensemble.json").read_text())
+    assert plain["mode"] == "vild" and ens["mode"] == "ensemble"
+    assert plain["n_images"] == ens["n_images"] == tiny.n_val
+    for k in ("AP50_all", "AP50_base", "AP_all"):
+        assert 0.0 <= ens[k] <= 1.0
+    dets = json.loads((run / "detections_val_ensemble.json").read_text())
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in dets)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "trainer.train", "--manifest", str(tiny.manifest), "--cache",
+           str(tiny.cache), "--out", str(out), "--device", "cpu", "--steps", "3", *SETS]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 x cpu" in proc.stdout
+    ckpt = torch.load(out / "latest.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["world_size"] == 2
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # 2 processes x batch 2 images per step
+    assert all(r["images_per_sec"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
+               for r in rows)

@@ -1,0 +1,284 @@
+"""`python -m trainer.evaluate`: detect on the val split over the whole vocabulary (base and
+novel), write COCO-format detections and score them (pycocotools; lvis-api for LVIS manifests).
+
+    python -m trainer.evaluate --manifest data_manifests/toy.yaml --cache cache --run runs/toy \
+        [--ensemble] [--checkpoint PATH] [--max-images N]
+
+Writes <run>/detections_val.json and <run>/eval.json (with --ensemble: *_ensemble.json):
+{"mode", "AP50_all", "AP50_base", "AP50_novel", "AP_all", "AP_base", "AP_novel",
+ "AP50_per_class": {name: AP50}, ...} (LVIS adds APr / APc / APf), and prints a table row.
+AP values are fractions in [0, 1]; a subset with no ground truth gets null.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.manifests import DatasetManifest, ManifestError, image_file, load_manifest
+from trainer.config import ConfigError, config_from_dict, detections_per_image
+from trainer.data import resize_for_test
+from trainer.inputs import CacheMismatch, Vocabulary, load_vocabulary, text_parquet_path
+from trainer.model import OpenVocabDetector
+from trainer.train import CHECKPOINT, load_checkpoint
+
+TABLE_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP_novel", "AP_base", "AP_all")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _mean_valid(p: np.ndarray) -> float | None:
+    valid = p[p > -1]
+    return float(valid.mean()) if valid.size else None
+
+
+def precision_summary(precision: np.ndarray, cat_ids: list[int], names: dict[int, str],
+                      base_ids: set[int], novel_ids: set[int]) -> dict:
+    """AP / AP50 over all, base and novel categories, and per-class AP50.
+
+    precision: the evaluator's precision array reduced to [T, R, K] (area "all", largest
+    maxDets; entries -1 where a category has no ground truth), T over IoU 0.50:0.95 with
+    index 0 = IoU 0.5, K in the order of `cat_ids`. Averages run over the valid entries, as
+    COCOeval.summarize does.
+    """
+    index = {c: k for k, c in enumerate(cat_ids)}
+    out: dict = {}
+    for name, ids in (("all", set(cat_ids)), ("base", base_ids), ("novel", novel_ids)):
+        ks = sorted(index[c] for c in ids if c in index)
+        out[f"AP_{name}"] = _mean_valid(precision[:, :, ks]) if ks else None
+        out[f"AP50_{name}"] = _mean_valid(precision[0, :, ks]) if ks else None
+    out["AP50_per_class"] = {names[c]: _mean_valid(precision[0, :, index[c]])
+                             for c in cat_ids}
+    return out
+
+
+def coco_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int],
+                 novel_ids: set[int]) -> dict:
+    """pycocotools bbox evaluation of COCO-format `detections` against `gt_json`."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+    cat_ids = sorted(gt.getCatIds())
+    names = {c["id"]: c["name"] for c in gt.loadCats(cat_ids)}
+    if not detections:
+        precision = np.where(_has_gt(gt, cat_ids)[None, None, :], 0.0, -1.0)
+        return precision_summary(precision, cat_ids, names, base_ids, novel_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.catIds = cat_ids
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # area all, maxDets 100
+    return precision_summary(precision, cat_ids, names, base_ids, novel_ids)
+
+
+def _has_gt(gt, cat_ids: list[int]) -> np.ndarray:
+    return np.array([len(gt.getAnnIds(catIds=[c], iscrowd=None)) > 0 for c in cat_ids])
+
+
+@contextlib.contextmanager
+def _numpy_float_alias():
+    # lvis-api 0.5.3 (its latest release) calls np.float, which NumPy 1.24 removed.
+    added = not hasattr(np, "float")
+    if added:
+        np.float = float
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
+
+
+def lvis_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int],
+                 novel_ids: set[int], max_dets: int = 300) -> dict:
+    """lvis-api (federated) bbox evaluation; adds APr / APc / APf to the subset metrics."""
+    from lvis import LVIS, LVISEval, LVISResults
+
+    gt = LVIS(str(gt_json))
+    cat_ids = sorted(gt.get_cat_ids())
+    names = {c["id"]: c["name"] for c in gt.load_cats(cat_ids)}
+    if not detections:
+        out = precision_summary(-np.ones((10, 101, len(cat_ids))), cat_ids, names, base_ids,
+                                novel_ids)
+        return {**out, "APr": 0.0, "APc": 0.0, "APf": 0.0}
+    ev = LVISEval(gt, LVISResults(gt, detections, max_dets=max_dets), "bbox")
+    with _numpy_float_alias():
+        ev.run()
+    precision = ev.eval["precision"][:, :, :, 0]  # area all
+    out = precision_summary(precision, cat_ids, names, base_ids, novel_ids)
+    res = ev.get_results()
+    out.update({k: float(res[k]) for k in ("APr", "APc", "APf")})
+    return out
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def load_run(checkpoint: Path, dataset: DatasetManifest, cache_dir: Path,
+             device: torch.device) -> tuple[OpenVocabDetector, dict, Vocabulary]:
+    """The trained model with the cache's vocabulary (refused if its D differs)."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name),
+                            expect_dim=int(ckpt["embed_dim"]))
+    model = OpenVocabDetector(cfg, vocab.dim, detections_per_image(cfg, dataset.format))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    model.set_vocabulary(vocab.embeddings, vocab.is_base)
+    return model, ckpt, vocab
+
+
+def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManifest,
+                 split: str, *, ensemble: bool, batch_size: int = 8,
+                 max_images: int | None = None, device: torch.device = torch.device("cpu")
+                 ) -> tuple[list[dict], list[int], list[dict]]:
+    """Detections (COCO results format, original pixels) on `split`'s images.
+    Returns (detections, evaluated image ids, rejects)."""
+    from stages.images import ImageError, load_rgb, to_uint8_tensor
+
+    with open(dataset.split(split).annotations) as f:
+        images = sorted(json.load(f)["images"], key=lambda im: im["id"])
+    if max_images:
+        images = images[:max_images]
+    cfg = model.cfg
+    detections, done, rejects = [], [], []
+    for start in range(0, len(images), batch_size):
+        batch, records, scales = [], [], []
+        for rec in images[start:start + batch_size]:
+            path = dataset.split(split).images / image_file(rec)
+            try:
+                pixels = to_uint8_tensor(load_rgb(path))
+            except ImageError as e:
+                rejects.append({"item": rec["id"], "file": str(path), "reason": str(e)})
+                continue
+            resized, scale = resize_for_test(pixels, cfg.test_size, cfg.max_size)
+            batch.append(resized.to(device))
+            records.append(rec)
+            scales.append(scale)
+        if not batch:
+            continue
+        with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+              else contextlib.nullcontext()):
+            results = model.detect(batch, ensemble=ensemble)
+        for rec, scale, det in zip(records, scales, results):
+            boxes = (det.boxes.float() / scale).cpu()
+            for box, score, label in zip(boxes.tolist(), det.scores.float().tolist(),
+                                         det.labels.tolist()):
+                x1, y1, x2, y2 = box
+                detections.append({"image_id": int(rec["id"]),
+                                   "category_id": vocab.category_ids[label],
+                                   "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2),
+                                            round(y2 - y1, 2)],
+                                   "score": round(float(score), 5)})
+            done.append(int(rec["id"]))
+    return detections, done, rejects
+
+
+def restrict_gt(gt_json: Path, image_ids: list[int], out: Path) -> Path:
+    """A copy of `gt_json` holding only `image_ids` (for --max-images and rejected images)."""
+    with open(gt_json) as f:
+        gt = json.load(f)
+    keep = set(image_ids)
+    if len(keep) == len(gt["images"]):
+        return gt_json
+    gt["images"] = [im for im in gt["images"] if im["id"] in keep]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+    out.write_text(json.dumps(gt))
+    return out
+
+
+def format_row(result: dict) -> str:
+    def pct(v):
+        return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) \
+            else f"{100 * v:6.1f}"
+
+    head = f"{'mode':<10}" + "".join(f"{k:>11}" for k in TABLE_KEYS)
+    row = f"{result['mode']:<10}" + "".join(f"{pct(result.get(k)):>11}" for k in TABLE_KEYS)
+    return head + "\n" + row
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", default="data_manifests/toy.yaml")
+    p.add_argument("--cache", default="cache")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--run", default="runs/toy", help="run folder (holds latest.pt)")
+    p.add_argument("--checkpoint", default=None, help="default: <run>/latest.pt")
+    p.add_argument("--split", default="val")
+    p.add_argument("--ensemble", action="store_true",
+                   help="ViLD-ensemble of the text and image heads (needs heads=separate)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def evaluate(args) -> dict:
+    device = torch.device(args.device if args.device != "auto"
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    run = Path(args.run)
+    dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
+    cache_dir = Path(args.cache) / dataset.name
+    model, ckpt, vocab = load_run(Path(args.checkpoint or run / CHECKPOINT), dataset,
+                                  cache_dir, device)
+    if args.ensemble and model.image_tower is None:
+        raise ConfigError(f"{args.checkpoint or run / CHECKPOINT}: --ensemble needs a run "
+                          f"trained with --heads separate (this one has heads=shared)")
+    t0 = time.time()
+    detections, image_ids, rejects = detect_split(
+        model, vocab, dataset, args.split, ensemble=args.ensemble,
+        batch_size=args.batch_size, max_images=args.max_images, device=device)
+    seconds = time.time() - t0
+    suffix = "_ensemble" if args.ensemble else ""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"detections_{args.split}{suffix}.json").write_text(json.dumps(detections))
+
+    base_ids = {c for c, b in zip(vocab.category_ids, vocab.is_base.tolist()) if b}
+    novel_ids = set(vocab.category_ids) - base_ids
+    gt = restrict_gt(dataset.split(args.split).annotations, image_ids,
+                     run / f"gt_{args.split}_subset.json")
+    if dataset.format == "lvis":
+        metrics = lvis_metrics(gt, detections, base_ids, novel_ids,
+                               max_dets=model.detections_per_image)
+    else:
+        metrics = coco_metrics(gt, detections, base_ids, novel_ids)
+    result = {"mode": "ensemble" if args.ensemble else ckpt["config"]["mode"],
+              "train_mode": ckpt["config"]["mode"], "heads": ckpt["config"]["heads"],
+              **metrics, "step": int(ckpt["step"]), "split": args.split,
+              "n_images": len(image_ids), "n_detections": len(detections),
+              "rejects": rejects, "seconds": round(seconds, 2),
+              "checkpoint": str(args.checkpoint or run / CHECKPOINT),
+              "teacher": ckpt.get("teacher")}
+    (run / f"eval{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate(args)
+    except (ManifestError, ConfigError, CacheMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_row(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
