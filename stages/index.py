@@ -179,29 +179,59 @@ class Hit:
     similarity: float  # cosine to the query
 
 
+class IdMap:
+    """faiss id (row) -> its `ids.parquet` row, reading only the row groups that hold the
+    asked rows (the file can hold hundreds of millions of rows)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = pq.ParquetFile(path)
+        md = self.file.metadata
+        self.starts = np.cumsum([0] + [md.row_group(g).num_rows
+                                       for g in range(md.num_row_groups)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """rows: int64[K] in [0, len) -> a K-row table in the same order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: rows must be in [0, {len(self)})")
+        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        parts = [self.file.read_row_group(int(g)).take(pa.array(rows[groups == g]
+                                                                 - self.starts[g]))
+                 for g in np.unique(groups)]
+        if not parts:
+            return self.file.schema_arrow.empty_table()
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return pa.concat_tables(parts).take(pa.array(inverse))
+
+
 def load_index(stage_dir: Path, nprobe: int | None = None):
-    """(faiss index, ids table) of a finished index stage; `nprobe` applied to IVF indexes."""
+    """(faiss index, IdMap) of a finished index stage; `nprobe` applied to IVF indexes."""
     import faiss
 
     index = faiss.read_index(str(Path(stage_dir) / INDEX_FILE))
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and nprobe:
         ivf.nprobe = int(nprobe)
-    return index, pq.read_table(Path(stage_dir) / IDS_FILE)
+    return index, IdMap(Path(stage_dir) / IDS_FILE)
 
 
-def search(index, ids: pa.Table, queries: np.ndarray, k: int) -> list[list[Hit]]:
+def search(index, ids: IdMap, queries: np.ndarray, k: int) -> list[list[Hit]]:
     """queries: [Q, D] (normalised here) -> for each query its top-k hits, best first."""
     sims, rows = index.search(normalized(queries), k)
     out = []
     for qs, qr in zip(sims, rows):
         keep = qr >= 0  # faiss pads with -1 when fewer than k vectors qualify
-        sel = ids.take(pa.array(qr[keep]))
-        boxes = sel["box"].to_pylist()
+        sel = ids.take(qr[keep])
         out.append([
             Hit(int(r), int(i), int(rk), tuple(float(v) for v in b), float(s), float(sim))
             for r, i, rk, b, s, sim in zip(sel["row"].to_pylist(), sel["image_id"].to_pylist(),
-                                           sel["rank"].to_pylist(), boxes,
+                                           sel["rank"].to_pylist(), sel["box"].to_pylist(),
                                            sel["score"].to_pylist(), qs[keep])
         ])
     return out

@@ -76,10 +76,16 @@ def test_id_map_round_trip(flat):
     ctx, _, _ = flat
     regions = pq.read_table(ctx.cache / "regions")  # parts in file order = faiss add order
     index, ids = index_stage.load_index(ctx.stage_dir("index"))
-    assert ids.column_names == ["row", "image_id", "rank", "box", "score"]
-    assert ids["row"].to_pylist() == list(range(regions.num_rows))
+    table = pq.read_table(ctx.stage_dir("index") / "ids.parquet")
+    assert table.column_names == ["row", "image_id", "rank", "box", "score"]
+    assert table["row"].to_pylist() == list(range(regions.num_rows)) and len(ids) == len(table)
     for col in ("image_id", "rank", "box", "score"):
-        assert ids[col].to_pylist() == regions[col].to_pylist()
+        assert table[col].to_pylist() == regions[col].to_pylist()
+    assert ids.file.metadata.num_row_groups > 1  # one per regions part
+    shuffled = np.random.default_rng(2).permutation(len(table))[:50]
+    assert ids.take(shuffled).to_pylist() == table.take(shuffled).to_pylist()
+    with pytest.raises(IndexError, match="ids.parquet"):
+        ids.take(np.array([len(table)]))
     emb = np.array(regions["embedding"].to_pylist(), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     rows = np.random.default_rng(1).choice(len(emb), 25, replace=False)
@@ -113,7 +119,7 @@ def test_factory_choice_by_hand():
 
 def test_query_prints_hits_and_writes_contact_sheet(flat, fake_teacher, tmp_path, capsys):
     ctx, _, _ = flat
-    _, ids = index_stage.load_index(ctx.stage_dir("index"))
+    ids = pq.read_table(ctx.stage_dir("index") / "ids.parquet")
     row = ids.filter((ids["image_id"].to_numpy() == PLANTED[0])
                      & (ids["rank"].to_numpy() == PLANTED[1]))
     x1, y1, x2, y2 = row["box"][0].as_py()
