@@ -1,0 +1,111 @@
+"""Ground-truth reading and box arithmetic shared by the rpn and proposals stages.
+
+Boxes are `Tensor[N, 4]` (x1, y1, x2, y2) in pixels of the ORIGINAL (EXIF-transposed) image.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a COCO/LVIS-format annotation file, with its usable GT boxes."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: torch.Tensor  # Tensor[G, 4] float32 (x1, y1, x2, y2)
+    category_ids: torch.Tensor  # Tensor[G] int64
+
+
+class AnnotationError(ValueError):
+    """An annotation file is unreadable or inconsistent; one line naming file and row."""
+
+
+def read_annotations(path: str | Path) -> dict[int, ImageRecord]:
+    """Images of a COCO/LVIS-format file by id, with their non-crowd, non-empty GT boxes.
+
+    LVIS v1 images carry `coco_url` instead of `file_name`; the URL's last part is used."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        images, anns = doc["images"], doc.get("annotations", [])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise AnnotationError(f"{path}: cannot read COCO-format annotations ({e})") from None
+    per_image: dict[int, tuple[list, list]] = {}
+    meta = {}
+    for i, im in enumerate(images):
+        try:
+            iid = int(im["id"])
+            name = im.get("file_name") or im["coco_url"].rsplit("/", 1)[-1]
+            meta[iid] = (name, int(im["width"]), int(im["height"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise AnnotationError(f"{path}: images[{i}] is malformed ({e!r})") from None
+        per_image[iid] = ([], [])
+    for i, a in enumerate(anns):
+        if a.get("iscrowd", 0):
+            continue
+        try:
+            iid, (x, y, w, h) = int(a["image_id"]), map(float, a["bbox"])
+            cid = int(a["category_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise AnnotationError(f"{path}: annotations[{i}] is malformed ({e!r})") from None
+        if iid not in per_image:
+            raise AnnotationError(f"{path}: annotations[{i}] refers to unknown image {iid}")
+        if w <= 0 or h <= 0:
+            continue
+        per_image[iid][0].append((x, y, w, h))
+        per_image[iid][1].append(cid)
+    out = {}
+    for iid, (boxes, cids) in per_image.items():
+        name, w, h = meta[iid]
+        xywh = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        out[iid] = ImageRecord(iid, name, w, h, box_convert(xywh, "xywh", "xyxy"),
+                               torch.tensor(cids, dtype=torch.int64))
+    return out
+
+
+def keep_categories(rec: ImageRecord, category_ids: set[int] | frozenset[int]) -> ImageRecord:
+    """`rec` with only the GT boxes whose category is in `category_ids`."""
+    keep = torch.tensor([int(c) in category_ids for c in rec.category_ids], dtype=torch.bool)
+    return ImageRecord(rec.image_id, rec.file_name, rec.width, rec.height,
+                       rec.boxes[keep], rec.category_ids[keep])
+
+
+def to_original(boxes: torch.Tensor, resized_hw: tuple[int, int],
+                original_hw: tuple[int, int]) -> torch.Tensor:
+    """Map boxes from a resized image back to the original one and clip them to it.
+
+    boxes: Tensor[N, 4] (x1, y1, x2, y2) in the resized image of size `resized_hw` (h, w).
+    Returns Tensor[N, 4] float32 in the original image of size `original_hw` (h, w)."""
+    ry = original_hw[0] / resized_hw[0]
+    rx = original_hw[1] / resized_hw[1]
+    scale = torch.tensor([rx, ry, rx, ry], dtype=torch.float32, device=boxes.device)
+    return clip_boxes_to_image(boxes.float() * scale, original_hw)
+
+
+def recall_at(gt: list[torch.Tensor], proposals: list[torch.Tensor], ks: list[int],
+              iou_thresh: float = 0.5) -> dict[int, float | None]:
+    """Fraction of GT boxes matched (IoU >= `iou_thresh`) by any of the top-k proposals.
+
+    gt: per image Tensor[G_i, 4]; proposals: per image Tensor[P_i, 4] ranked by score (the
+    same images, same order). A GT box may be matched by the same proposal as another GT box
+    (the usual proposal-recall definition). Returns {k: recall} (None when there is no GT)."""
+    if len(gt) != len(proposals):
+        raise ValueError(f"recall_at: {len(gt)} GT lists but {len(proposals)} proposal lists")
+    total = sum(int(g.shape[0]) for g in gt)
+    hits = dict.fromkeys(ks, 0)
+    for g, p in zip(gt, proposals):
+        if g.shape[0] == 0 or p.shape[0] == 0:
+            continue
+        iou = box_iou(g.float(), p.float())  # [G, P]
+        for k in ks:
+            hits[k] += int((iou[:, :k].max(dim=1).values >= iou_thresh).sum())
+    return {k: (hits[k] / total if total else None) for k in ks}
