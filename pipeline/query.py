@@ -48,15 +48,18 @@ def add_arguments(p) -> None:
 @dataclass(frozen=True)
 class ImageRecord:
     image_id: int
-    path: Path
+    path: Path | None  # None: only a --gt file lists the image
     boxes: np.ndarray  # float32[G, 4] x1, y1, x2, y2
     category_ids: tuple[int, ...]
 
 
-def image_records(ann_files: list[tuple[Path, Path]], wanted: set[int]) -> dict[int, ImageRecord]:
+def image_records(ann_files: list[tuple[Path, Path]],
+                  wanted: set[int]) -> tuple[dict[int, ImageRecord], set[int]]:
     """image_id -> its file and GT boxes, for the `wanted` ids, from (annotations json, image
-    folder) pairs; later files add boxes to images an earlier one listed."""
+    folder) pairs (later files add boxes to images an earlier one listed); and the category
+    ids annotated anywhere in the files that hold a wanted image."""
     found: dict[int, ImageRecord] = {}
+    annotated: set[int] = set()
     for ann, folder in ann_files:
         try:
             doc = read_json(ann)
@@ -65,21 +68,25 @@ def image_records(ann_files: list[tuple[Path, Path]], wanted: set[int]) -> dict[
         paths = {int(im["id"]): folder / image_file(im) for im in doc.get("images", [])
                  if int(im["id"]) in wanted}
         boxes: dict[int, list] = {}
+        cats: set[int] = set()
         for a in doc.get("annotations", []):
             i = int(a["image_id"])
+            cats.add(int(a["category_id"]))
             if i in wanted and not a.get("iscrowd", 0):
                 x, y, w, h = a["bbox"]
                 boxes.setdefault(i, []).append(([x, y, x + w, y + h], int(a["category_id"])))
+        if paths or boxes:
+            annotated |= cats
         for i in set(paths) | set(boxes):
             prev = found.get(i)
             items = [(list(b), c) for b, c in zip(prev.boxes.tolist(), prev.category_ids)] \
                 if prev else []
             items += boxes.get(i, [])
             found[i] = ImageRecord(
-                i, prev.path if prev else paths[i],
+                i, paths.get(i, prev.path if prev else None),
                 np.array([b for b, _ in items], np.float32).reshape(-1, 4),
                 tuple(c for _, c in items))
-    return found
+    return found, annotated
 
 
 def best_gt(box, record: ImageRecord | None) -> tuple[int | None, float]:
@@ -187,7 +194,7 @@ def _run(args) -> int:
     names = {c.id: c.name for c in dataset.categories()}
     ann_files = [(s.annotations, s.images) for s in dataset.splits.values()]
     ann_files += [(Path(g), dataset.split("train").images) for g in args.gt]
-    records = image_records(ann_files, {h.image_id for h in hits})
+    records, annotated = image_records(ann_files, {h.image_id for h in hits})
     named = sorted((n for n in names.values()
                     if re.search(rf"\b{re.escape(n.lower())}\b", args.text.lower())),
                    key=len, reverse=True)
@@ -205,8 +212,8 @@ def _run(args) -> int:
             matches += 1
         box = "[" + ", ".join(f"{v:.1f}" for v in h.box) + "]"
         print(f"{n:>3} {h.image_id:>9} {h.rank:>5} {h.similarity:>7.4f}  {box:<28} {gt}")
-        if record is None:
-            print(f"    (image {h.image_id} is in no annotation file: not drawn)")
+        if record is None or record.path is None:
+            print(f"    (image {h.image_id} is in no annotation file's image list: not drawn)")
             continue
         try:
             img = load_rgb(record.path)
@@ -215,8 +222,14 @@ def _run(args) -> int:
             continue
         tiles.append(tile_image(img, h.box, f"{n} {h.similarity:.3f}", args.tile))
     if named:
-        print(f"precision@{len(hits)} for '{named[0]}' (best GT IoU >= {IOU_MATCH}): "
-              f"{matches}/{len(hits)}")
+        ids = {n: i for i, n in names.items()}
+        if ids[named[0]] in annotated:
+            print(f"precision@{len(hits)} for '{named[0]}' (best GT IoU >= {IOU_MATCH}): "
+                  f"{matches}/{len(hits)}")
+        else:
+            print(f"precision@{len(hits)} for '{named[0]}': not measurable, the annotation "
+                  f"files of these images have no '{named[0]}' box (an open-vocabulary train "
+                  f"split holds base boxes only); pass --gt with a fuller file")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(tiles, args.cols, args.tile).save(out, format="PNG")

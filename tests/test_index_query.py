@@ -140,6 +140,30 @@ def test_query_prints_hits_and_writes_contact_sheet(flat, fake_teacher, tmp_path
     first = lines[0]
     assert (int(first[1]), int(first[2])) == PLANTED and first[-2:] == ["star", "(1.00)"]
     assert "precision@7 for 'star' (best GT IoU >= 0.5): 1/7" in text
+    # without the fuller file a train split with no star boxes cannot score: say so
+    train = ctx.dataset.split("train").annotations
+    doc = json.loads(train.read_text())
+    doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] != 3]
+    train.write_text(json.dumps(doc))
+    assert cli.main(["query", QUERY, "--cache", str(ctx.cache.parent), "--dataset", "synth",
+                     "--k", "7", "--out", str(out)]) == 0
+    assert "precision@7 for 'star': not measurable" in capsys.readouterr().out
+
+
+def test_image_records_merge_gt_files(tmp_path):
+    from pipeline.query import image_records
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [
+        {"image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5]},
+        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 9, 9], "iscrowd": 1}]}))
+    b.write_text(json.dumps({"images": [], "annotations": [
+        {"image_id": 1, "category_id": 7, "bbox": [1, 2, 3, 4]},
+        {"image_id": 5, "category_id": 7, "bbox": [1, 1, 1, 1]}]}))
+    recs, annotated = image_records([(a, tmp_path / "imgs"), (b, tmp_path)], {1, 5})
+    assert recs[1].path == tmp_path / "imgs" / "1.jpg" and recs[1].category_ids == (2, 7)
+    np.testing.assert_array_equal(recs[1].boxes, [[0, 0, 5, 5], [1, 2, 4, 6]])
+    assert recs[5].path is None and annotated == {2, 3, 7}
 
 
 def test_best_gt_by_hand():
