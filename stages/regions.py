@@ -72,28 +72,37 @@ def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
         yield torch.cat(buf)
 
 
-def region_embeddings(teacher: Teacher, images: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                      batch_size: int, scale: float = 1.5) -> torch.Tensor:
-    """ViLD region embeddings of every box of every image, in input order.
+def teacher_crops(teacher: Teacher, image: torch.Tensor, boxes: torch.Tensor,
+                  scale: float = 1.5) -> torch.Tensor:
+    """The teacher-ready 1x and `scale`x crops of `boxes`, made on the teacher's device.
 
-    images: (image Tensor[3, H, W] uint8, boxes Tensor[N_i, 4] (x1, y1, x2, y2) pixels) pairs
+    image: Tensor[3, H, W] uint8; boxes: Tensor[N, 4] (x1, y1, x2, y2) pixels
+    returns: Tensor[2N, 3, S, S] (rows [0, N) 1x, rows [N, 2N) `scale`x)
+    """
+    return region_crops(image.to(teacher.device), boxes, teacher.image_size, teacher.mean,
+                        teacher.std, scale)
+
+
+def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],
+                      batch_size: int) -> torch.Tensor:
+    """ViLD region embeddings from each image's `teacher_crops`, in input order.
+
+    crops: per image Tensor[2N_i, 3, S, S] (N_i 1x crops, then their N_i context crops)
     returns: Tensor[sum N_i, D] float32 on the CPU, L2-normalised
     """
     counts: list[int] = []
 
-    def crops() -> Iterator[torch.Tensor]:
-        for image, boxes in images:
-            counts.append(len(boxes))
-            if len(boxes):
-                yield region_crops(image.to(teacher.device), boxes, teacher.image_size,
-                                   teacher.mean, teacher.std, scale)
+    def counted() -> Iterator[torch.Tensor]:
+        for c in crops:
+            counts.append(len(c) // 2)
+            yield c
 
-    feats = [teacher.encode_images(batch).cpu() for batch in rebatch(crops(), batch_size)]
+    feats = [teacher.encode_images(batch).cpu() for batch in rebatch(counted(), batch_size)]
     if not feats:  # no boxes at all
         return torch.empty(0, teacher.embed_dim)
     feats = torch.cat(feats)
     out, start = [], 0
-    for n in counts:  # each image's crops are its N 1x rows, then its N 1.5x rows
+    for n in counts:
         out.append(combine_views(feats[start:start + 2 * n]))
         start += 2 * n
     return torch.cat(out)
@@ -209,20 +218,21 @@ def embed_proposals(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple
         if c and (b[:, 2].max() > w + BOX_SLACK or b[:, 3].max() > h + BOX_SLACK):
             return iid, str(path), None, (f"{path}: proposal boxes reach beyond the {w}x{h} "
                                           f"image; it changed since the proposals were made")
-        return iid, str(path), (image, b), None
+        # Crops are made here, in the decoding threads, so they overlap the encoder.
+        return iid, str(path), teacher_crops(teacher, image, b, cfg.context_scale), None
 
     rejects: list[dict] = []
     kept: list[int] = []
 
-    def decoded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for iid, path, pair, reason in prefetch(decode, sorted(files), cfg.decode_threads):
-            if pair is None:
+    def decoded() -> Iterator[torch.Tensor]:
+        for iid, path, crops, reason in prefetch(decode, sorted(files), cfg.decode_threads):
+            if crops is None:
                 rejects.append({"item": iid, "file": path, "reason": reason})
                 continue
             kept.append(iid)
-            yield pair
+            yield crops
 
-    emb = region_embeddings(teacher, decoded(), cfg.batch_size, cfg.context_scale)
+    emb = region_embeddings(teacher, decoded(), cfg.batch_size)
     if rejects:
         table = table.filter(pc.is_in(table.column("image_id"),
                                       value_set=pa.array(kept, pa.int64())))

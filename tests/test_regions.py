@@ -281,8 +281,9 @@ def test_embeddings_do_not_depend_on_batch_size(teacher):
     for w, h, n in ((90, 60, 5), (70, 100, 0), (120, 80, 11)):
         im = torch.from_numpy(np.array(textured_image(rng, w, h))).permute(2, 0, 1)
         images.append((im, torch.from_numpy(random_boxes(rng, n, w, h))))
-    small = regions.region_embeddings(teacher, iter(images), batch_size=3)
-    large = regions.region_embeddings(teacher, iter(images), batch_size=1000)
+    crops = [regions.teacher_crops(teacher, im, b) for im, b in images]
+    small = regions.region_embeddings(teacher, iter(crops), batch_size=3)
+    large = regions.region_embeddings(teacher, iter(crops), batch_size=1000)
     assert small.shape == (16, TINY_CONFIG["embed_dim"])
     assert torch.allclose(small, large, atol=1e-5)
 
