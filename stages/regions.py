@@ -1,9 +1,9 @@
 """The `regions` stage: the teacher's CLIP embedding of every train-split proposal,
 normalize(V(crop 1x) + V(crop 1.5x)) (ViLD).
 
-Per image: decode once (`load_rgb`, in a small thread pool so decoding overlaps encoding), make
-all 2M crops in one `roi_align` call on the compute device (`stages/crops.py`), and feed the
-encoder full batches cut across images (`batch_size` crops). bf16 autocast on CUDA (the
+Per image: decode once (`load_rgb`) and make all 2M crops in one `roi_align` call on the
+compute device (`stages/crops.py`), both in a small thread pool so they overlap the encoder;
+the encoder gets full batches cut across images (`batch_size` crops). bf16 autocast on CUDA (the
 teacher's), fp32 on CPU.
 
 Parts follow the proposals parts: regions part i holds the train-split images of proposals
@@ -46,7 +46,7 @@ class Config:
     split: str = "train"  # the split whose proposals are embedded
     batch_size: int = 256  # crops per encoder call, cut across images
     context_scale: float = 1.5  # the second crop: same centre, width and height x this
-    decode_threads: int = 2  # image decoding threads per worker (0: decode inline)
+    decode_threads: int = 2  # decode + crop threads per worker (0: inline)
 
 
 # ----------------------------------------------------------------------------- embedding
