@@ -361,3 +361,14 @@ def test_rerun_is_up_to_date_and_another_teacher_is_refused(built, teacher_files
                       log=lambda _: None)
     finally:
         manifest_path.write_bytes(original)
+
+
+def test_bench_runs_and_prints_its_table(capsys):
+    from bench import regions_bench
+
+    assert regions_bench.main(["--device", "cpu", "--images", "2", "--m", "6", "--size",
+                               "96x64", "--batch-size", "8", "--pil-images", "1",
+                               "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "end-to-end (decode+crops+encode+write)" in out and "24" in out
+    assert "ratio end-to-end / bare" in out and "crop speed-up batched / PIL" in out
