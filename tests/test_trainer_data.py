@@ -37,7 +37,7 @@ def test_augment_moves_cached_boxes_exactly_like_gt_boxes(flip):
     want = [150 - x2, y1, 150 - x1, y2] if flip else [x1, y1, x2, y2]
     torch.testing.assert_close(cached2[2], torch.tensor(want))
     # the white block is where the transformed box says
-    bx1, by1, bx2, by2 = (int(round(v)) for v in gt2[0].tolist())
+    bx1, by1, bx2, by2 = (round(v) for v in gt2[0].tolist())
     assert out[:, by1 + 2:by2 - 2, bx1 + 2:bx2 - 2].min() > 0.95
     outside = out.clone()
     outside[:, by1 - 2:by2 + 2, bx1 - 2:bx2 + 2] = 0

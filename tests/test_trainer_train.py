@@ -93,7 +93,8 @@ def test_two_process_ddp_on_cpu(tiny, tmp_path):
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "trainer.train", "--manifest", str(tiny.manifest), "--cache",
            str(tiny.cache), "--out", str(out), "--device", "cpu", "--steps", "3", *SETS]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 x cpu" in proc.stdout
     ckpt = torch.load(out / "latest.pt", weights_only=False)

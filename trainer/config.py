@@ -15,6 +15,7 @@ import yaml
 
 MODES = ("text", "image", "vild")
 HEADS = ("shared", "separate")
+NORMS = ("group", "batch")
 
 
 class ConfigError(ValueError):
@@ -44,16 +45,20 @@ class TrainConfig:
     cached_per_image: int = 300  # M: cached proposals used for the ViLD-image loss
     # model
     backbone: str = "resnet18"
+    returned_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN
+    norm: str = "group"  # group | batch (trainable; frozen BN would freeze an untrained net)
     trainable_backbone_layers: int = 5  # 5 = all (the backbone starts from scratch)
-    init_from: str | None = None  # checkpoint with backbone.* (and rpn.*) weights, e.g. the RPN stage's
-    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # one per FPN level
-    representation_size: int = 512  # TwoMLPHead width
+    # a checkpoint with backbone.* / rpn.* weights; "rpn" = <cache>/<ds>/rpn/rpn.pt. An RPN
+    # stage checkpoint also sets backbone, returned_layers, anchor_sizes and norm to match.
+    init_from: str | None = None
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # one per FPN level (+ pool)
+    representation_size: int = 1024  # TwoMLPHead width
     rpn_pre_nms_train: int = 2000
     rpn_post_nms_train: int = 1000
     rpn_pre_nms_test: int = 1000
     rpn_post_nms_test: int = 1000
     rpn_nms: float = 0.7
-    box_batch_size_per_image: int = 512  # N live proposals sampled per image (as RoIHeads)
+    box_batch_size_per_image: int = 512  # live proposals sampled per image (as RoIHeads)
     box_positive_fraction: float = 0.25
     # ViLD
     temperature: float = 0.01
@@ -66,7 +71,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.heads not in HEADS:
@@ -79,6 +84,12 @@ class TrainConfig:
                               f"{self.batch_size})")
         if not self.train_sizes:
             raise ConfigError("train_sizes must name at least one size")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if len(self.anchor_sizes) != len(self.returned_layers) + 1:
+            raise ConfigError(f"anchor_sizes needs one size per FPN level "
+                              f"({len(self.returned_layers) + 1} for returned_layers="
+                              f"{list(self.returned_layers)}), got {list(self.anchor_sizes)}")
         return self
 
     def to_dict(self) -> dict:

@@ -13,9 +13,9 @@ import io
 import json
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -142,7 +142,7 @@ def load_run(checkpoint: Path, dataset: DatasetManifest, cache_dir: Path,
 
 def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManifest,
                  split: str, *, ensemble: bool, batch_size: int = 8,
-                 max_images: int | None = None, device: torch.device = torch.device("cpu")
+                 max_images: int | None = None, device: torch.device | None = None
                  ) -> tuple[list[dict], list[int], list[dict]]:
     """Detections (COCO results format, original pixels) on `split`'s images.
     Returns (detections, evaluated image ids, rejects)."""
@@ -153,6 +153,7 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
     if max_images:
         images = images[:max_images]
     cfg = model.cfg
+    device = device or torch.device("cpu")
     detections, done, rejects = [], [], []
     for start in range(0, len(images), batch_size):
         batch, records, scales = [], [], []

@@ -1,16 +1,28 @@
 """The ViLD student: torchvision Faster R-CNN pieces with an open-vocabulary classifier.
 
-    images ─► ResNet-FPN ─► RPN (online, class-agnostic) ─► N live proposals
-                  │                                            │ RoIAlign ─► TwoMLPHead (text tower)
-                  │                                            ├─► box deltas [N, 4] (class-agnostic)
-                  │                                            └─► region embedding [N, D] ─► cos/τ
-                  │                                                 vs [bg, text embeddings]
-                  └── RoIAlign on the M cached boxes ─► tower ─► region embedding [M, D] ─► L1 to
-                      the cached teacher embeddings (ViLD-image)
+    images -> ResNet-FPN -> online RPN (class-agnostic) -> N live proposals per image
+      live:   RoIAlign -> text tower (TwoMLPHead + linear to D, L2-normalized)
+                -> box deltas [N, 4] (one class-agnostic regressor)
+                -> region embedding [N, D] -> cos / tau against [bg, text embeddings]
+      cached: RoIAlign on the M cached boxes -> image tower -> region embedding [M, D]
+                -> L1 to the cached teacher embeddings (ViLD-image)
 
-`heads="shared"`: one tower and projection serve both losses (the paper's ViLD).
-`heads="separate"`: the ViLD-image loss trains a second tower + projection (the image head);
-the text tower keeps the box regressor. ViLD-ensemble combines the two at inference.
+Modes (`TrainConfig.mode`), all with the RPN and box-regression losses on base boxes:
+- text:  ViLD-text cross-entropy over [bg, base classes]; no image loss.
+- image: the paper's ViLD-image-only ablation: no base-category label supervises the
+         classifier, the region embeddings learn only from the teacher (L1). A detector still
+         has to reject background, so the live proposals get a class-agnostic foreground /
+         background loss (`losses.foreground_loss`: p_bg against the summed class
+         probabilities) -- the same box-level signal the class-agnostic regressor uses.
+         At inference the classes are scored like ViLD-text (softmax over [bg, classes]).
+- vild:  ViLD-text + ViLD-image on one shared tower (the paper's ViLD).
+
+`heads="separate"` (mode vild only) gives the image loss its own tower (the paper's
+ViLD-ensemble: separate text and image heads). At inference with `ensemble=True`,
+p_text = softmax over [bg, all classes] from the text head (background column dropped) and
+p_image = softmax over all classes from the image head (it never learns a background, so the
+text head alone rejects background); base classes score p_text^(2/3) p_image^(1/3), novel
+ones p_text^(1/3) p_image^(2/3).
 """
 from __future__ import annotations
 
@@ -36,13 +48,22 @@ from trainer.losses import (
     vild_text_loss,
 )
 
+
+class CheckpointError(ValueError):
+    """An init checkpoint cannot be used; one line naming the file."""
+
+
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # the backbone's input normalisation (ImageNet statistics)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 def _group_norm(channels: int) -> nn.Module:
-    # GroupNorm, not frozen BatchNorm: the backbone trains from scratch with small batches.
     return nn.GroupNorm(32, channels)
+
+
+# Trainable norms, not torchvision's FrozenBatchNorm2d: the backbone starts untrained.
+# GroupNorm suits small per-process batches; BatchNorm matches the RPN stage's backbone.
+NORM_LAYERS = {"group": _group_norm, "batch": nn.BatchNorm2d}
 
 
 def batch_images(images: list[Tensor], size_divisible: int = 32) -> ImageList:
@@ -133,8 +154,9 @@ class OpenVocabDetector(nn.Module):
         self.embed_dim = embed_dim
         self.detections_per_image = detections_per_image
         self.backbone = resnet_fpn_backbone(
-            backbone_name=cfg.backbone, weights=None, norm_layer=_group_norm,
-            trainable_layers=cfg.trainable_backbone_layers)
+            backbone_name=cfg.backbone, weights=None, norm_layer=NORM_LAYERS[cfg.norm],
+            trainable_layers=cfg.trainable_backbone_layers,
+            returned_layers=list(cfg.returned_layers))
         channels = self.backbone.out_channels
         anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
                                   ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
@@ -142,14 +164,16 @@ class OpenVocabDetector(nn.Module):
             anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
             positive_fraction=0.5,
-            pre_nms_top_n=dict(training=cfg.rpn_pre_nms_train, testing=cfg.rpn_pre_nms_test),
-            post_nms_top_n=dict(training=cfg.rpn_post_nms_train, testing=cfg.rpn_post_nms_test),
+            pre_nms_top_n={"training": cfg.rpn_pre_nms_train,
+                           "testing": cfg.rpn_pre_nms_test},
+            post_nms_top_n={"training": cfg.rpn_post_nms_train,
+                            "testing": cfg.rpn_post_nms_test},
             nms_thresh=cfg.rpn_nms)
         # RoIHeads is used for its proposal sampler (select_training_samples) and box coder;
         # the class-agnostic regressor sits in its box_predictor slot.
         self.roi_heads = RoIHeads(
-            box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7,
-                                            sampling_ratio=2),
+            box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(len(cfg.returned_layers))],
+                                            output_size=7, sampling_ratio=2),
             box_head=nn.Identity(), box_predictor=nn.Linear(cfg.representation_size, 4),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=cfg.box_batch_size_per_image,
@@ -262,14 +286,32 @@ class OpenVocabDetector(nn.Module):
         return out
 
 
-def load_init_weights(model: OpenVocabDetector, path: str) -> list[str]:
-    """Copy backbone.* and rpn.* weights from a checkpoint (a state dict, or a dict holding
-    one under "model" / "state_dict"). Returns the loaded key prefixes; a shape mismatch or a
-    checkpoint with none of them is an error naming the file."""
+def read_init_checkpoint(path: str) -> dict:
+    """A checkpoint to initialise from: a state dict, or a dict holding one under "model" /
+    "state_dict" (and, for the RPN stage's rpn.pt, its "arch")."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: cannot load init checkpoint ({e})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load init checkpoint ({reason})") from None
+
+
+def arch_overrides(blob: dict) -> dict:
+    """TrainConfig fields that make this model's backbone and RPN match an RPN-stage
+    checkpoint's "arch" (empty for a plain state dict)."""
+    arch = blob.get("arch") if isinstance(blob, dict) else None
+    if not isinstance(arch, dict):
+        return {}
+    out = {k: arch[k] for k in ("backbone", "returned_layers", "anchor_sizes") if k in arch}
+    out["norm"] = "batch"  # the RPN stage trains its backbone with BatchNorm2d
+    return out
+
+
+def load_init_weights(model: OpenVocabDetector, path: str) -> list[str]:
+    """Copy backbone.* and rpn.* weights from checkpoint `path` into `model`. Returns the
+    loaded key prefixes; a shape mismatch or a checkpoint with none of them is an error
+    naming the file."""
+    blob = read_init_checkpoint(path)
     for key in ("model", "state_dict"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]
@@ -277,10 +319,11 @@ def load_init_weights(model: OpenVocabDetector, path: str) -> list[str]:
     take = {k: v for k, v in blob.items()
             if k.split(".", 1)[0] in ("backbone", "rpn") and k in own}
     if not take:
-        raise ValueError(f"{path}: no backbone.* or rpn.* weights matching this model")
+        raise CheckpointError(f"{path}: no backbone.* or rpn.* weights matching this model")
     for k, v in take.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(own[k].shape)} (check backbone / anchor_sizes)")
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(own[k].shape)} (check backbone, returned_layers, "
+                                  f"anchor_sizes, norm)")
     model.load_state_dict(take, strict=False)
     return sorted({k.split(".", 1)[0] for k in take})

@@ -46,7 +46,13 @@ from trainer.inputs import (
     teacher_identity,
     text_parquet_path,
 )
-from trainer.model import OpenVocabDetector, load_init_weights
+from trainer.model import (
+    CheckpointError,
+    OpenVocabDetector,
+    arch_overrides,
+    load_init_weights,
+    read_init_checkpoint,
+)
 
 CHECKPOINT = "latest.pt"
 # settings a resumed run may change (they do not alter what is learned)
@@ -60,6 +66,45 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW (no weight decay on biases, norms and the background embedding) with the
+    warmup + cosine schedule stepped once per optimizer step."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup=cfg.warmup_steps, total=cfg.steps))
+    return optimizer, scheduler
+
+
+def to_device(images: list, targets: list[dict], device: torch.device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_step(ddp: torch.nn.Module, model: torch.nn.Module, optimizer, scheduler,
+               images: list, targets: list[dict], cfg: TrainConfig, device: torch.device):
+    """One optimizer step (bf16 autocast on CUDA). `ddp` is the model, DDP-wrapped under
+    torchrun. Returns (losses, total loss, grad norm, the LR this step used)."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    with autocast:
+        losses = ddp(images, targets)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} "
+                                 f"({ {k: float(v) for k, v in losses.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return losses, loss.detach(), grad_norm, lr
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -83,7 +128,25 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def resolve_config(args, dataset: DatasetManifest, resumed: dict | None) -> TrainConfig:
+def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
+    """(checkpoint path, its RPN-stage arch or None). "rpn" = the checkpoint the RPN stage of
+    this cache recorded in its _MANIFEST.json; anything else is a path."""
+    arch = None
+    if value == "rpn":
+        manifest = Path(cache_dir) / "rpn" / "_MANIFEST.json"
+        if not manifest.exists():
+            raise FileNotFoundError(f"{manifest}: not found; run the `rpn` stage first "
+                                    f"(init_from=rpn)")
+        with open(manifest) as f:
+            record = json.load(f)
+        value, arch = record["checkpoint"], record.get("arch")
+    if not Path(value).exists():
+        raise FileNotFoundError(f"{value}: init_from checkpoint not found")
+    return str(value), arch
+
+
+def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dict | None
+                   ) -> TrainConfig:
     overrides = dict(dataset.stages.get("train") or {})
     overrides.update(parse_set(args.set))
     for key in ("mode", "heads", "steps", "seed", "batch_size", "init_from"):
@@ -91,15 +154,23 @@ def resolve_config(args, dataset: DatasetManifest, resumed: dict | None) -> Trai
         if value is not None:
             overrides[key] = value
     if resumed is None:
+        if overrides.get("init_from"):
+            path, arch = resolve_init_from(overrides["init_from"], cache_dir)
+            overrides["init_from"] = path
+            # the backbone and RPN must be built the way the checkpoint was
+            overrides.update(arch_overrides({"arch": arch} if arch
+                                            else read_init_checkpoint(path)))
         return make_config(overrides)
+    overrides.pop("init_from", None)  # a resumed run starts from its own checkpoint
     saved = config_from_dict(resumed["config"])
     wanted = make_config(overrides, base=saved)
     changed = sorted(k for k, v in wanted.to_dict().items()
                      if v != saved.to_dict()[k] and k not in RESUMABLE_CHANGES
                      and k in overrides)
     if changed:
-        raise ConfigError(f"resuming a run trained with {', '.join(f'{k}={saved.to_dict()[k]!r}' for k in changed)}; "
-                          f"start a new --out to change {changed}")
+        was = ", ".join(f"{k}={saved.to_dict()[k]!r}" for k in changed)
+        raise ConfigError(f"resuming a run trained with {was}; start a new --out to change "
+                          f"{changed}")
     return wanted
 
 
@@ -137,7 +208,7 @@ def train(args) -> int:
     resumed = None
     if args.resume:
         resumed = load_checkpoint(out / CHECKPOINT if args.resume == "latest" else args.resume)
-    cfg = resolve_config(args, dataset, resumed)
+    cfg = resolve_config(args, dataset, cache_dir, resumed)
 
     vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name),
                             expect_dim=resumed["embed_dim"] if resumed else None)
@@ -152,19 +223,17 @@ def train(args) -> int:
             print(f"initialised {loaded} from {cfg.init_from}")
     model.to(info.device)
     model.set_vocabulary(vocab.embeddings, vocab.is_base)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup=cfg.warmup_steps, total=cfg.steps))
+    optimizer, scheduler = build_optimizer(model, cfg)
     step = 0
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         step = int(resumed["step"])
-    ddp = DistributedDataParallel(model) if info.world_size > 1 else model
+    ddp = model
+    if info.world_size > 1:
+        ddp = DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
     # a resumed stream is seeded by its start step, so it does not replay the first batches
     loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step)
@@ -180,40 +249,25 @@ def train(args) -> int:
         (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), **meta},
                                                     indent=2) + "\n")
         writer = SummaryWriter(str(out / "tb"), purge_step=step + 1 if step else None)
-        metrics = open(out / "metrics.jsonl", "a")
+        metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole loop
         print(f"training mode={cfg.mode} heads={cfg.heads} steps={step}->{cfg.steps} "
               f"on {info.world_size} x {info.device}, {len(urls)} shards, D={vocab.dim}")
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
-                else nullcontext())
     model.train()
     batches = iter(loader)
     sums: dict[str, float] = {}
     last = time.time()
     while step < cfg.steps:
         t_data = time.time()
-        images, targets = next(batches)
-        images = [im.to(info.device, non_blocking=True) for im in images]
-        targets = [{k: v.to(info.device, non_blocking=True) for k, v in t.items()}
-                   for t in targets]
+        images, targets = to_device(*next(batches), info.device)
         t_data = time.time() - t_data
-        with autocast:
-            losses = ddp(images, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss.item()} "
-                                     f"({ {k: float(v) for k, v in losses.items()} })")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+        losses, loss, grad_norm, lr = train_step(ddp, model, optimizer, scheduler, images,
+                                                 targets, cfg, info.device)
         step += 1
 
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         sums["data_sec"] = sums.get("data_sec", 0.0) + t_data
         sums["n"] = sums.get("n", 0.0) + 1
@@ -252,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ManifestError, ConfigError, CacheMismatch, FileNotFoundError) as e:
+    except (ManifestError, ConfigError, CacheMismatch, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
         return 2
