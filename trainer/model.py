@@ -26,6 +26,7 @@ ones p_text^(1/3) p_image^(2/3).
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -291,7 +292,7 @@ def read_init_checkpoint(path: str) -> dict:
     "state_dict" (and, for the RPN stage's rpn.pt, its "arch")."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot load init checkpoint ({reason})") from None
 
