@@ -10,6 +10,7 @@ split string (base | novel), embedding fixed_size_list<float32>[D].
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ import torch
 from pipeline.cache import canonical_hash
 from pipeline.manifests import Category
 from pipeline.runner import Part, PartOutput, PartResult, StageContext
-from stages.teacher import prompt_templates, teacher_from_cache, text_embeddings
+from stages.teacher import Teacher, prompt_templates, teacher_from_cache, text_embeddings
 
 NAME = "text"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
@@ -38,14 +39,18 @@ def prompt_names(category: Category, use_synonyms: bool = True) -> list[str]:
     return list(dict.fromkeys(n.replace("_", " ").strip() for n in names))
 
 
-def synonym_templates(names: Sequence[str],
-                      templates: Sequence[Callable[[str], str]]) -> list[Callable[[str], str]]:
+def synonym_templates(names: Sequence[str], templates: Sequence[Callable[[str], str] | str]
+                      ) -> list[Callable[[str], str]]:
     """Every (name, template) pair as one template of its category, so a plain prompt ensemble
-    over them is the flat (synonym x template) average."""
-    return [lambda _category, n=n, t=t: t(n) for n in names for t in templates]
+    over them is the flat (synonym x template) average. A template is a callable or a
+    `str.format` pattern, as open_clip takes them."""
+    def prompt(_category: str, n: str, t) -> str:
+        return t.format(n) if isinstance(t, str) else t(n)
+
+    return [partial(prompt, n=n, t=t) for n in names for t in templates]
 
 
-def category_embeddings(teacher, categories: Sequence[Category], templates: Sequence,
+def category_embeddings(teacher: Teacher, categories: Sequence[Category], templates: Sequence,
                         use_synonyms: bool = True) -> torch.Tensor:
     """Prompt-ensembled text embeddings -> Tensor[C, D] float32, L2-normalised, in the order
     of `categories`."""

@@ -119,3 +119,8 @@ def test_openai_templates_and_another_teacher_is_refused(built, teacher_files):
             run_stage(text, ctx, cfg, distributor="local", progress=False, log=lambda _: None)
     finally:
         manifest_path.write_bytes(original)
+
+
+def test_synonym_templates_take_callables_and_format_strings():
+    made = text.synonym_templates(["box", "crate"], [lambda c: f"a {c}.", "the {}"])
+    assert [t("ignored") for t in made] == ["a box.", "the box", "a crate.", "the crate"]
