@@ -164,7 +164,7 @@ def read_proposals(stage_dir: Path) -> dict[int, torch.Tensor]:
         return {}
     t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(
         [("image_id", "ascending"), ("rank", "ascending")])
-    ids = torch.from_numpy(t["image_id"].to_numpy())
+    ids = torch.from_numpy(t["image_id"].to_numpy().copy())
     flat = t["box"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     boxes = torch.from_numpy(flat.copy()).reshape(-1, 4)
     uniq, counts = torch.unique_consecutive(ids, return_counts=True)

@@ -12,6 +12,7 @@ Output: `<cache>/<ds>/rpn/rpn.pt` = {"arch": RPNArch fields, "model": state_dict
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -195,7 +196,12 @@ def load_rpn(path: str | Path, fallback: RPNArch | None = None,
     else:
         raise StageError(f"RPN checkpoint {path}: expected a dict, got {type(blob).__name__}")
     model = ProposalNet(arch)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise StageError(f"RPN checkpoint {path} does not fit architecture {asdict(arch)}: "
+                         f"{detail}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise StageError(f"RPN checkpoint {path} does not fit architecture {asdict(arch)}: "
@@ -257,6 +263,12 @@ def base_train_records(ctx: StageContext) -> tuple[list[ImageRecord], Path]:
     return [keep_categories(recs[i], base) for i in sorted(recs)], split.images
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def lr_at(step: int, cfg: Config) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -267,10 +279,8 @@ def lr_at(step: int, cfg: Config) -> float:
 def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
               log=print) -> dict:
     """The training loop: AdamW, warmup + cosine, bf16 autocast on CUDA. Returns a summary
-    (loss history, rejects, seconds)."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    (loss history, rejects, seconds). Seed the RNGs (`seed_everything`) before building the
+    model for a reproducible run."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = torch.utils.data.DataLoader(
@@ -356,6 +366,7 @@ class Worker:
         if cfg.checkpoint:
             load_rpn(cfg.checkpoint, cfg.arch())  # fails clearly now, not in `proposals`
             return PartResult(rows=1, extra={"trained": False})
+        seed_everything(cfg.seed)
         model = ProposalNet(cfg.arch())
         if cfg.backbone_checkpoint:
             load_backbone_weights(model, cfg.backbone_checkpoint)
@@ -376,7 +387,8 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     path = checkpoint_path(ctx, cfg)
     arch = load_rpn(path, cfg.arch()).arch
     extra = {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
-             "arch": asdict(arch), "trained": bool(stats[0].get("trained"))}
+             "arch": json.loads(json.dumps(asdict(arch))),
+             "trained": bool(stats[0].get("trained"))}
     if "train" in stats[0]:
         extra["train"] = stats[0]["train"]
     return extra
