@@ -112,6 +112,11 @@ def test_stream_splits_shards_between_nodes(tiny, monkeypatch):
     # brace patterns expand to the same list
     spec = str(tiny.dataset_dir / "wds" / "train-{000000..000003}.tar")
     assert shard_urls(spec, tiny.dataset_dir) == urls
+    # pipe: URLs stream through the same reader
+    piped = shard_urls(f"pipe:cat {spec}", tiny.dataset_dir)
+    assert piped[1] == f"pipe:cat {urls[1]}"
+    stream = iter(train_pipeline(piped, cfg, vocab.dim, vocab.base_labels(), seed=3))
+    assert len(next(stream)[0]) == cfg.batch_size
 
 
 def test_cache_with_another_embedding_dim_is_refused(tmp_path, capsys):
