@@ -262,6 +262,8 @@ def evaluate(args) -> dict:
     result = {"mode": "ensemble" if args.ensemble else ckpt["config"]["mode"],
               "train_mode": ckpt["config"]["mode"], "heads": ckpt["config"]["heads"],
               **metrics, "step": int(ckpt["step"]), "split": args.split,
+              "novel_categories": [n for n, b in zip(vocab.names, vocab.is_base.tolist())
+                                   if not b],
               "n_images": len(image_ids), "n_detections": len(detections),
               "rejects": rejects, "seconds": round(seconds, 2),
               "checkpoint": str(args.checkpoint or run / CHECKPOINT),
@@ -278,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_row(result))
+    per_class = result["AP50_per_class"]
+    novel = set(result["novel_categories"])
+    print("AP50 per class (* novel): " + ", ".join(
+        f"{name}{'*' if name in novel else ''} {'-' if v is None else f'{100 * v:.1f}'}"
+        for name, v in per_class.items()))
     return 0
 
 

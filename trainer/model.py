@@ -232,8 +232,8 @@ class OpenVocabDetector(nn.Module):
         hidden, region_emb = self.text_tower(
             self._roi_features(features, sampled, batch.image_sizes))
         deltas = self.roi_heads.box_predictor(hidden).float()
-        losses["loss_box_reg"] = box_regression_loss(deltas, torch.cat(regression_targets),
-                                                     labels)
+        losses["loss_box_reg"] = box_regression_loss(
+            deltas, torch.cat(regression_targets).float(), labels)
         logits = region_logits(region_emb, self.bg_embedding.float(),
                                self.text_emb[self.is_base], cfg.temperature)
         if cfg.mode == "image":
