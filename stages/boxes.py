@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
 
+from pipeline.manifests import image_file
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -31,7 +33,7 @@ class AnnotationError(ValueError):
 def read_annotations(path: str | Path) -> dict[int, ImageRecord]:
     """Images of a COCO/LVIS-format file by id, with their non-crowd, non-empty GT boxes.
 
-    LVIS v1 images carry `coco_url` instead of `file_name`; the URL's last part is used."""
+    File names follow `pipeline.manifests.image_file` (LVIS v1 records have only coco_url)."""
     path = Path(path)
     try:
         with open(path) as f:
@@ -44,8 +46,7 @@ def read_annotations(path: str | Path) -> dict[int, ImageRecord]:
     for i, im in enumerate(images):
         try:
             iid = int(im["id"])
-            name = im.get("file_name") or im["coco_url"].rsplit("/", 1)[-1]
-            meta[iid] = (name, int(im["width"]), int(im["height"]))
+            meta[iid] = (image_file(im), int(im["width"]), int(im["height"]))
         except (KeyError, TypeError, ValueError) as e:
             raise AnnotationError(f"{path}: images[{i}] is malformed ({e!r})") from None
         per_image[iid] = ([], [])
