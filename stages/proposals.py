@@ -74,7 +74,9 @@ def split_images(ctx: StageContext, cfg: Config) -> dict[int, tuple[str, ImageRe
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     ctx.dataset.check_files()
-    out = {"rpn": ctx.fingerprint("rpn")}
+    rpn = ctx.upstream("rpn")
+    # the sha too: a retrained RPN with the same config has the same stage fingerprint
+    out = {"rpn": rpn["fingerprint"], "rpn_checkpoint_sha256": rpn["checkpoint_sha256"]}
     for name in cfg.splits:
         out[f"{name}_annotations"] = sha256_file(ctx.dataset.split(name).annotations)
     return out

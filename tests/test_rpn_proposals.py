@@ -384,3 +384,16 @@ def test_proposals_resume_after_kill(tiny, tmp_path):
     ref = pa.concat_tables(part_tables(tiny["ctx"].stage_dir("proposals")))
     assert got.equals(ref)
     assert not list(stage_dir.glob(".*.tmp-*"))
+
+
+def test_proposals_refuse_a_changed_rpn_checkpoint(tiny, tmp_path):
+    ctx = StageContext(tiny["ctx"].dataset, tmp_path / "tiny", device="cpu")
+    ckpt = tmp_path / "rpn.pt"
+    ckpt.write_bytes(Path(tiny["rpn"]["checkpoint"]).read_bytes())
+    run(rpn, ctx, checkpoint=str(ckpt))
+    cfg = make_config(proposals, ctx.dataset.stages["proposals"])
+    assert proposals.inputs(ctx, cfg)["rpn_checkpoint_sha256"] == sha256_file(ckpt)
+    with ckpt.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(StageError, match=r"rpn\.pt is missing or changed since stage 'rpn'"):
+        proposals.Worker(ctx, cfg)
