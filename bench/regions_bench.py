@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -188,12 +188,12 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
                                                  "cpu s"),
         row("end-to-end (decode+crops+encode+write)", "e2e", n_crops),
         row("bare teacher forward (crops already made)", "bare", n_crops),
-        f"  ratio end-to-end / bare: wall {t['bare'][0] / t['e2e'][0]:.3f}, "
-        f"cpu {t['bare'][1] / t['e2e'][1]:.3f}  (target >= 0.80)",
+        (f"  ratio end-to-end / bare: wall {t['bare'][0] / t['e2e'][0]:.3f}, "
+         f"cpu {t['bare'][1] / t['e2e'][1]:.3f}  (target >= 0.80)"),
         row("crops: per-crop PIL crop + preprocess", "pil", n_small),
         row("crops: batched roi_align (1 op per image)", "roi", n_small),
-        f"  crop speed-up batched / PIL: wall {t['pil'][0] / t['roi'][0]:.1f}x, "
-        f"cpu {t['pil'][1] / t['roi'][1]:.1f}x",
+        (f"  crop speed-up batched / PIL: wall {t['pil'][0] / t['roi'][0]:.1f}x, "
+         f"cpu {t['pil'][1] / t['roi'][1]:.1f}x"),
     ]
 
 

@@ -10,7 +10,7 @@ makes downscaling average like an antialiased resize.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

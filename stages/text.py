@@ -9,9 +9,9 @@ split string (base | novel), embedding fixed_size_list<float32>[D].
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -16,19 +16,19 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.cache import atomic_write_json, read_json  # noqa: E402
-from pipeline.manifests import load_manifest  # noqa: E402
-from pipeline.runner import StageContext, StageMismatch, make_config, run_stage  # noqa: E402
-from stages import regions  # noqa: E402
-from stages.crops import (  # noqa: E402
+from pipeline.cache import atomic_write_json, read_json
+from pipeline.manifests import load_manifest
+from pipeline.runner import StageContext, StageMismatch, make_config, run_stage
+from stages import regions
+from stages.crops import (
     crop_boxes,
     enlarge_boxes,
     pixel_boxes,
     preprocess_windows,
     region_crops,
 )
-from stages.images import load_rgb  # noqa: E402
-from stages.teacher import TeacherSpec, load_teacher, register_model_config  # noqa: E402
+from stages.images import load_rgb
+from stages.teacher import TeacherSpec, load_teacher, register_model_config
 
 TINY_MODEL = "d1-tiny-clip"
 TINY_CONFIG = {
@@ -252,7 +252,9 @@ def test_crops_match_pil_preprocess_pixels(teacher):
                       teacher.image_size, teacher.mean, teacher.std)
     ref = torch.stack([teacher.preprocess(image.crop(tuple(b))) for b in boxes.tolist()])
     assert ours.shape == ref.shape == (40, 3, teacher.image_size, teacher.image_size)
-    centred = lambda t: (t - t.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)  # noqa: E731
+    def centred(t):
+        return (t - t.mean(dim=(1, 2, 3), keepdim=True)).flatten(1)
+
     cos = F.cosine_similarity(centred(ours), centred(ref))
     assert cos.min() > 0.98, cos
     assert (ours - ref).abs().mean() < 0.05

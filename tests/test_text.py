@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from open_clip import zero_shot_metadata  # noqa: E402
+from open_clip import zero_shot_metadata
 
-from pipeline.cache import read_json  # noqa: E402
-from pipeline.manifests import Category  # noqa: E402
-from pipeline.runner import StageMismatch, make_config, run_stage  # noqa: E402
-from stages import text  # noqa: E402
-from stages.teacher import load_teacher  # noqa: E402
-from tests.test_regions import (  # noqa: E402
+from pipeline.cache import read_json
+from pipeline.manifests import Category
+from pipeline.runner import StageMismatch, make_config, run_stage
+from stages import text
+from stages.teacher import load_teacher
+from tests.test_regions import (
     BASE,
     NOVEL,
     TINY_CONFIG,
