@@ -13,6 +13,7 @@ import torch
 from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer.evaluate import main as evaluate_main
 from trainer.train import main as train_main
+from trainer.train import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [arg for k, v in TINY_SETTINGS.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
@@ -34,16 +35,18 @@ def _metrics(out):
 
 @pytest.mark.slow
 def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
-    assert _train(tiny, tmp_path / "full", "--steps", "4") == 0
     assert _train(tiny, tmp_path / "cut", "--steps", "4", "--stop-at", "2") == 0
     assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)["step"] == 2
     assert _train(tiny, tmp_path / "cut", "--resume", "latest") == 0
 
-    full, cut = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
-    assert [r["step"] for r in cut] == [r["step"] for r in full] == [1, 2, 3, 4]
-    assert [r["lr"] for r in cut] == pytest.approx([r["lr"] for r in full])
+    # the LR an uninterrupted run has at each step: warmup 2 steps, cosine to 0 at step 4
+    cut = _metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert [r["lr"] for r in cut] == pytest.approx([2e-4 * warmup_cosine(i, 2, 4)
+                                                    for i in range(4)])
     ckpt = torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)
     assert ckpt["step"] == 4 and ckpt["scheduler"]["last_epoch"] == 4
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 4  # AdamW moments carried over
     assert not list((tmp_path / "cut").glob(".latest.pt.tmp-*"))
 
     capsys.readouterr()
@@ -53,7 +56,7 @@ def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
 
     # a shared-head run cannot be ensembled: one clear line
     rc = evaluate_main(["--manifest", str(tiny.manifest), "--cache", str(tiny.cache),
-                        "--run", str(tmp_path / "full"), "--ensemble", "--device", "cpu"])
+                        "--run", str(tmp_path / "cut"), "--ensemble", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--heads separate" in err[0]
 
