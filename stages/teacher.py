@@ -240,7 +240,7 @@ def load_teacher(spec: TeacherSpec, device: str = "cpu") -> Teacher:
             image_interpolation=tag_cfg.get("interpolation"),
             image_resize_mode=tag_cfg.get("resize_mode"),
         )
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise TeacherError(f"teacher: cannot load {weights} into open_clip model "
                            f"'{spec.model}': {first}") from None
@@ -457,18 +457,41 @@ def read_captions(csv_file: Path, root: Path) -> tuple[list[tuple[str, str]], li
     return rows, rejects
 
 
+# Runs open_clip_train.main with our model configs registered. open_clip_train.data imports
+# pandas at module level, but the open_clip_torch[training] extra that brings it pins an old
+# webdataset; when pandas is absent, a stand-in that serves only CsvDataset's
+# `read_csv(path, sep=...)[column].tolist()` is bound there while the module is imported, and
+# taken out of sys.modules again so nothing else mistakes it for pandas.
+_TRAIN_BOOTSTRAP = """
+import csv, importlib.util, sys, types
+import open_clip
+stand_in = importlib.util.find_spec("pandas") is None
+if stand_in:
+    class _Column(list):
+        def tolist(self):
+            return list(self)
+    def _read_csv(path, sep=","):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f, delimiter=sep))
+        return {name: _Column(r[i] for r in rows[1:]) for i, name in enumerate(rows[0])}
+    sys.modules["pandas"] = types.SimpleNamespace(read_csv=_read_csv)
+from open_clip_train.main import main
+if stand_in:
+    del sys.modules["pandas"]
+for path in sys.argv[1].split(","):
+    open_clip.add_model_config(path)
+sys.exit(main(sys.argv[2:]) or 0)
+"""
+
+
 def train_command(cfg: "Config", spec: TeacherSpec, train_tsv: Path, logs: Path,
                   device: str) -> list[str]:
     """The `open_clip_train.main` command line (run with the packaged model configs added)."""
     cuda = torch.device(device).type == "cuda"
-    bootstrap = ("import sys, open_clip\n"
-                 "for p in sys.argv[1].split(','): open_clip.add_model_config(p)\n"
-                 "from open_clip_train.main import main\n"
-                 "sys.exit(main(sys.argv[2:]) or 0)\n")
     configs = [str(CONFIG_DIR)] + ([str(Path(spec.model_config).resolve())]
                                    if spec.model_config else [])
     return [
-        sys.executable, "-c", bootstrap, ",".join(configs),
+        sys.executable, "-c", _TRAIN_BOOTSTRAP, ",".join(configs),
         "--train-data", str(train_tsv), "--dataset-type", "csv", "--csv-separator", "\t",
         "--csv-img-key", "filepath", "--csv-caption-key", "title",
         "--model", spec.model,
@@ -502,9 +525,11 @@ def train_clip(cfg: "Config", spec: TeacherSpec, rows: list[tuple[str, str]], wo
     log_text = log_file.read_text(errors="replace")
     checkpoint = workdir / "logs" / "run" / "checkpoints" / f"epoch_{cfg.epochs}.pt"
     if proc.returncode != 0 or not checkpoint.is_file():
+        kept = workdir.parent / "train-failed.log"
+        shutil.copyfile(log_file, kept)
         tail = [ln for ln in log_text.splitlines() if ln.strip()][-1:] or ["(no output)"]
         raise TeacherError(f"teacher: open_clip_train exited with {proc.returncode}: "
-                           f"{tail[0][:300]}")
+                           f"{tail[0][:300]} (log: {kept})")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     return {k.removeprefix("module."): v for k, v in state.items()}, log_text
 
