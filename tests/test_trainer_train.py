@@ -37,6 +37,8 @@ def _metrics(out):
 def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
     assert _train(tiny, tmp_path / "cut", "--steps", "4", "--stop-at", "2") == 0
     assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)["step"] == 2
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # logged, then killed
+        f.write(json.dumps({"step": 3, "lr": 0.0}) + "\n")
     assert _train(tiny, tmp_path / "cut", "--resume", "latest") == 0
 
     # the LR an uninterrupted run has at each step: warmup 2 steps, cosine to 0 at step 4

@@ -128,6 +128,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric rows logged after `step` (a run resumed from an earlier checkpoint
+    logs those steps again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
 def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
     """(checkpoint path, its RPN-stage arch or None). "rpn" = the checkpoint the RPN stage of
     this cache recorded in its _MANIFEST.json; anything else is a path."""
@@ -249,6 +259,7 @@ def train(args) -> int:
         (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), **meta},
                                                     indent=2) + "\n")
         writer = SummaryWriter(str(out / "tb"), purge_step=step + 1 if step else None)
+        keep_metrics_until(out / "metrics.jsonl", step)
         metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole loop
         print(f"training mode={cfg.mode} heads={cfg.heads} steps={step}->{cfg.steps} "
               f"on {info.world_size} x {info.device}, {len(urls)} shards, D={vocab.dim}")
