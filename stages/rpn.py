@@ -163,7 +163,7 @@ class ProposalNet(nn.Module):
             b, s = to_original(b[keep], tuple(resized), orig), s[keep]
             keep = s >= score_thresh
             b, s = b[keep], s[keep]
-            keep = remove_small_boxes(b, min_box_size)
+            keep = remove_small_boxes(b, max(min_box_size, 1e-3))  # never an empty box
             b, s = b[keep][:top_m], s[keep][:top_m]
             out.append((b.cpu(), s.cpu()))
         return out
