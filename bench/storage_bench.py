@@ -188,7 +188,7 @@ def measure(cache: Path, max_pth_images: int) -> list[tuple[str, int, float]]:
         pq.read_table(f, columns=["image_id"])["image_id"].to_numpy()).tolist()})
     regions_bytes = sum(f.stat().st_size for f in regions)
     rows = [("regions/*.parquet (boxes, scores, f16 emb)", n_regions, regions_bytes / n_regions)]
-    shards = sorted((cache / "pack" / "wds").glob("train-*.tar"))
+    shards = sorted((cache / "wds").glob("train-*.tar"))
     if shards:
         total, per_ext, ids = wds_breakdown(shards)
         n = max(1, len(ids))

@@ -19,6 +19,7 @@ from pipeline.runner import (
     StageError,
     make_config,
     run_stage,
+    stage_folder,
     stage_status,
 )
 
@@ -93,7 +94,7 @@ def cmd_status(args) -> int:
         print(f"no cache under {root}")
         return 1
     for ds in datasets:
-        order = [stage_name(m) for m in STAGES]
+        order = [stage_folder(importlib.import_module(m)) for m in STAGES]
         order += sorted(p.parent.name for p in ds.glob("*/_PLAN.json")
                         if p.parent.name not in order)
         print(f"{ds}")

@@ -3,7 +3,8 @@ per-part stats and, last, the stage's `_MANIFEST.json`.
 
 A stage is a module in `stages/` that defines:
 
-    NAME: str                                   folder name under <cache>/<dataset>/
+    NAME: str                                   the stage's name (CLI, --set, manifests)
+    FOLDER: str                                 optional: its folder if not NAME (pack -> wds)
     Config: type                                a frozen dataclass; its JSON is hashed
     RESOURCES: dict                             per worker, e.g. {"num_cpus": 1, "num_gpus": 0}
     def inputs(ctx, cfg) -> dict[str, str]      fingerprints of what the stage reads
@@ -134,6 +135,11 @@ class StageContext:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stage_folder(stage: ModuleType) -> str:
+    """The folder of `stage` under <cache>/<dataset>/."""
+    return getattr(stage, "FOLDER", stage.NAME)
 
 
 def chunk_parts(items: list, per_part: int) -> list[Part]:
@@ -357,7 +363,7 @@ def run_stage(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run (or resume, or skip) one stage and return its manifest."""
-    stage_dir = ctx.stage_dir(stage.NAME)
+    stage_dir = ctx.stage_dir(stage_folder(stage))
     cdict = config_dict(cfg)
     inputs = stage.inputs(ctx, cfg)
     parts = stage.plan(ctx, cfg)

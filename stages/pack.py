@@ -7,8 +7,8 @@
     .json       {"image_id", "file_name", "width", "height", "gt_boxes" (xyxy, base categories,
                  iscrowd excluded), "gt_category_ids"}
 
-Written to `<cache>/<ds>/pack/wds/train-NNNNNN.tar` with `sizes.json` beside; finalize also
-points `<cache>/<ds>/wds` at that folder. `regions/*.parquet` stays the canonical store: a
+Written to `<cache>/<ds>/wds/train-NNNNNN.tar` (the stage's folder is `wds/`, FOLDER below)
+with `sizes.json` beside. `regions/*.parquet` stays the canonical store: a
 new shard size is a config change of this stage (`--set pack.max_samples=... --rebuild`),
 nothing upstream reruns.
 
@@ -36,11 +36,11 @@ from pipeline.manifests import ManifestError, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "pack"
+FOLDER = "wds"  # the contract's shard folder: <cache>/<ds>/wds/
 RESOURCES = {"num_cpus": 1, "num_gpus": 0}
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
-SHARDS_DIR = "wds"
 SIZES_FILE = "sizes.json"
 TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical shards
 
@@ -332,7 +332,7 @@ class Worker:
             regions.update(read_regions(f, ids))
 
         name = shard_name(part.index)
-        path = out.tmp(f"{SHARDS_DIR}/{name}")
+        path = out.tmp(name)
         rejects, written, members = [], 0, 0
         with open(path, "wb") as fh:
             with wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
@@ -353,15 +353,8 @@ class Worker:
 
 
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
-    stage_dir = ctx.stage_dir(NAME)
     sizes = {s["shard"]: s["rows"] for s in sorted(stats, key=lambda s: s["part"])}
-    atomic_write_json(stage_dir / SHARDS_DIR / SIZES_FILE, sizes)
-    link = ctx.cache / SHARDS_DIR
-    if link.is_symlink() or not link.exists():
-        tmp = ctx.cache / f".{SHARDS_DIR}.link-tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(Path(NAME) / SHARDS_DIR, target_is_directory=True)
-        os.replace(tmp, link)
+    atomic_write_json(ctx.stage_dir(FOLDER) / SIZES_FILE, sizes)
     split = load_split(ctx, cfg.split)
     where, dim = regions_layout(region_files(ctx))
     packed = sum(sizes.values())
@@ -377,5 +370,4 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
         "rejected": sum(s["n_rejects"] for s in stats),
         "bytes": total,
         "bytes_per_sample": round(total / packed, 1) if packed else None,
-        "shards_dir": f"{NAME}/{SHARDS_DIR}",
     }

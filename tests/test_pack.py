@@ -113,7 +113,7 @@ def test_planned_bytes_are_exact_and_respected(tmp_path):
     cfg = make_config(pack, {"max_samples": 5, "max_bytes": 40000})
     sizes = pack.sample_sizes(ctx, cfg)
     manifest = run_pack(ctx, max_samples=5, max_bytes=40000)
-    stats = [json.loads(p.read_text()) for p in sorted((ctx.cache / "pack").glob("part-*.stats.json"))]
+    stats = [json.loads(p.read_text()) for p in sorted((ctx.cache / "wds").glob("part-*.stats.json"))]
     shard_ids = [[int(k[3:]) for k in sorted(
         (s["__key__"] for s in wds.WebDataset(str(ctx.cache / "wds" / st["shard"]),
                                                shardshuffle=False)), key=lambda k: int(k[3:]))]
@@ -140,7 +140,8 @@ def test_repack_other_shard_size_same_samples(tmp_path):
     manifest = run_pack(ctx, max_samples=5, rebuild=True)
     after = {k: (s["jpg"], s["boxes.npy"].tobytes(), s["emb.npy"].tobytes(), s["json"])
              for k, s in read_shards(ctx).items()}
-    assert manifest["shards"] == 3 and sorted(os.listdir(ctx.cache / "wds")) == [
+    assert manifest["shards"] == 3 and sorted(
+        p.name for p in (ctx.cache / "wds").glob("[st]*.*")) == [
         "sizes.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert json.loads((ctx.cache / "wds" / "sizes.json").read_text())["train-000002.tar"] == 1
     assert after == before
@@ -150,11 +151,11 @@ def test_repack_other_shard_size_same_samples(tmp_path):
 def test_resumed_part_writes_identical_shard(tmp_path):
     ctx = write_synthetic_cache(tmp_path, n_images=N_IMAGES, m=M, dim=DIM)
     run_pack(ctx, max_samples=4)
-    shard = ctx.cache / "pack" / "wds" / "train-000001.tar"
+    shard = ctx.cache / "wds" / "train-000001.tar"
     digest = sha(shard)
     shard.unlink()
-    (ctx.cache / "pack" / "part-00001.stats.json").unlink()
-    (ctx.cache / "pack" / "_MANIFEST.json").unlink()
+    (ctx.cache / "wds" / "part-00001.stats.json").unlink()
+    (ctx.cache / "wds" / "_MANIFEST.json").unlink()
     run_pack(ctx, max_samples=4)
     assert sha(shard) == digest
 
@@ -164,7 +165,7 @@ def test_bad_image_is_rejected_and_the_part_goes_on(tmp_path):
     bad = ctx.dataset.split("train").images / "000002.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     manifest = run_pack(ctx, max_samples=4)
-    stats = json.loads((ctx.cache / "pack" / "part-00000.stats.json").read_text())
+    stats = json.loads((ctx.cache / "wds" / "part-00000.stats.json").read_text())
     assert stats["rows"] == 3 and len(stats["rejects"]) == 1
     reject = stats["rejects"][0]
     assert reject["item"] == 2 and reject["file"] == str(bad) and "000002.jpg" in reject["reason"]
@@ -219,5 +220,5 @@ def test_lvis_records_with_coco_url_only(tmp_path):
     assert samples["img1"]["json"]["file_name"] == "train2017/000001.jpg"
     assert samples["img1"]["jpg"] == (split.images / "train2017" / "000001.jpg").read_bytes()
     assert "img3" not in samples and manifest["rejected"] == 1
-    reject = json.loads((ctx.cache / "pack" / "part-00000.stats.json").read_text())["rejects"][0]
+    reject = json.loads((ctx.cache / "wds" / "part-00000.stats.json").read_text())["rejects"][0]
     assert reject["item"] == 3 and "neither file_name nor coco_url" in reject["reason"]
