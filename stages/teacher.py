@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -507,9 +508,9 @@ def train_command(cfg: "Config", spec: TeacherSpec, train_tsv: Path, logs: Path,
 
 
 def train_clip(cfg: "Config", spec: TeacherSpec, rows: list[tuple[str, str]], workdir: Path,
-               device: str) -> tuple[dict, str]:
+               device: str) -> tuple[dict, str, float]:
     """Train `spec.model` from scratch on `rows` with open_clip_train in a subprocess ->
-    (state_dict, training log)."""
+    (state_dict, training log, CPU seconds the subprocess used)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tsv = workdir / "train.tsv"
     with open(tsv, "w", newline="") as f:
@@ -519,9 +520,11 @@ def train_clip(cfg: "Config", spec: TeacherSpec, rows: list[tuple[str, str]], wo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
     log_file = workdir / "stdout.log"
+    cpu_before = _children_cpu_seconds()
     with open(log_file, "w") as log:
         proc = subprocess.run(train_command(cfg, spec, tsv, workdir / "logs", device),
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    cpu_seconds = _children_cpu_seconds() - cpu_before
     log_text = log_file.read_text(errors="replace")
     checkpoint = workdir / "logs" / "run" / "checkpoints" / f"epoch_{cfg.epochs}.pt"
     if proc.returncode != 0 or not checkpoint.is_file():
@@ -531,7 +534,12 @@ def train_clip(cfg: "Config", spec: TeacherSpec, rows: list[tuple[str, str]], wo
         raise TeacherError(f"teacher: open_clip_train exited with {proc.returncode}: "
                            f"{tail[0][:300]} (log: {kept})")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    return {k.removeprefix("module."): v for k, v in state.items()}, log_text
+    return {k.removeprefix("module."): v for k, v in state.items()}, log_text, cpu_seconds
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def last_loss(log_text: str) -> float | None:
@@ -550,11 +558,11 @@ class Config:
     model_config: str | None = None  # custom model-config JSON (file stem = model name)
     captions: str = "captions.csv"  # image-caption corpus, relative to the dataset root
     # open_clip_train hyper-parameters (only when training)
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3
     wd: float = 0.1
-    warmup: int = 50
+    warmup: int = 100
     crop_scale_min: float = 0.9  # RandomResizedCrop scale lower bound
     workers: int = 1
     seed: int = 0
@@ -604,7 +612,8 @@ class Worker:
             workdir = tmp_path(out.dir / "train")
             start = time.time()
             try:
-                state, log_text = train_clip(cfg, spec, rows, workdir, self.device)
+                state, log_text, cpu_seconds = train_clip(cfg, spec, rows, workdir,
+                                                          self.device)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             name = f"{spec.model}.pt"
@@ -614,6 +623,7 @@ class Worker:
             teacher = load_teacher(replace(spec, pretrained=str(weights)), self.device)
             teacher.identity["pretrained"] = str((out.dir / name).resolve())
             extra["train"] = {"seconds": round(time.time() - start, 1),
+                              "cpu_seconds": round(cpu_seconds, 1),
                               "captions": len(rows), "final_loss": last_loss(log_text),
                               "device": self.device}
         split = ctx.dataset.split(cfg.report_split)

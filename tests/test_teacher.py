@@ -314,6 +314,7 @@ def test_stage_trains_with_open_clip_train_and_reports(micro, tmp_path):
                               "sha256": sha256_file(weights)}
     assert got["zero_shot"]["n_crops"] == 2
     assert got["train"]["captions"] == 20 and got["train"]["final_loss"] is not None
+    assert got["train"]["cpu_seconds"] > 0
     assert got["rejects"] == 1
     stats = json.loads((ctx.stage_dir("teacher") / "part-00000.stats.json").read_text())
     assert stats["rejects"][0]["file"] == "captions/missing.jpg"
