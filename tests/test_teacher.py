@@ -93,6 +93,17 @@ def test_teacher_from_cache_checks_the_recorded_sha256(micro, tmp_path):
                       {"teacher": ident, "fingerprint": "f"})
     assert T.teacher_from_cache(ctx).identity == ident
 
+    # A cache moved since it was built: the weights are found in the teacher stage folder and
+    # the recorded identity (which downstream fingerprints hash) is kept as it was.
+    moved = ctx.stage_dir("teacher") / "w.pt"
+    moved.write_bytes(weights.read_bytes())
+    gone = {**ident, "pretrained": str(tmp_path / "elsewhere" / "w.pt")}
+    atomic_write_json(ctx.stage_dir("teacher") / "_MANIFEST.json",
+                      {"teacher": gone, "fingerprint": "f"})
+    assert T.teacher_from_cache(ctx).identity == gone
+    atomic_write_json(ctx.stage_dir("teacher") / "_MANIFEST.json",
+                      {"teacher": ident, "fingerprint": "f"})
+
     torch.manual_seed(9)
     torch.save(open_clip.create_model("micro-clip").state_dict(), weights)
     with pytest.raises(T.TeacherError, match="changed since .* was built"):
