@@ -55,7 +55,7 @@ def _inputs(args):
     dataset = load_manifest(args.manifest, cache_root=args.cache)
     cache_dir = Path(args.cache) / dataset.name
     return (cache_dir, text_parquet_path(cache_dir, dataset.name),
-            dict(dataset.stages.get("train") or {}))
+            dict(dataset.trainer))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ annotations are, and the base / novel vocabulary split.
       # or, for LVIS:  from_frequency: {base: [f, c], novel: [r]}
     synthetic: {...}                  # only for generated datasets (stages/dataset.py)
     stages: {proposals: {top_m: 300}} # per-stage config overrides
+    trainer: {steps: 700}             # trainer/config.py TrainConfig overrides
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class DatasetManifest:
     from_frequency: dict[str, tuple[str, ...]] | None = None
     synthetic: dict | None = None
     stages: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -284,4 +286,5 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         from_frequency=from_frequency,
         synthetic=doc.get("synthetic"),
         stages=dict(stages),
+        trainer=dict(doc.get("trainer") or {}),
     )

@@ -8,7 +8,7 @@
 
 Writes to --out: config.json, metrics.jsonl (one line per logged step), tb/ (TensorBoard),
 latest.pt (model, optimizer, scheduler, step, config; replaced atomically).
-Config precedence: TrainConfig defaults < the manifest's `stages: {train: {...}}` < --set <
+Config precedence: TrainConfig defaults < the manifest's `trainer:` block < --set <
 the dedicated flags. A resumed run keeps its checkpoint's config (only --steps may change).
 """
 from __future__ import annotations
@@ -157,7 +157,7 @@ def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
 
 def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dict | None
                    ) -> TrainConfig:
-    overrides = dict(dataset.stages.get("train") or {})
+    overrides = dict(dataset.trainer)
     overrides.update(parse_set(args.set))
     for key in ("mode", "heads", "steps", "seed", "batch_size", "init_from"):
         value = getattr(args, key)

@@ -1,0 +1,53 @@
+"""`make bench`: every benchmark in one run, each printing ratios measured side by side.
+
+Uses the real cache of the manifest when its stages are built, else stand-in data. Copy the
+printed tables, with the machine line, into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench import regions_bench, storage_bench, train_bench
+from pipeline.manifests import load_manifest
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__)
+    p.add_argument("--manifest", default="data_manifests/toy.yaml")
+    p.add_argument("--cache", default="cache")
+    args = p.parse_args(argv)
+    cache_dir = Path(args.cache) / load_manifest(args.manifest, cache_root=args.cache).name
+    packed = (cache_dir / "wds" / "_MANIFEST.json").exists()
+    print(f"machine: {machine()}\n")
+
+    print("== regions: end-to-end vs bare teacher forward; batched vs per-crop PIL crops")
+    regions_bench.main([])
+    print(f"\n== storage: bytes per image ({cache_dir if packed else 'synthetic cache'})")
+    storage_bench.main([str(cache_dir)] if packed else [])
+    print(f"\n== training input pipeline ({cache_dir / 'wds' if packed else 'stand-in shards'})")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_bench.main(["--manifest", args.manifest, "--cache", args.cache] if packed
+                         else ["--fixture", tmp])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
