@@ -30,7 +30,7 @@ from pipeline.runner import (
 )
 from stages.boxes import ImageRecord, read_annotations, recall_at
 from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
-from stages.rpn import load_rpn
+from stages.rpn import load_rpn, recorded_checkpoint
 
 NAME = "proposals"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
@@ -117,7 +117,7 @@ class Worker:
         self.ctx, self.cfg = ctx, cfg
         self.images = split_images(ctx, cfg)
         rpn = ctx.upstream("rpn")
-        path = Path(rpn["checkpoint"])
+        path = recorded_checkpoint(ctx.stage_dir("rpn"), rpn)
         if not path.is_file() or sha256_file(path) != rpn["checkpoint_sha256"]:
             raise StageError(f"RPN checkpoint {path} is missing or changed since stage 'rpn' "
                              f"recorded it; re-run rpn with --rebuild")

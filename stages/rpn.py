@@ -383,10 +383,17 @@ def checkpoint_path(ctx: StageContext, cfg: Config) -> Path:
         (ctx.stage_dir(NAME) / CHECKPOINT_FILE).resolve()
 
 
+def recorded_checkpoint(stage_dir: Path, manifest: dict) -> Path:
+    """The RPN file a finished rpn manifest names: a trained one is recorded by its name in the
+    stage folder (so a moved or copied cache still finds it), a given one by its path."""
+    return Path(stage_dir) / manifest["checkpoint"]  # an absolute path stays as it is
+
+
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     path = checkpoint_path(ctx, cfg)
     arch = load_rpn(path, cfg.arch()).arch
-    extra = {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
+    recorded = str(path) if cfg.checkpoint else CHECKPOINT_FILE
+    extra = {"checkpoint": recorded, "checkpoint_sha256": sha256_file(path),
              "arch": json.loads(json.dumps(asdict(arch))),
              "trained": bool(stats[0].get("trained"))}
     if "train" in stats[0]:

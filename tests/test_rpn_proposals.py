@@ -153,7 +153,8 @@ def test_rpn_trains_on_base_boxes_only(tiny):
     assert sum(len(r.boxes) for r in records) == sum(len(r.boxes) for r in raw.values()) - 1
 
     m = tiny["rpn"]
-    path = Path(m["checkpoint"])
+    assert m["checkpoint"] == "rpn.pt"  # recorded by name: a moved cache still finds it
+    path = rpn.recorded_checkpoint(ctx.stage_dir("rpn"), m)
     assert path == ctx.stage_dir("rpn") / "rpn.pt" and m["trained"] is True
     assert m["checkpoint_sha256"] == sha256_file(path)
     assert [h["step"] for h in m["train"]["history"]] == [1, 2, 3]
@@ -165,9 +166,13 @@ def test_rpn_trains_on_base_boxes_only(tiny):
         assert torch.equal(v, blob["model"][k]), k
 
 
+def trained_rpn(tiny) -> str:
+    return str(rpn.recorded_checkpoint(tiny["ctx"].stage_dir("rpn"), tiny["rpn"]))
+
+
 def test_rpn_given_checkpoint_skips_training(tiny, tmp_path):
     ctx = StageContext(tiny["ctx"].dataset, tmp_path / "tiny", device="cpu")
-    ckpt = tiny["rpn"]["checkpoint"]
+    ckpt = trained_rpn(tiny)
     m = run(rpn, ctx, checkpoint=ckpt)
     assert m["trained"] is False and "train" not in m
     assert m["checkpoint"] == ckpt and m["checkpoint_sha256"] == sha256_file(Path(ckpt))
@@ -357,7 +362,7 @@ def test_proposals_resume_after_kill(tiny, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     # the trained RPN is reused: both caches get it as a given checkpoint
-    stages = {**STAGES_BLOCK, "rpn": {**STAGES_BLOCK["rpn"], "checkpoint": tiny["rpn"]["checkpoint"]}}
+    stages = {**STAGES_BLOCK, "rpn": {**STAGES_BLOCK["rpn"], "checkpoint": trained_rpn(tiny)}}
     manifest = write_manifest(tmp_path / "m.yaml", tiny["base"] / "data", stages)
 
     cache = tmp_path / "killed"
@@ -389,7 +394,7 @@ def test_proposals_resume_after_kill(tiny, tmp_path):
 def test_proposals_refuse_a_changed_rpn_checkpoint(tiny, tmp_path):
     ctx = StageContext(tiny["ctx"].dataset, tmp_path / "tiny", device="cpu")
     ckpt = tmp_path / "rpn.pt"
-    ckpt.write_bytes(Path(tiny["rpn"]["checkpoint"]).read_bytes())
+    ckpt.write_bytes(Path(trained_rpn(tiny)).read_bytes())
     run(rpn, ctx, checkpoint=str(ckpt))
     cfg = make_config(proposals, ctx.dataset.stages["proposals"])
     assert proposals.inputs(ctx, cfg)["rpn_checkpoint_sha256"] == sha256_file(ckpt)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache import tmp_path
 from pipeline.manifests import DatasetManifest, ManifestError, load_manifest
+from stages.rpn import recorded_checkpoint
 from trainer import distributed
 from trainer.config import (
     ConfigError,
@@ -149,7 +150,7 @@ def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
                                     f"(init_from=rpn)")
         with open(manifest) as f:
             record = json.load(f)
-        value, arch = record["checkpoint"], record.get("arch")
+        value, arch = recorded_checkpoint(manifest.parent, record), record.get("arch")
     if not Path(value).exists():
         raise FileNotFoundError(f"{value}: init_from checkpoint not found")
     return str(value), arch
