@@ -9,6 +9,10 @@ default), trains a small CLIP from the packaged config `teacher_configs/ovd-tiny
 the dataset's image-caption corpus with open_clip's own trainer (`open_clip_train.main`, run
 as a subprocess). Either way it reports prompt-ensembled zero-shot accuracy on the val split's
 ground-truth crops, base and novel separately.
+
+`ovd-tiny-clip` is a timm ResNet image tower (`test_resnet`, 48 px) with a 2-layer text
+transformer: at equal CPU cost a small CNN learned the toy shapes several times faster than a
+ViT (3 layers, patch 8) in our runs, and the whole training must fit a few minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -560,7 +564,7 @@ class Config:
     # open_clip_train hyper-parameters (only when training)
     epochs: int = 6
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     wd: float = 0.1
     warmup: int = 100
     crop_scale_min: float = 0.9  # RandomResizedCrop scale lower bound

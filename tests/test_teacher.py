@@ -74,6 +74,18 @@ def test_save_load_round_trip_gives_identical_embeddings(micro):
     assert not teacher.model.training
 
 
+def test_packaged_default_config_loads(tmp_path):
+    spec = T.TeacherSpec(T.DEFAULT_MODEL)
+    T.register_model_config(spec)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model(T.DEFAULT_MODEL).state_dict(), weights)
+    teacher = T.load_teacher(T.TeacherSpec(T.DEFAULT_MODEL, str(weights)))
+    assert (teacher.image_size, teacher.embed_dim) == (48, 128)
+    assert teacher.encode_images(torch.zeros(2, 3, 48, 48)).shape == (2, 128)
+    assert teacher.preprocess(Image.new("RGB", (90, 30))).shape == (3, 48, 48)
+
+
 def test_identity_sha256_follows_the_weights(micro, tmp_path):
     torch.manual_seed(5)
     other = tmp_path / "other.pt"
