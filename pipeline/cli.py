@@ -66,8 +66,10 @@ def cmd_run(args) -> int:
         if s not in known:
             raise SystemExit(f"unknown stage {s!r}; stages are {known}")
     try:
-        dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
-        ctx = StageContext(dataset=dataset, cache=Path(args.cache) / dataset.name,
+        # absolute: Ray workers and the teacher's training subprocess run in other folders
+        cache_root = Path(args.cache).resolve()
+        dataset = load_manifest(args.manifest, cache_root=cache_root, data_root=args.data_root)
+        ctx = StageContext(dataset=dataset, cache=cache_root / dataset.name,
                            device=args.device)
         with CacheLock(ctx.cache):
             for module_name in STAGES:

@@ -217,6 +217,7 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
                             str(path)))
     else:
         raise ManifestError(f"{path}: missing required key 'root' (or pass --data-root)")
+    root = root.absolute()  # stage workers (Ray, subprocesses) may run in another folder
 
     if not isinstance(doc["splits"], dict):
         raise ManifestError(f"{path}: splits must be a mapping of split name to "
