@@ -462,27 +462,12 @@ def read_captions(csv_file: Path, root: Path) -> tuple[list[tuple[str, str]], li
     return rows, rejects
 
 
-# Runs open_clip_train.main with our model configs registered. open_clip_train.data imports
-# pandas at module level, but the open_clip_torch[training] extra that brings it pins an old
-# webdataset; when pandas is absent, a stand-in that serves only CsvDataset's
-# `read_csv(path, sep=...)[column].tolist()` is bound there while the module is imported, and
-# taken out of sys.modules again so nothing else mistakes it for pandas.
+# Runs open_clip_train.main with our model configs registered (pandas, which its CSV dataset
+# reads with, is a project dependency).
 _TRAIN_BOOTSTRAP = """
-import csv, importlib.util, sys, types
+import sys
 import open_clip
-stand_in = importlib.util.find_spec("pandas") is None
-if stand_in:
-    class _Column(list):
-        def tolist(self):
-            return list(self)
-    def _read_csv(path, sep=","):
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f, delimiter=sep))
-        return {name: _Column(r[i] for r in rows[1:]) for i, name in enumerate(rows[0])}
-    sys.modules["pandas"] = types.SimpleNamespace(read_csv=_read_csv)
 from open_clip_train.main import main
-if stand_in:
-    del sys.modules["pandas"]
 for path in sys.argv[1].split(","):
     open_clip.add_model_config(path)
 sys.exit(main(sys.argv[2:]) or 0)
