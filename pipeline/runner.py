@@ -268,18 +268,14 @@ class _StageActor:
         return run_one_part(self.worker, part, Path(stage_dir))
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray() -> None:
     """Connect to RAY_ADDRESS when set, else start (or reuse) a local cluster."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True,
-                                  logging_level="WARNING")
-    if address is None and num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(address=address, **kwargs)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+             log_to_driver=True, logging_level="WARNING")
 
 
 def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int) -> tuple[dict, int]:
