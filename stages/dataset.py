@@ -32,7 +32,7 @@ from stages import synthetic
 NAME = "dataset"
 RESOURCES = {"num_cpus": 1}
 # Bump when the drawing code changes what a seed produces, so old caches are refused.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 SPLIT_CODES = {"train": 0, "val": 1, "captions": 2}  # part of every image's RNG seed
 
 
@@ -158,7 +158,8 @@ class Worker:
             rng = item_rng(self.spec.seed, split, index)
             if split == "captions":
                 image, title = synthetic.caption_sample(
-                    rng, self.names, self.spec.caption_size, self.spec.caption_crop_fraction)
+                    rng, self.names, self.spec.caption_size, self.spec.caption_crop_fraction,
+                    self.spec.caption_colour_prob)
                 rel = f"captions/{index:06d}.jpg"
                 out.tmp(rel).write_bytes(_encode_jpeg(image, self.cfg.jpeg_quality))
                 records.append({"split": split, "filepath": rel, "title": title})

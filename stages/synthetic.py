@@ -51,6 +51,9 @@ class SyntheticSpec:
     n_captions: int = 20000
     caption_size: int = 64  # caption images are square
     caption_crop_fraction: float = 0.5  # share of crop-like caption images
+    # Share of captions that name the fill colour. Colour is far easier to see than shape
+    # for a small CLIP, so captions that mostly name it teach a colour matcher.
+    caption_colour_prob: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "synthetic") -> SyntheticSpec:
@@ -68,8 +71,9 @@ class SyntheticSpec:
                                  f"got {[lo, hi]}")
         if spec.n_train < 1 or spec.n_val < 0 or spec.n_captions < 0:
             raise ValueError(f"{where}: n_train must be >= 1 and n_val, n_captions >= 0")
-        if not 0.0 <= spec.caption_crop_fraction <= 1.0:
-            raise ValueError(f"{where}: caption_crop_fraction must be in [0, 1]")
+        for name in ("caption_crop_fraction", "caption_colour_prob"):
+            if not 0.0 <= getattr(spec, name) <= 1.0:
+                raise ValueError(f"{where}: {name} must be in [0, 1]")
         return spec
 
 
@@ -357,9 +361,11 @@ def _on_background(kind: str) -> str:
     return f"on {phrase} background" if kind != "gradient" else f"on {phrase}"
 
 
-def scene_caption(rng: np.random.Generator, objects: list[SceneObject], kind: str) -> str:
-    """A caption naming every object of a small scene, grouped by (category, colour)."""
-    use_colour = rng.random() < 0.8
+def scene_caption(rng: np.random.Generator, objects: list[SceneObject], kind: str,
+                  colour_prob: float = 0.0) -> str:
+    """A caption naming every object of a small scene, grouped by (category, colour); colours
+    are named with probability `colour_prob`."""
+    use_colour = rng.random() < colour_prob
     groups: dict[tuple[str, str | None], int] = {}
     for o in objects:
         key = (o.category, o.colour if use_colour else None)
@@ -378,10 +384,12 @@ def scene_caption(rng: np.random.Generator, objects: list[SceneObject], kind: st
     return f"a drawing of {body} {_on_background(kind)}"
 
 
-def crop_caption(rng: np.random.Generator, obj: SceneObject, kind: str, rel_size: float) -> str:
-    """A caption for a crop centred on `obj` (it fills `rel_size` of the crop side)."""
+def crop_caption(rng: np.random.Generator, obj: SceneObject, kind: str, rel_size: float,
+                 colour_prob: float = 0.0) -> str:
+    """A caption for a crop centred on `obj` (it fills `rel_size` of the crop side); its colour
+    is named with probability `colour_prob`."""
     size_word = "large" if rel_size > 0.75 else ("small" if rel_size < 0.55 else None)
-    colour = obj.colour if rng.random() < 0.75 else None
+    colour = obj.colour if rng.random() < colour_prob else None
     thing = _phrase(1, colour, obj.category, size_word if rng.random() < 0.5 else None)
     form = int(rng.integers(7))
     if form == 0:
@@ -400,7 +408,8 @@ def crop_caption(rng: np.random.Generator, obj: SceneObject, kind: str, rel_size
 
 
 def caption_sample(rng: np.random.Generator, categories: list[str], size: int = 64,
-                   crop_fraction: float = 0.5) -> tuple[Image.Image, str]:
+                   crop_fraction: float = 0.5,
+                   colour_prob: float = 0.0) -> tuple[Image.Image, str]:
     """One image-caption pair of the teacher's training corpus.
 
     With probability `crop_fraction` a crop-like image: one object fills most of the frame,
@@ -426,10 +435,10 @@ def caption_sample(rng: np.random.Generator, categories: list[str], size: int = 
                                       round(top + side)))
         image = crop.resize((size, size), Image.Resampling.BILINEAR)
         rel = max(x2 - x1, y2 - y1) / side
-        return image, crop_caption(rng, obj, main_scene.background, rel)
+        return image, crop_caption(rng, obj, main_scene.background, rel, colour_prob)
     scene = draw_scene(rng, size, size, categories, (int(0.3 * size), int(0.6 * size)),
                        int(rng.integers(1, 4)))
-    return scene.image, scene_caption(rng, scene.objects, scene.background)
+    return scene.image, scene_caption(rng, scene.objects, scene.background, colour_prob)
 
 
 def _overlay_main(rng, scene: Scene, categories: list[str], main_size: float) -> Scene:

@@ -570,8 +570,10 @@ def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     out = {"dataset": ctx.fingerprint("dataset")}
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         out["weights_sha256"] = sha256_file(Path(cfg.pretrained))
-    if cfg.model_config:
-        out["model_config_sha256"] = sha256_file(Path(cfg.model_config))
+    # A packaged config edited in place must not pass for the one the cache was built with.
+    config = Path(cfg.model_config) if cfg.model_config else CONFIG_DIR / f"{cfg.model}.json"
+    if config.is_file():
+        out["model_config_sha256"] = sha256_file(config)
     return out
 
 

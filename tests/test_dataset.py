@@ -134,6 +134,20 @@ def test_caption_sample_mentions_its_category():
     assert seen == set(NAMES)
 
 
+def test_caption_colour_prob_sets_how_often_captions_name_a_colour():
+    def share(prob):
+        titles = [synthetic.caption_sample(dataset.item_rng(3, "captions", i), NAMES, 32,
+                                           colour_prob=prob)[1] for i in range(80)]
+        return sum(any(c in t.split() for c in synthetic.COLOURS) for t in titles) / len(titles)
+
+    assert share(0.0) == 0.0
+    # forms 4 and 5 of a crop caption never name a colour, so 1.0 stays below 1
+    assert 0.6 < share(1.0) < 1.0
+    assert synthetic.SyntheticSpec().caption_colour_prob == 0.0
+    with pytest.raises(ValueError, match=r"caption_colour_prob must be in \[0, 1\]"):
+        synthetic.SyntheticSpec.from_dict({"caption_colour_prob": 1.5})
+
+
 def test_synthetic_spec_rejects_unknown_keys_and_bad_ranges():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_trian'\]"):
         synthetic.SyntheticSpec.from_dict({"n_trian": 3})

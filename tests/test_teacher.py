@@ -295,6 +295,27 @@ vocabulary:
 """
 
 
+def test_stage_inputs_follow_the_packaged_model_config(tmp_path, monkeypatch):
+    """Editing the packaged config in place changes the teacher stage's inputs (so a cache
+    trained from the old one is refused, not reused)."""
+    packaged = tmp_path / "configs"
+    packaged.mkdir()
+    original = (T.CONFIG_DIR / f"{T.DEFAULT_MODEL}.json").read_text()
+    (packaged / f"{T.DEFAULT_MODEL}.json").write_text(original)
+    monkeypatch.setattr(T, "CONFIG_DIR", packaged)
+
+    class Ctx:
+        def fingerprint(self, stage):
+            return "d0"
+
+    before = T.inputs(Ctx(), T.Config())
+    assert before == {"dataset": "d0",
+                      "model_config_sha256": sha256_file(packaged / f"{T.DEFAULT_MODEL}.json")}
+    (packaged / f"{T.DEFAULT_MODEL}.json").write_text(original.replace('"layers": 2',
+                                                                       '"layers": 3'))
+    assert T.inputs(Ctx(), T.Config())["model_config_sha256"] != before["model_config_sha256"]
+
+
 @pytest.mark.slow
 def test_stage_trains_with_open_clip_train_and_reports(micro, tmp_path):
     """Trains the micro CLIP one epoch through `open_clip_train.main` (a subprocess), then
