@@ -4,8 +4,9 @@ The text is embedded by the cache's own teacher (the prompt as given, L2-normali
 index returns the k most similar cached regions, and a contact sheet PNG shows each hit's
 crop with its box and cosine similarity. Each hit is printed with the category of its
 best-IoU ground-truth box where the dataset's annotation files (or `--gt` files) have one,
-so precision@k can be read off. Note that an open-vocabulary train split holds base boxes
-only: novel hits on train images show no GT unless a fuller file is passed with `--gt`.
+so precision@k can be read off. An open-vocabulary train split holds base boxes only, so
+novel hits on train images are judged against a fuller file: `--gt`, or by default the
+`train_full.json` that the dataset stage writes for a synthetic dataset.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.cache import read_json
 from pipeline.manifests import ManifestError, image_file, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
+from stages.dataset import TRAIN_FULL
 
 IOU_MATCH = 0.5  # a hit counts for precision@k when its best GT box overlaps this much
 
@@ -193,7 +195,11 @@ def _run(args) -> int:
 
     names = {c.id: c.name for c in dataset.categories()}
     ann_files = [(s.annotations, s.images) for s in dataset.splits.values()]
-    ann_files += [(Path(g), dataset.split("train").images) for g in args.gt]
+    gt_files = [Path(g) for g in args.gt]
+    full = ctx.stage_dir("dataset") / TRAIN_FULL
+    if not gt_files and "train" in dataset.splits and full.is_file():
+        gt_files = [full]  # a synthetic dataset's answer key: train images, novel boxes too
+    ann_files += [(g, dataset.split("train").images) for g in gt_files]
     records, annotated = image_records(ann_files, {h.image_id for h in hits})
     named = sorted((n for n in names.values()
                     if re.search(rf"\b{re.escape(n.lower())}\b", args.text.lower())),

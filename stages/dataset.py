@@ -33,6 +33,7 @@ NAME = "dataset"
 RESOURCES = {"num_cpus": 1}
 # Bump when the drawing code changes what a seed produces, so old caches are refused.
 GENERATOR_VERSION = "3"
+TRAIN_FULL = "train_full.json"  # synthetic only: train images with novel boxes too
 SPLIT_CODES = {"train": 0, "val": 1, "captions": 2}  # part of every image's RNG seed
 
 
@@ -215,6 +216,7 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
     images: dict[str, list] = {"train": [], "val": []}
     anns: dict[str, list] = {"train": [], "val": []}
     captions: list[dict] = []
+    train_full: list[dict] = []  # every train object, novel included: never read by training
     unlabelled_novel = 0
     per_category = {"train": Counter(), "val": Counter()}
     for s in sorted(stats, key=lambda s: s["part"]):
@@ -226,21 +228,26 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
             images[split].append({"id": r["image_id"], "file_name": r["file_name"],
                                   "width": r["width"], "height": r["height"]})
             for o in r["objects"]:
-                if split == "train" and o["category"] not in base:
-                    unlabelled_novel += 1
-                    continue
                 x1, y1, x2, y2 = o["box"]
-                anns[split].append({
+                ann = {
                     "id": 0, "image_id": r["image_id"], "category_id": o["category_id"],
                     "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
                     "area": o["area"], "iscrowd": 0, "segmentation": o["segmentation"],
-                })
+                }
+                if split == "train":
+                    train_full.append(dict(ann))
+                if split == "train" and o["category"] not in base:
+                    unlabelled_novel += 1
+                    continue
+                anns[split].append(ann)
                 per_category[split][o["category"]] += 1
     next_id = 1
     for split in ("train", "val"):
         for a in anns[split]:
             a["id"] = next_id
             next_id += 1
+    for i, a in enumerate(train_full, 1):
+        a["id"] = i
 
     files = {}
     for split in ("train", "val"):
@@ -252,6 +259,15 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
                "images": images[split], "annotations": anns[split], "categories": categories}
         atomic_write_bytes(path, json.dumps(doc, separators=(",", ":")).encode())
         files[_relative(ctx, path)] = sha256_file(path)
+    if "train" in ctx.dataset.splits:
+        # The oracle answer key for `pipeline query` on train images (precision@k of novel
+        # prompts); training reads the manifest's train.json, which holds base boxes only.
+        doc = {"info": {"description": f"synthetic shapes ({ctx.dataset.name}), seed "
+                                       f"{spec.seed}: train split, every category",
+                        "version": GENERATOR_VERSION},
+               "images": images["train"], "annotations": train_full, "categories": categories}
+        atomic_write_bytes(stage_dir / TRAIN_FULL, json.dumps(doc, separators=(",", ":")).encode())
+        files[TRAIN_FULL] = sha256_file(stage_dir / TRAIN_FULL)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["filepath", "title"], lineterminator="\n")
     writer.writeheader()

@@ -183,6 +183,13 @@ def test_stage_writes_exact_counts(built):
     n_novel = sum(o.category in NOVEL for i in range(1, 7) for o in truth[i].objects)
     assert n_novel > 0, "seed 3 must put novel objects in the tiny train split"
     assert len(train["annotations"]) == n_base
+    full = json.loads((root / "train_full.json").read_text())
+    assert full["images"] == train["images"]
+    assert sorted((a["image_id"], a["category_id"], a["bbox"][0]) for a in full["annotations"]) \
+        == sorted((i, NAMES.index(o.category) + 1, o.box[0])
+                  for i in range(1, 7) for o in truth[i].objects)
+    assert [a["id"] for a in full["annotations"]] == list(range(1, n_base + n_novel + 1))
+    assert manifest["files"]["train_full.json"] == sha(root / "train_full.json")
     assert {a["category_id"] for a in train["annotations"]} <= set(range(1, 9))
     assert len(val["annotations"]) == sum(len(truth[i].objects) for i in (7, 8, 9))
 

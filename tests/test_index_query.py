@@ -148,6 +148,13 @@ def test_query_prints_hits_and_writes_contact_sheet(flat, fake_teacher, tmp_path
     assert cli.main(["query", QUERY, "--cache", str(ctx.cache.parent), "--dataset", "synth",
                      "--k", "7", "--out", str(out)]) == 0
     assert "precision@7 for 'star': not measurable" in capsys.readouterr().out
+    # a synthetic dataset stage's train_full.json is the default answer key
+    full = ctx.stage_dir("dataset") / "train_full.json"
+    full.parent.mkdir(parents=True, exist_ok=True)
+    full.write_text(gt.read_text())
+    assert cli.main(["query", QUERY, "--cache", str(ctx.cache.parent), "--dataset", "synth",
+                     "--k", "7", "--out", str(out)]) == 0
+    assert "precision@7 for 'star' (best GT IoU >= 0.5): 1/7" in capsys.readouterr().out
 
 
 def test_image_records_merge_gt_files(tmp_path):
