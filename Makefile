@@ -8,7 +8,7 @@ RUN ?= runs/toy
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup stages test status train eval bench query clean
+.PHONY: setup stages test status train eval ablation bench query clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ train: setup
 
 eval: setup
 	$(PY) -m trainer.evaluate --manifest $(MANIFEST) --cache $(CACHE) --run $(RUN)
+
+# text, image, vild and ensemble with the same steps and seed: the paper's central table
+ablation: setup
+	$(PY) -m trainer.ablation --manifest $(MANIFEST) --cache $(CACHE) --out runs/ablation
 
 bench: setup
 	$(PY) -m bench.run_all --manifest $(MANIFEST) --cache $(CACHE)

@@ -60,6 +60,9 @@ class TrainConfig:
     rpn_nms: float = 0.7
     box_batch_size_per_image: int = 512  # live proposals sampled per image (as RoIHeads)
     box_positive_fraction: float = 0.25
+    # RoIAlign samples per bin and axis. Its CPU backward is a serial scatter whose cost grows
+    # with the square of this: 1 halves a toy training step on 2 cores.
+    roi_sampling_ratio: int = 2
     # ViLD
     temperature: float = 0.01
     image_loss_weight: float = 0.5

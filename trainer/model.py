@@ -174,7 +174,8 @@ class OpenVocabDetector(nn.Module):
         # the class-agnostic regressor sits in its box_predictor slot.
         self.roi_heads = RoIHeads(
             box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(len(cfg.returned_layers))],
-                                            output_size=7, sampling_ratio=2),
+                                            output_size=7,
+                                            sampling_ratio=cfg.roi_sampling_ratio),
             box_head=nn.Identity(), box_predictor=nn.Linear(cfg.representation_size, 4),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=cfg.box_batch_size_per_image,
