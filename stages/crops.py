@@ -6,13 +6,16 @@ the centred S x S square, normalise with mean/std. That equals resampling the ce
 (near-)square window of the crop that survives the centre crop straight to S x S, so that window
 is what `roi_align` samples (`preprocess_windows` reproduces torchvision's integer rounding).
 Its adaptive sampling (`sampling_ratio=-1`: ceil(side / S) samples per bin and axis, averaged)
-makes downscaling average like an antialiased resize.
+makes downscaling average like an antialiased resize. Large windows are sampled from a 2x
+box-filtered pyramid of the image (`pyramid_levels`): the same average for a fraction of the
+samples.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -66,6 +69,20 @@ def preprocess_windows(boxes: Tensor, size: int) -> Tensor:
     return torch.stack([x1, y1, x2, y2], dim=1)
 
 
+def pyramid_levels(windows: Tensor, size: int) -> Tensor:
+    """The 2x-pyramid level each window is sampled from: the deepest whose pixels are still no
+    larger than the window's output pixels (source pixels per output pixel, long side).
+
+    Adaptive `roi_align` sampling costs ceil(step)^2 samples per output pixel for a window of
+    `step` source pixels per output pixel; on the level-l box-filtered image it costs
+    ceil(step / 2^l)^2 while averaging the same pixels, so large windows get cheap.
+
+    windows: Tensor[N, 4] (x1, y1, x2, y2) -> Tensor[N] int64 >= 0
+    """
+    step = torch.maximum(windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]) / size
+    return torch.floor(torch.log2(step.clamp(min=1.0))).long()
+
+
 def crop_boxes(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float],
                std: Sequence[float]) -> Tensor:
     """Teacher-ready crops of `boxes`, as "PIL crop, then the teacher's own preprocess" makes
@@ -78,9 +95,19 @@ def crop_boxes(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float],
     x = image.float() / 255 if image.dtype == torch.uint8 else image.float()
     windows = preprocess_windows(pixel_boxes(boxes), size).to(device=x.device,
                                                               dtype=torch.float32)
-    # aligned=True puts pixel i's centre at i + 0.5, as PIL's resize does.
-    crops = roi_align(x[None], [windows], output_size=size, spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True)
+    levels = pyramid_levels(windows, size)
+    crops = x.new_empty((len(windows), x.shape[0], size, size))
+    level_image = x[None]
+    for level in range(int(levels.max()) + 1 if len(levels) else 0):
+        if level:
+            # 2x2 box filter: partial edge blocks average only the pixels they hold
+            level_image = F.avg_pool2d(level_image, 2, ceil_mode=True)
+        at = (levels == level).nonzero().squeeze(1)
+        if len(at):
+            # aligned=True puts pixel i's centre at i + 0.5, as PIL's resize does; a level-l
+            # pixel j is the block of source pixels [j 2^l, (j + 1) 2^l), centre (j + 0.5) 2^l.
+            crops[at] = roi_align(level_image, [windows[at]], output_size=size,
+                                  spatial_scale=0.5 ** level, sampling_ratio=-1, aligned=True)
     m = torch.tensor(mean, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
     return (crops - m) / s
