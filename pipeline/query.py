@@ -39,6 +39,10 @@ def add_arguments(p) -> None:
     p.add_argument("--gt", action="append", default=[], metavar="JSON",
                    help="extra COCO/LVIS-format annotation file to match hits against")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (for the text encoder)")
+    p.add_argument("--min-score", type=float, default=0.5,
+                   help="search only regions whose proposal objectness score reaches this: "
+                        "low-scored proposals are mostly object fragments and background, "
+                        "which the teacher still names (0: every region)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (IVF-PQ only)")
     p.add_argument("--cols", type=int, default=6, help="contact sheet columns")
     p.add_argument("--tile", type=int, default=160, help="contact sheet tile side in pixels")
@@ -191,7 +195,7 @@ def _run(args) -> int:
         raise StageError(f"text embedding dim {query.shape[1]} != index dim "
                          f"{rec['index']['dim']} ({cache_dir / 'index'})")
     index, ids = load_index(ctx.stage_dir("index"), args.nprobe or rec["index"].get("nprobe"))
-    hits = search(index, ids, query, args.k)[0]
+    hits = search(index, ids, query, args.k, args.min_score)[0]
 
     names = {c.id: c.name for c in dataset.categories()}
     ann_files = [(s.annotations, s.images) for s in dataset.splits.values()]
@@ -205,8 +209,9 @@ def _run(args) -> int:
                     if re.search(rf"\b{re.escape(n.lower())}\b", args.text.lower())),
                    key=len, reverse=True)
 
+    scope = f", proposal score >= {args.min_score}" if args.min_score > 0 else ""
     print(f'query "{args.text}": {len(hits)} hits from {rec["index"]["factory"]} over '
-          f'{rec["index"]["ntotal"]} regions')
+          f'{rec["index"]["ntotal"]} regions{scope}')
     print(f"{'#':>3} {'image_id':>9} {'rank':>5} {'sim':>7}  {'box (x1, y1, x2, y2)':<28} "
           f"best-IoU GT")
     tiles, matches = [], 0

@@ -221,17 +221,33 @@ def load_index(stage_dir: Path, nprobe: int | None = None):
     return index, IdMap(Path(stage_dir) / IDS_FILE)
 
 
-def search(index, ids: IdMap, queries: np.ndarray, k: int) -> list[list[Hit]]:
-    """queries: [Q, D] (normalised here) -> for each query its top-k hits, best first."""
-    sims, rows = index.search(normalized(queries), k)
+def search(index, ids: IdMap, queries: np.ndarray, k: int,
+           min_score: float = 0.0) -> list[list[Hit]]:
+    """queries: [Q, D] (normalised here) -> for each query its top-k hits, best first.
+
+    With `min_score` > 0 only regions whose proposal (objectness) score reaches it count: the
+    search widens (4x at a time) until k of them are found or the whole index was searched."""
+    queries = normalized(queries)
     out = []
-    for qs, qr in zip(sims, rows):
-        keep = qr >= 0  # faiss pads with -1 when fewer than k vectors qualify
-        sel = ids.take(qr[keep])
+    for q in queries:
+        fetch = k if min_score <= 0 else 4 * k
+        while True:
+            fetch = min(fetch, index.ntotal)
+            sims, rows = index.search(q[None], fetch)
+            keep = rows[0] >= 0  # faiss pads with -1 when fewer than k vectors qualify
+            sel = ids.take(rows[0][keep])
+            sims = sims[0][keep]
+            if min_score > 0:
+                ok = np.asarray(sel["score"].to_numpy(zero_copy_only=False)) >= min_score
+                sel, sims = sel.filter(pa.array(ok)), sims[ok]
+            if len(sel) >= k or fetch >= index.ntotal:
+                break
+            fetch *= 4
+        sel, sims = sel.slice(0, k), sims[:k]
         out.append([
             Hit(int(r), int(i), int(rk), tuple(float(v) for v in b), float(s), float(sim))
             for r, i, rk, b, s, sim in zip(sel["row"].to_pylist(), sel["image_id"].to_pylist(),
                                            sel["rank"].to_pylist(), sel["box"].to_pylist(),
-                                           sel["score"].to_pylist(), qs[keep])
+                                           sel["score"].to_pylist(), sims)
         ])
     return out

@@ -72,6 +72,24 @@ def test_flat_index_finds_the_planted_region_first(flat):
     assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
 
 
+def test_min_score_keeps_only_confident_proposals_in_similarity_order(flat):
+    ctx, _, text = flat
+    regions = pq.read_table(ctx.cache / "regions")
+    emb = np.array(regions["embedding"].to_pylist(), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    score = np.array(regions["score"].to_pylist())
+    floor = float(np.quantile(score, 0.9))  # 10% of rows pass: forces the search to widen
+    q = text / np.linalg.norm(text)
+    passing = np.flatnonzero(score >= floor)
+    want = passing[np.argsort(-(emb[passing] @ q), kind="stable")][:12]
+    index, ids = index_stage.load_index(ctx.stage_dir("index"))
+    hits = index_stage.search(index, ids, text[None], k=12, min_score=floor)[0]
+    assert [h.row for h in hits] == want.tolist()
+    assert all(h.proposal_score >= floor for h in hits)
+    # a floor nothing reaches: every row was searched and none is returned
+    assert index_stage.search(index, ids, text[None], k=3, min_score=2.0) == [[]]
+
+
 def test_id_map_round_trip(flat):
     ctx, _, _ = flat
     regions = pq.read_table(ctx.cache / "regions")  # parts in file order = faiss add order
