@@ -26,9 +26,22 @@ def test_checks_compare_vild_with_text():
 
 
 def test_table_rows_in_percent():
-    md = ablation.table({"text": _row(0.5, 0.125, 700), "ensemble": _row(0.25, 0.5, 700)})
-    assert md.splitlines()[2] == "| text | 50.0 | 12.5 | 31.2 | 6.2 | 700 |"
-    assert md.splitlines()[3] == "| ensemble | 25.0 | 50.0 | 37.5 | 25.0 | 700 |"
+    md = ablation.table({"text": _row(0.5, 0.125, 700),
+                         "ensemble": {**_row(0.25, 0.5, 700), "image_fit": 0.614}})
+    assert md.splitlines()[2] == "| text | 50.0 | 12.5 | 31.2 | 6.2 | 700 | - |"
+    assert md.splitlines()[3] == "| ensemble | 25.0 | 50.0 | 37.5 | 25.0 | 700 | 0.61 |"
+
+
+def test_image_fit_averages_the_last_logged_rows(tmp_path):
+    rows = [{"step": 10, "loss_text": 1.0},
+            {"step": 20, "loss_image": 9.0, "image_mean_baseline": 3.0},
+            {"step": 30, "loss_image": 3.0, "image_mean_baseline": 3.0},
+            {"step": 40, "loss_image": 1.5, "image_mean_baseline": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ablation.image_fit(tmp_path, last=2) == 0.75  # (3 + 1.5) / (3 + 3)
+    assert ablation.image_fit(tmp_path / "nothing") is None
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert ablation.image_fit(tmp_path) is None
 
 
 def test_finished_rows_are_reused(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from trainer.losses import (
     box_regression_loss,
     foreground_loss,
+    mean_direction_baseline,
     region_logits,
     vild_image_loss,
     vild_text_loss,
@@ -55,6 +56,20 @@ def test_vild_image_loss_sums_dims_averages_proposals_and_weights():
     assert loss.item() == 0.0 and loss.requires_grad
     with pytest.raises(ValueError, match="differ in shape"):
         vild_image_loss(region, teacher[:1])
+
+
+def test_mean_direction_baseline_is_the_loss_of_predicting_the_mean_teacher_direction():
+    teacher = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float16)
+    # mean (0.8, 0.4) -> direction (2, 1)/sqrt(5) = (0.8944, 0.4472);
+    # |diffs|: row0 0.1056 + 0.4472, row1 0.2944 + 0.3528: sum 1.2, mean 0.6, x 0.5
+    m = (2 / math.sqrt(5), 1 / math.sqrt(5))
+    want = 0.5 * ((1 - m[0]) + m[1] + (m[0] - 0.6) + (0.8 - m[1])) / 2
+    assert want == pytest.approx(0.3, abs=1e-9)
+    assert mean_direction_baseline(teacher, 0.5).item() == pytest.approx(want, abs=1e-3)
+    # a student that outputs that direction for every proposal scores exactly the baseline
+    student = torch.tensor([m, m])
+    assert vild_image_loss(student, teacher, 0.5).item() == pytest.approx(want, abs=1e-3)
+    assert mean_direction_baseline(torch.zeros(0, 2)).item() == 0.0
 
 
 def test_box_regression_loss_smooth_l1_on_foreground_over_all_samples():

@@ -10,7 +10,8 @@ Trains and evaluates, with the same steps and seed (the manifest's `trainer:` bl
 
 each into <out>/<row>/, then prints the AP50 base / novel table and writes it to
 <out>/ablation.md and <out>/ablation.json with the paper's two checks: vild novel AP50 >=
-1.5 x text novel AP50, and vild novel AP50 >= 0.30. Re-running skips rows whose eval file
+1.5 x text novel AP50, and vild novel AP50 >= 0.30. "image fit" is the final loss_image over
+the loss of predicting the teacher's mean direction (1.0: nothing region-specific learned). Re-running skips rows whose eval file
 exists and resumes a row whose training was cut off (`--resume latest`).
 """
 from __future__ import annotations
@@ -34,6 +35,21 @@ NOVEL_FLOOR = 0.30  # vild novel AP50
 
 def row_eval_file(run: Path, ensemble: bool) -> Path:
     return run / ("eval_ensemble.json" if ensemble else "eval.json")
+
+
+def image_fit(run: Path, last: int = 5) -> float | None:
+    """loss_image over the mean-direction baseline (`losses.mean_direction_baseline`), both
+    averaged over the last `last` rows of metrics.jsonl: near 1 means the student learned
+    only the teacher's common direction. None when the run has no image loss."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss_image" in r and r.get("image_mean_baseline")][-last:]
+    if not rows:
+        return None
+    return round(sum(r["loss_image"] for r in rows) / sum(r["image_mean_baseline"]
+                                                          for r in rows), 3)
 
 
 def run_row(name: str, args, log=print) -> dict:
@@ -62,6 +78,7 @@ def run_row(name: str, args, log=print) -> dict:
     subprocess.run(cmd, check=True)
     result = json.loads(result_file.read_text())
     result["train_seconds"] = train_seconds
+    result["image_fit"] = image_fit(run)
     result_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -81,11 +98,13 @@ def checks(results: dict[str, dict]) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     """Markdown: one row per mode, AP50 base / novel / all in percent."""
-    lines = ["| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps | image fit |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
+        fit = r.get("image_fit")
         lines.append(f"| {name} | {100 * r['AP50_base']:.1f} | {100 * r['AP50_novel']:.1f} | "
-                     f"{100 * r['AP50_all']:.1f} | {100 * r['AP_novel']:.1f} | {r['step']} |")
+                     f"{100 * r['AP50_all']:.1f} | {100 * r['AP_novel']:.1f} | {r['step']} | "
+                     f"{'-' if fit is None else f'{fit:.2f}'} |")
     return "\n".join(lines)
 
 

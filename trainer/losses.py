@@ -60,6 +60,21 @@ def vild_image_loss(region_emb: Tensor, teacher_emb: Tensor, weight: float = 0.5
     return weight * per_proposal.mean()
 
 
+def mean_direction_baseline(teacher_emb: Tensor, weight: float = 0.5) -> Tensor:
+    """The ViLD-image loss a student would get by predicting one constant embedding, the
+    normalized mean of the teacher embeddings, for every proposal.
+
+    CLIP region embeddings share a large common direction, so this is far below the loss of
+    an untrained head; a `loss_image` that stays at this level means the student has learned
+    only that direction, nothing that tells regions apart.
+    teacher_emb: Tensor[M, D] L2-normalized. Returns a scalar (0 for M = 0).
+    """
+    if teacher_emb.shape[0] == 0:
+        return teacher_emb.new_zeros(())
+    mean = F.normalize(teacher_emb.float().mean(dim=0), dim=0)
+    return vild_image_loss(mean.expand_as(teacher_emb), teacher_emb.float(), weight)
+
+
 def box_regression_loss(box_deltas: Tensor, regression_targets: Tensor, labels: Tensor,
                         beta: float = 1.0 / 9) -> Tensor:
     """Class-agnostic box regression: smooth-L1 on the foreground proposals, summed, divided

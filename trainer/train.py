@@ -47,6 +47,7 @@ from trainer.inputs import (
     teacher_identity,
     text_parquet_path,
 )
+from trainer.losses import mean_direction_baseline
 from trainer.model import (
     CheckpointError,
     OpenVocabDetector,
@@ -280,6 +281,10 @@ def train(args) -> int:
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        if "loss_image" in losses:  # what loss_image must beat to be more than the mean
+            teacher = torch.cat([t["cached_emb"] for t in targets])
+            sums["image_mean_baseline"] = sums.get("image_mean_baseline", 0.0) + float(
+                mean_direction_baseline(teacher, cfg.image_loss_weight))
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         sums["data_sec"] = sums.get("data_sec", 0.0) + t_data
         sums["n"] = sums.get("n", 0.0) + 1
