@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from trainer.diagnose import main as diagnose_main
 from trainer.evaluate import main as evaluate_main
 from trainer.train import main as train_main
 from trainer.train import warmup_cosine
@@ -81,6 +82,57 @@ def test_separate_heads_train_and_evaluate_with_ensemble(tiny, tmp_path, capsys)
         assert 0.0 <= ens[k] <= 1.0
     dets = json.loads((run / "detections_val_ensemble.json").read_text())
     assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in dets)
+
+    # diagnose: the teacher's accuracy on cached boxes overlapping train GT, counted here
+    # straight from the tar files (the fixture gives jittered GT boxes their class's text)
+    train_json = tiny.dataset_dir / "dataset" / "train.json"
+    assert diagnose_main(args[:-2] + ["--gt", str(train_json)]) == 0
+    report = json.loads((run / "diagnose.json").read_text())
+    n, right = _teacher_right_on_gt_overlaps(tiny, train_json)
+    assert report["base"]["n"] == n > 0 and report["novel"] == {"n": 0}
+    assert report["base"]["teacher_acc"] == pytest.approx(right / n, abs=1e-4)
+    assert report["n_images"] == tiny.n_train
+    assert -1.0 <= report["base"]["cos"] <= 1.0
+
+
+def _teacher_right_on_gt_overlaps(tiny, train_json) -> tuple[int, int]:
+    import io
+    import tarfile
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    text = pq.read_table(tiny.dataset_dir / "text" / "tiny.parquet").to_pydict()
+    text_emb, cat_ids = np.asarray(text["embedding"]), text["category_id"]
+    gt = {}
+    for a in json.loads(train_json.read_text())["annotations"]:
+        x, y, w, h = a["bbox"]
+        gt.setdefault(a["image_id"], []).append(((x, y, x + w, y + h), a["category_id"]))
+    n = right = 0
+    for shard in tiny.shards:
+        with tarfile.open(shard) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in files.items():
+            if not name.endswith(".json"):
+                continue
+            key = name[: -len(".json")]
+            image_id = json.loads(data)["image_id"]
+            boxes = np.load(io.BytesIO(files[key + ".boxes.npy"]))
+            emb = np.load(io.BytesIO(files[key + ".emb.npy"])).astype(np.float32)
+            for box, e in zip(boxes, emb):
+                ious = []
+                for g, c in gt.get(image_id, []):
+                    iw = max(0.0, min(box[2], g[2]) - max(box[0], g[0]))
+                    ih = max(0.0, min(box[3], g[3]) - max(box[1], g[1]))
+                    inter = iw * ih
+                    union = ((box[2] - box[0]) * (box[3] - box[1])
+                             + (g[2] - g[0]) * (g[3] - g[1]) - inter)
+                    ious.append((inter / union, c))
+                if not ious or max(ious)[0] < 0.5:
+                    continue
+                n += 1
+                right += cat_ids[int(np.argmax(text_emb @ e))] == max(ious)[1]
+    return n, right
 
 
 def _free_port() -> int:
