@@ -137,8 +137,9 @@ def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tup
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'objects':<8} {'n':>6} {'teacher acc':>12} {'student acc':>12} "
-             f"{'cos(s, t)':>10}  student names most"]
+    header = (f"{'objects':<8} {'n':>6} {'teacher acc':>12} {'student acc':>12} "
+              f"{'cos(s, t)':>10}  student names most")
+    lines = [header]
     for split in ("base", "novel"):
         r = report[split]
         if not r["n"]:
