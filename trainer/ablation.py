@@ -11,8 +11,9 @@ Trains and evaluates, with the same steps and seed (the manifest's `trainer:` bl
 each into <out>/<row>/, then prints the AP50 base / novel table and writes it to
 <out>/ablation.md and <out>/ablation.json with the paper's two checks: vild novel AP50 >=
 1.5 x text novel AP50, and vild novel AP50 >= 0.30. "image fit" is the final loss_image over
-the loss of predicting the teacher's mean direction (1.0: nothing region-specific learned). Re-running skips rows whose eval file
-exists and resumes a row whose training was cut off (`--resume latest`).
+the loss of predicting the teacher's mean direction (1.0: nothing region-specific learned).
+Re-running skips rows whose eval file exists and resumes a row whose training was cut off
+(`--resume latest`). `python -m trainer.oracle` gives the teacher's own ceiling.
 """
 from __future__ import annotations
 

@@ -1,0 +1,67 @@
+"""The teacher-as-detector ceiling: scores by hand, and planted regions evaluated end to end."""
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from trainer.config import TrainConfig
+from trainer.evaluate import coco_metrics
+from trainer.oracle import oracle_detections, oracle_scores
+
+CATS = [{"id": 3, "name": "box"}, {"id": 5, "name": "ring"}]  # box base, ring novel
+TEXT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_scores_are_objectness_times_softmax_over_cosines():
+    emb = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    got = oracle_scores(emb, torch.tensor([0.5, 1.0]), TEXT, temperature=0.1)
+    e6, e8 = math.exp(6.0), math.exp(8.0)
+    want = [[0.5 * e6 / (e6 + e8), 0.5 * e8 / (e6 + e8)],
+            [math.exp(10) / (math.exp(10) + 1), 1 / (math.exp(10) + 1)]]
+    assert got.flatten().tolist() == pytest.approx(want[0] + want[1], rel=1e-5)
+
+
+def _regions(rows):
+    """rows: (image_id, rank, box, score, embedding) -> a regions-contract table."""
+    emb = np.asarray([r[4] for r in rows], np.float16).reshape(-1)
+    box = np.asarray([r[2] for r in rows], np.float32).reshape(-1)
+    return pa.table({
+        "image_id": pa.array([r[0] for r in rows], pa.int64()),
+        "rank": pa.array([r[1] for r in rows], pa.int32()),
+        "box": pa.FixedSizeListArray.from_arrays(pa.array(box), 4),
+        "score": pa.array([r[3] for r in rows], pa.float32()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb), 2)})
+
+
+def _gt(path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 20], "area": 600,
+             "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 5, "bbox": [40, 40, 40, 40], "area": 1600,
+             "iscrowd": 0}]
+    images = [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in (1, 2)]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))
+    return path
+
+
+def test_a_teacher_that_names_each_gt_box_gives_ap_one_and_a_wrong_one_zero(tmp_path):
+    gt = _gt(tmp_path / "gt.json")
+    rows = [(1, 0, [10, 10, 40, 30], 0.9, [1, 0]),      # the box, named box
+            (1, 1, [60, 60, 90, 90], 0.01, [0, 1]),     # background, low objectness
+            (2, 0, [40, 40, 80, 80], 0.8, [0, 1])]      # the ring, named ring
+    sizes = {1: (100, 100), 2: (100, 100)}
+    dets = oracle_detections(_regions(rows), TEXT, (3, 5), sizes, TrainConfig(), 100)
+    # at tau 0.01 a cosine of 1 against 0 puts all the probability on one class
+    assert {(d["image_id"], d["category_id"]) for d in dets if d["score"] > 0.5} == \
+        {(1, 3), (2, 5)}
+    assert [d["bbox"] for d in dets if d["score"] > 0.5] == [[10, 10, 30, 20],
+                                                             [40, 40, 40, 40]]
+    m = coco_metrics(gt, dets, {3}, {5})
+    assert m["AP50_base"] == pytest.approx(1.0) and m["AP50_novel"] == pytest.approx(1.0)
+
+    wrong = [r if r[0] == 1 else (2, 0, [40, 40, 80, 80], 0.8, [1, 0]) for r in rows]
+    dets = oracle_detections(_regions(wrong), TEXT, (3, 5), sizes, TrainConfig(), 100)
+    m = coco_metrics(gt, dets, {3}, {5})
+    assert m["AP50_novel"] == 0.0 and m["AP50_base"] == pytest.approx(1.0)
