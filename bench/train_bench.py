@@ -23,8 +23,8 @@ from pipeline.manifests import load_manifest
 from trainer.config import make_config, parse_set
 from trainer.data import train_loader
 from trainer.inputs import check_shard_dim, load_vocabulary, shard_urls, text_parquet_path
-from trainer.model import OpenVocabDetector
-from trainer.train import build_optimizer, to_device, train_step
+from trainer.model import OpenVocabDetector, load_init_weights
+from trainer.train import build_optimizer, to_device, train_step, with_init_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides["batch_size"] = args.batch_size
     if args.num_workers is not None:
         overrides["num_workers"] = args.num_workers
-    cfg = make_config(overrides)
+    cfg = make_config(with_init_weights(overrides, cache_dir))
     vocab = load_vocabulary(text_path)
     urls = shard_urls(args.shards, cache_dir)
     check_shard_dim(urls[0], vocab)
 
     torch.manual_seed(cfg.seed)
-    model = OpenVocabDetector(cfg, vocab.dim).to(device)
+    model = OpenVocabDetector(cfg, vocab.dim)
+    if cfg.init_from:  # as `make train` starts: a trained RPN proposes far fewer junk boxes
+        load_init_weights(model, cfg.init_from)
+    model.to(device)
     model.set_vocabulary(vocab.embeddings, vocab.is_base)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)

@@ -157,6 +157,16 @@ def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
     return str(value), arch
 
 
+def with_init_weights(overrides: dict, cache_dir: Path) -> dict:
+    """`overrides` with init_from resolved to a path and, since the backbone and RPN must be
+    built the way that checkpoint was, its architecture keys."""
+    if not overrides.get("init_from"):
+        return overrides
+    path, arch = resolve_init_from(overrides["init_from"], cache_dir)
+    return {**overrides, "init_from": path,
+            **arch_overrides({"arch": arch} if arch else read_init_checkpoint(path))}
+
+
 def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dict | None
                    ) -> TrainConfig:
     overrides = dict(dataset.trainer)
@@ -166,13 +176,7 @@ def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dic
         if value is not None:
             overrides[key] = value
     if resumed is None:
-        if overrides.get("init_from"):
-            path, arch = resolve_init_from(overrides["init_from"], cache_dir)
-            overrides["init_from"] = path
-            # the backbone and RPN must be built the way the checkpoint was
-            overrides.update(arch_overrides({"arch": arch} if arch
-                                            else read_init_checkpoint(path)))
-        return make_config(overrides)
+        return make_config(with_init_weights(overrides, cache_dir))
     overrides.pop("init_from", None)  # a resumed run starts from its own checkpoint
     saved = config_from_dict(resumed["config"])
     wanted = make_config(overrides, base=saved)
