@@ -3,7 +3,7 @@ teacher forward pass on the same number of already-made crops, on the same devic
 run; and the batched `roi_align` crops against a per-crop PIL path (crop + the teacher's own
 preprocess per box, the peers' way). On CUDA it adds ViT-B-32 (random weights) with M = 300.
 
-    python -m bench.regions_bench                      # small sizes, a few seconds on CPU
+    python -m bench.regions_bench                      # small sizes, ~20 seconds on CPU
     python -m bench.regions_bench --images 32 --m 300 --model ViT-B-32 --device cuda
 
 Weights are random: throughput does not depend on them, and nothing is downloaded. Besides
@@ -202,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model (random weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--images", type=int, default=16,
+                   help="a regions part holds ~80; with 8 the pipeline's fill and drain (first "
+                        "decode, last short batch) weigh visibly")
     p.add_argument("--m", type=int, default=100, help="proposals per image")
     p.add_argument("--size", default="320x240", help="image WxH")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--pil-images", type=int, default=4,
                    help="images for the crop-path comparison")
-    p.add_argument("--repeat", type=int, default=3, help="best of this many rounds")
+    p.add_argument("--repeat", type=int, default=5, help="best of this many rounds")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, as a regions Ray worker holding 1 CPU has "
                         "(0: torch's default)")
