@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trainer.evaluate import coco_metrics, format_row, lvis_metrics
+from trainer.evaluate import coco_metrics, format_per_class, format_row, lvis_metrics
 
 CATS = [{"id": 1, "name": "box"}, {"id": 2, "name": "ball"}, {"id": 3, "name": "bar"},
         {"id": 4, "name": "ring"}]
@@ -41,6 +41,8 @@ def test_perfect_detections_give_ap_one(tmp_path):
                                    "bar": None, "ring": pytest.approx(1.0)}
     row = format_row({"mode": "vild", **m})
     assert row.splitlines()[1].split() == ["vild"] + ["100.0"] * 6
+    assert format_per_class({**m, "novel_categories": ["ring"]}) == \
+        "AP50 per class (* novel): box 100.0, ball 100.0, bar -, ring* 100.0"
 
 
 def test_missing_novel_and_shifted_boxes(tmp_path):

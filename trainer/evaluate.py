@@ -210,6 +210,13 @@ def format_row(result: dict) -> str:
     return head + "\n" + row
 
 
+def format_per_class(result: dict) -> str:
+    novel = set(result["novel_categories"])
+    return "AP50 per class (* novel): " + ", ".join(
+        f"{name}{'*' if name in novel else ''} {'-' if v is None else f'{100 * v:.1f}'}"
+        for name, v in result["AP50_per_class"].items())
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -280,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_row(result))
-    per_class = result["AP50_per_class"]
-    novel = set(result["novel_categories"])
-    print("AP50 per class (* novel): " + ", ".join(
-        f"{name}{'*' if name in novel else ''} {'-' if v is None else f'{100 * v:.1f}'}"
-        for name, v in per_class.items()))
+    print(format_per_class(result))
     return 0
 
 

@@ -30,7 +30,7 @@ from pipeline.cache import read_json
 from pipeline.manifests import ManifestError, image_file, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from trainer.config import TrainConfig
-from trainer.evaluate import coco_metrics, format_row, restrict_gt
+from trainer.evaluate import coco_metrics, format_per_class, format_row, restrict_gt
 from trainer.inputs import CacheMismatch, load_vocabulary, text_parquet_path
 from trainer.model import postprocess
 
@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_row(result))
-    novel = set(result["novel_categories"])
-    print("AP50 per class (* novel): " + ", ".join(
-        f"{name}{'*' if name in novel else ''} {'-' if v is None else f'{100 * v:.1f}'}"
-        for name, v in result["AP50_per_class"].items()))
+    print(format_per_class(result))
     return 0
 
 
