@@ -65,3 +65,14 @@ def test_a_teacher_that_names_each_gt_box_gives_ap_one_and_a_wrong_one_zero(tmp_
     dets = oracle_detections(_regions(wrong), TEXT, (3, 5), sizes, TrainConfig(), 100)
     m = coco_metrics(gt, dets, {3}, {5})
     assert m["AP50_novel"] == 0.0 and m["AP50_base"] == pytest.approx(1.0)
+
+
+def test_a_cache_without_a_teacher_is_one_line_error(tmp_path, capsys):
+    from trainer.oracle import main
+
+    assert main(["--manifest", "data_manifests/toy.yaml", "--cache", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("error: stage 'teacher' has not finished")
+    assert not (tmp_path / "out" / "oracle.json").exists()
