@@ -18,10 +18,12 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from pipeline.manifests import DatasetManifest, ManifestError, image_file, load_manifest
 from trainer.config import ConfigError, config_from_dict, detections_per_image
@@ -140,6 +142,17 @@ def load_run(checkpoint: Path, dataset: DatasetManifest, cache_dir: Path,
     return model, ckpt, vocab
 
 
+def coco_results(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor,
+                 category_ids: Sequence[int]) -> list[dict]:
+    """One image's detections in the COCO results format: boxes Tensor[K, 4] (x1, y1, x2, y2)
+    in original pixels, scores Tensor[K], labels Tensor[K] vocabulary indices."""
+    return [{"image_id": image_id, "category_id": category_ids[c],
+             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+             "score": round(sc, 5)}
+            for (x1, y1, x2, y2), sc, c in zip(boxes.float().tolist(), scores.float().tolist(),
+                                               labels.tolist())]
+
+
 def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManifest,
                  split: str, *, ensemble: bool, batch_size: int = 8,
                  max_images: int | None = None, device: torch.device | None = None
@@ -175,14 +188,8 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
             results = model.detect(batch, ensemble=ensemble)
         for rec, scale, det in zip(records, scales, results):
             boxes = (det.boxes.float() / scale).cpu()
-            for box, score, label in zip(boxes.tolist(), det.scores.float().tolist(),
-                                         det.labels.tolist()):
-                x1, y1, x2, y2 = box
-                detections.append({"image_id": int(rec["id"]),
-                                   "category_id": vocab.category_ids[label],
-                                   "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2),
-                                            round(y2 - y1, 2)],
-                                   "score": round(float(score), 5)})
+            detections += coco_results(int(rec["id"]), boxes, det.scores, det.labels,
+                                       vocab.category_ids)
             done.append(int(rec["id"]))
     return detections, done, rejects
 

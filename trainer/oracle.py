@@ -30,7 +30,7 @@ from pipeline.cache import read_json
 from pipeline.manifests import ManifestError, image_file, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from trainer.config import TrainConfig
-from trainer.evaluate import coco_metrics, format_per_class, format_row, restrict_gt
+from trainer.evaluate import coco_metrics, coco_results, format_per_class, format_row, restrict_gt
 from trainer.inputs import CacheMismatch, load_vocabulary, text_parquet_path
 from trainer.model import postprocess
 
@@ -60,10 +60,7 @@ def oracle_detections(regions: pa.Table, text: Tensor, category_ids: tuple[int, 
         scores = oracle_scores(emb[sl], score[sl], text, cfg.temperature)
         b, s, lab = postprocess(boxes[sl], scores, sizes[int(iid)], cfg.score_thresh,
                                 cfg.final_nms, max_detections)
-        for (x1, y1, x2, y2), sc, c in zip(b.tolist(), s.tolist(), lab.tolist()):
-            out.append({"image_id": int(iid), "category_id": category_ids[c],
-                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2),
-                                 round(y2 - y1, 2)], "score": round(sc, 5)})
+        out += coco_results(int(iid), b, s, lab, category_ids)
     return out
 
 
