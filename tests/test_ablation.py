@@ -27,9 +27,10 @@ def test_checks_compare_vild_with_text():
 
 def test_table_rows_in_percent():
     md = ablation.table({"text": _row(0.5, 0.125, 700),
-                         "ensemble": {**_row(0.25, 0.5, 700), "image_fit": 0.614}})
-    assert md.splitlines()[2] == "| text | 50.0 | 12.5 | 31.2 | 6.2 | 700 | - |"
-    assert md.splitlines()[3] == "| ensemble | 25.0 | 50.0 | 37.5 | 25.0 | 700 | 0.61 |"
+                         "ensemble": {**_row(0.25, 0.5, 700), "image_fit": 0.614,
+                                      "AP50_base_base_vocab": 0.3333}})
+    assert md.splitlines()[2] == "| text | 50.0 | 12.5 | 31.2 | 6.2 | 700 | - | - |"
+    assert md.splitlines()[3] == "| ensemble | 25.0 | 50.0 | 37.5 | 25.0 | 700 | 0.61 | 33.3 |"
 
 
 def test_image_fit_averages_the_last_logged_rows(tmp_path):
@@ -49,6 +50,8 @@ def test_finished_rows_are_reused(tmp_path, monkeypatch, capsys):
         run = tmp_path / name
         run.mkdir()
         ablation.row_eval_file(run, ensemble).write_text(json.dumps(_row(0.5, 0.4)))
+    ablation.row_eval_file(tmp_path / "ensemble", True, base_vocab=True).write_text(
+        json.dumps(_row(0.75, 0.0)))
 
     def no_training(*a, **k):
         raise AssertionError("a finished row was trained again")
@@ -60,6 +63,8 @@ def test_finished_rows_are_reused(tmp_path, monkeypatch, capsys):
     assert "vild / text novel AP50: 1.0 (target >= 1.5: missed)" in out
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert list(saved["rows"]) == ["text", "image", "vild", "ensemble"]
+    assert [r["AP50_base_base_vocab"] for r in saved["rows"].values()] == [None] * 3 + [0.75]
+    assert (tmp_path / "ensemble" / "eval_ensemble_base_vocab.json").is_file()
 
 
 def test_unknown_row_is_one_line(capsys):

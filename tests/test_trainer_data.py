@@ -92,6 +92,23 @@ def test_decode_sample_and_its_rejects(tiny):
         decode_sample(raw, 32, vocab.base_labels(), 5)
 
 
+def test_base_only_vocabulary_keeps_the_base_rows(tiny):
+    import pyarrow.parquet as pq
+
+    path = tiny.dataset_dir / "text" / "tiny.parquet"
+    vocab = load_vocabulary(path)
+    table = pq.read_table(path).to_pylist()
+    base_rows = sorted((r for r in table if r["split"] == "base"), key=lambda r: r["category_id"])
+    base = vocab.base_only()
+    assert 0 < len(base_rows) < len(table)
+    assert base.category_ids == tuple(r["category_id"] for r in base_rows)
+    assert base.names == tuple(r["name"] for r in base_rows)
+    assert base.is_base.tolist() == [True] * len(base_rows)
+    assert torch.allclose(base.embeddings, torch.tensor([r["embedding"] for r in base_rows],
+                                                        dtype=torch.float32))
+    assert base.base_labels() == vocab.base_labels()
+
+
 def test_stream_splits_shards_between_nodes(tiny, monkeypatch):
     cfg = make_config({**TINY_SETTINGS, "shuffle_buffer": 1})  # epoch 0 only, in order
     vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")

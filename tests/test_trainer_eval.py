@@ -5,7 +5,13 @@ import json
 
 import pytest
 
-from trainer.evaluate import coco_metrics, format_per_class, format_row, lvis_metrics
+from trainer.evaluate import (
+    coco_metrics,
+    format_per_class,
+    format_row,
+    lvis_metrics,
+    restrict_gt,
+)
 
 CATS = [{"id": 1, "name": "box"}, {"id": 2, "name": "ball"}, {"id": 3, "name": "bar"},
         {"id": 4, "name": "ring"}]
@@ -84,3 +90,23 @@ def test_lvis_path_reports_frequency_groups(tmp_path):
     dets = [d for d in _perfect() if d["category_id"] not in NOVEL]
     m = lvis_metrics(gt, dets, BASE, NOVEL)
     assert m["APr"] == 0.0 and m["APf"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("lvis", [False, True])
+def test_base_vocabulary_scores_only_base_categories(tmp_path, lvis):
+    gt = _write_gt(tmp_path / "gt.json", lvis=lvis)
+    sub = restrict_gt(gt, [1, 2, 3], tmp_path / "base.json", sorted(BASE))
+    kept = json.loads(sub.read_text())
+    assert [c["id"] for c in kept["categories"]] == [1, 2, 3]
+    assert len(kept["annotations"]) == 3 and len(kept["images"]) == 3  # the two rings dropped
+    assert restrict_gt(gt, [1, 2, 3], tmp_path / "same.json") == gt  # nothing to drop
+
+    base_dets = [d for d in _perfect() if d["category_id"] in BASE]
+    metrics = lvis_metrics if lvis else coco_metrics
+    m = metrics(sub, base_dets, BASE, set())
+    assert m["AP50_base"] == pytest.approx(1.0) and m["AP50_all"] == pytest.approx(1.0)
+    assert m["AP50_novel"] is None
+    # a ring called a box is a false box: it costs box AP once novel GT is out of the file
+    wrong = base_dets + [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 30, 20],
+                          "score": 1.0}]
+    assert metrics(sub, wrong, BASE, set())["AP50_per_class"]["box"] < 1.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from tests.wds_fixture import BASE, TINY_SETTINGS, write_tiny_cache
 from trainer.diagnose import main as diagnose_main
 from trainer.evaluate import main as evaluate_main
 from trainer.train import main as train_main
@@ -67,7 +67,10 @@ def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_separate_heads_train_and_evaluate_with_ensemble(tiny, tmp_path, capsys):
     run = tmp_path / "ens"
-    assert _train(tiny, run, "--steps", "2", "--heads", "separate") == 0
+    # score_thresh 0: two steps do not make confident detections, and every file below
+    # should hold some to check
+    assert _train(tiny, run, "--steps", "2", "--heads", "separate",
+                  "--set", "score_thresh=0.0") == 0
     args = ["--manifest", str(tiny.manifest), "--cache", str(tiny.cache), "--run", str(run),
             "--device", "cpu"]
     assert evaluate_main(args) == 0
@@ -82,6 +85,14 @@ def test_separate_heads_train_and_evaluate_with_ensemble(tiny, tmp_path, capsys)
         assert 0.0 <= ens[k] <= 1.0
     dets = json.loads((run / "detections_val_ensemble.json").read_text())
     assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in dets)
+
+    # base-only vocabulary: only base classes are detected and scored
+    assert evaluate_main(args + ["--vocabulary", "base"]) == 0
+    base = json.loads((run / "eval_base_vocab.json").read_text())
+    assert base["vocabulary"] == "base" and base["AP50_novel"] is None
+    assert list(base["AP50_per_class"]) == list(BASE)
+    dets = json.loads((run / "detections_val_base_vocab.json").read_text())
+    assert dets and {d["category_id"] for d in dets} <= {1, 2, 3}  # the fixture's base ids
 
     # diagnose: the teacher's accuracy on cached boxes overlapping train GT, counted here
     # straight from the tar files (the fixture gives jittered GT boxes their class's text)

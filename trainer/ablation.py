@@ -12,6 +12,8 @@ each into <out>/<row>/, then prints the AP50 base / novel table and writes it to
 <out>/ablation.md and <out>/ablation.json with the paper's two checks: vild novel AP50 >=
 1.5 x text novel AP50, and vild novel AP50 >= 0.30. "image fit" is the final loss_image over
 the loss of predicting the teacher's mean direction (1.0: nothing region-specific learned).
+"base, base texts" is each row evaluated again with `--vocabulary base`: the base AP50 of the
+same model when no novel text competes for its regions.
 Re-running skips rows whose eval file exists and resumes a row whose training was cut off
 (`--resume latest`). `python -m trainer.oracle` gives the teacher's own ceiling.
 """
@@ -34,8 +36,15 @@ NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
 NOVEL_FLOOR = 0.30  # vild novel AP50
 
 
-def row_eval_file(run: Path, ensemble: bool) -> Path:
-    return run / ("eval_ensemble.json" if ensemble else "eval.json")
+def row_eval_file(run: Path, ensemble: bool, base_vocab: bool = False) -> Path:
+    return run / (f"eval{'_ensemble' if ensemble else ''}"
+                  f"{'_base_vocab' if base_vocab else ''}.json")
+
+
+def base_vocab_ap50(run: Path, ensemble: bool) -> float | None:
+    """AP50_base of the row's `--vocabulary base` evaluation, None if it was not run."""
+    path = row_eval_file(run, ensemble, base_vocab=True)
+    return json.loads(path.read_text())["AP50_base"] if path.is_file() else None
 
 
 def image_fit(run: Path, last: int = 5) -> float | None:
@@ -60,7 +69,9 @@ def run_row(name: str, args, log=print) -> dict:
     result_file = row_eval_file(run, ensemble)
     if result_file.is_file():
         log(f"[{name}] already evaluated: {result_file}")
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        result["AP50_base_base_vocab"] = base_vocab_ap50(run, ensemble)
+        return result
     common = ["--manifest", args.manifest, "--cache", args.cache]
     cmd = [sys.executable, "-m", "trainer.train", *common, "--out", str(run), *flags]
     cmd += [f"--steps={args.steps}"] if args.steps else []
@@ -75,11 +86,13 @@ def run_row(name: str, args, log=print) -> dict:
     train_seconds = round(time.time() - t0, 1)
     cmd = [sys.executable, "-m", "trainer.evaluate", *common, "--run", str(run)]
     cmd += ["--ensemble"] if ensemble else []
-    log(f"[{name}] {' '.join(cmd)}")
-    subprocess.run(cmd, check=True)
+    for extra in ([], ["--vocabulary", "base"]):
+        log(f"[{name}] {' '.join(cmd + extra)}")
+        subprocess.run(cmd + extra, check=True)
     result = json.loads(result_file.read_text())
     result["train_seconds"] = train_seconds
     result["image_fit"] = image_fit(run)
+    result["AP50_base_base_vocab"] = base_vocab_ap50(run, ensemble)
     result_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -99,13 +112,15 @@ def checks(results: dict[str, dict]) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     """Markdown: one row per mode, AP50 base / novel / all in percent."""
-    lines = ["| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps | image fit |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps | image fit "
+             "| AP50 base, base texts |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        fit = r.get("image_fit")
+        fit, closed = r.get("image_fit"), r.get("AP50_base_base_vocab")
         lines.append(f"| {name} | {100 * r['AP50_base']:.1f} | {100 * r['AP50_novel']:.1f} | "
                      f"{100 * r['AP50_all']:.1f} | {100 * r['AP_novel']:.1f} | {r['step']} | "
-                     f"{'-' if fit is None else f'{fit:.2f}'} |")
+                     f"{'-' if fit is None else f'{fit:.2f}'} | "
+                     f"{'-' if closed is None else f'{100 * closed:.1f}'} |")
     return "\n".join(lines)
 
 

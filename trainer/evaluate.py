@@ -8,6 +8,11 @@ Writes <run>/detections_val.json and <run>/eval.json (with --ensemble: *_ensembl
 {"mode", "AP50_all", "AP50_base", "AP50_novel", "AP_all", "AP_base", "AP_novel",
  "AP50_per_class": {name: AP50}, ...} (LVIS adds APr / APc / APf), and prints a table row.
 AP values are fractions in [0, 1]; a subset with no ground truth gets null.
+
+`--vocabulary base` is a diagnostic, not the open-vocabulary metric: the classifier gets only
+the base texts and only base categories are scored (files *_base_vocab.json). Set beside the
+full-vocabulary AP50_base it tells a student that cannot classify base objects from one whose
+base classification is intact but whose regions some novel text outscores.
 """
 from __future__ import annotations
 
@@ -194,15 +199,21 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
     return detections, done, rejects
 
 
-def restrict_gt(gt_json: Path, image_ids: list[int], out: Path) -> Path:
-    """A copy of `gt_json` holding only `image_ids` (for --max-images and rejected images)."""
+def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
+                category_ids: Sequence[int] | None = None) -> Path:
+    """A copy of `gt_json` holding only `image_ids` (for --max-images and rejected images)
+    and, if given, only `category_ids` (for --vocabulary base)."""
     with open(gt_json) as f:
         gt = json.load(f)
     keep = set(image_ids)
-    if len(keep) == len(gt["images"]):
+    cats = set(category_ids) if category_ids is not None else {c["id"] for c in
+                                                                 gt["categories"]}
+    if len(keep) == len(gt["images"]) and cats >= {c["id"] for c in gt["categories"]}:
         return gt_json
     gt["images"] = [im for im in gt["images"] if im["id"] in keep]
-    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
+    gt["categories"] = [c for c in gt["categories"] if c["id"] in cats]
+    gt["annotations"] = [a for a in gt["annotations"]
+                         if a["image_id"] in keep and a["category_id"] in cats]
     out.write_text(json.dumps(gt))
     return out
 
@@ -238,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--ensemble", action="store_true",
                    help="ViLD-ensemble of the text and image heads (needs heads=separate)")
+    p.add_argument("--vocabulary", choices=("all", "base"), default="all",
+                   help="base: only the base texts and base categories (a diagnostic)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--device", default="auto")
@@ -255,19 +268,24 @@ def evaluate(args) -> dict:
     if args.ensemble and model.image_tower is None:
         raise ConfigError(f"{args.checkpoint or run / CHECKPOINT}: --ensemble needs a run "
                           f"trained with --heads separate (this one has heads=shared)")
+    if args.vocabulary == "base":
+        vocab = vocab.base_only()
+        model.set_vocabulary(vocab.embeddings, vocab.is_base)
     t0 = time.time()
     detections, image_ids, rejects = detect_split(
         model, vocab, dataset, args.split, ensemble=args.ensemble,
         batch_size=args.batch_size, max_images=args.max_images, device=device)
     seconds = time.time() - t0
-    suffix = "_ensemble" if args.ensemble else ""
+    suffix = ("_ensemble" if args.ensemble else "") + (
+        "_base_vocab" if args.vocabulary == "base" else "")
     run.mkdir(parents=True, exist_ok=True)
     (run / f"detections_{args.split}{suffix}.json").write_text(json.dumps(detections))
 
     base_ids = {c for c, b in zip(vocab.category_ids, vocab.is_base.tolist()) if b}
     novel_ids = set(vocab.category_ids) - base_ids
     gt = restrict_gt(dataset.split(args.split).annotations, image_ids,
-                     run / f"gt_{args.split}_subset.json")
+                     run / f"gt_{args.split}_subset{suffix}.json",
+                     vocab.category_ids if args.vocabulary == "base" else None)
     if dataset.format == "lvis":
         metrics = lvis_metrics(gt, detections, base_ids, novel_ids,
                                max_dets=model.detections_per_image)
@@ -275,6 +293,7 @@ def evaluate(args) -> dict:
         metrics = coco_metrics(gt, detections, base_ids, novel_ids)
     result = {"mode": "ensemble" if args.ensemble else ckpt["config"]["mode"],
               "train_mode": ckpt["config"]["mode"], "heads": ckpt["config"]["heads"],
+              "vocabulary": args.vocabulary,
               **metrics, "step": int(ckpt["step"]), "split": args.split,
               "novel_categories": [n for n, b in zip(vocab.names, vocab.is_base.tolist())
                                    if not b],

@@ -2,6 +2,7 @@
 teacher identity, and checks that they agree on the embedding dimension D."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -37,6 +38,15 @@ class Vocabulary:
         """category id -> training label (1 + column among the base classes; 0 = bg)."""
         base = [c for c, b in zip(self.category_ids, self.is_base.tolist()) if b]
         return {c: i + 1 for i, c in enumerate(base)}
+
+    def base_only(self) -> Vocabulary:
+        """The base categories alone (for a closed-vocabulary check of the base classes)."""
+        keep = self.is_base.bool()
+        pick = [i for i, k in enumerate(keep.tolist()) if k]
+        return dataclasses.replace(
+            self, category_ids=tuple(self.category_ids[i] for i in pick),
+            names=tuple(self.names[i] for i in pick), is_base=keep[keep],
+            embeddings=self.embeddings[keep])
 
 
 def text_parquet_path(cache_dir: Path, dataset_name: str) -> Path:
