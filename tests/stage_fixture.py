@@ -36,7 +36,7 @@ class Worker:
         self.cfg = cfg
 
     def run_part(self, part: Part, out) -> PartResult:
-        if int(os.environ.get("SQUARES_FAIL_ITEM", -1)) in part.items:  # a crash, not bad input
+        if int(os.environ.get("SQUARES_FAIL_ITEM", "-1")) in part.items:  # a crash, not bad input
             raise RuntimeError(f"boom in part {part.index}")
         time.sleep(self.cfg.sleep)
         keep = [i for i in part.items if i != self.cfg.reject_item]

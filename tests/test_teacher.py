@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,12 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import open_clip  # noqa: E402
+import open_clip
 
-from pipeline.cache import atomic_write_json, sha256_file  # noqa: E402
-from pipeline.manifests import Category, load_manifest  # noqa: E402
-from pipeline.runner import StageContext, run_stage  # noqa: E402
-from stages import teacher as T  # noqa: E402
+from pipeline.cache import atomic_write_json, sha256_file
+from pipeline.manifests import Category, load_manifest
+from pipeline.runner import StageContext, run_stage
+from stages import teacher as T
 
 MICRO = {
     "embed_dim": 32,

@@ -112,9 +112,9 @@ def checks(results: dict[str, dict]) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     """Markdown: one row per mode, AP50 base / novel / all in percent."""
-    lines = ["| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps | image fit "
-             "| AP50 base, base texts |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps | image fit "
+            "| AP50 base, base texts |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         fit, closed = r.get("image_fit"), r.get("AP50_base_base_vocab")
         lines.append(f"| {name} | {100 * r['AP50_base']:.1f} | {100 * r['AP50_novel']:.1f} | "
