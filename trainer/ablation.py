@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.evaluate import result_suffix
+
 ROWS = {
     "text": (["--mode", "text"], False),
     "image": (["--mode", "image"], False),
@@ -37,8 +39,7 @@ NOVEL_FLOOR = 0.30  # vild novel AP50
 
 
 def row_eval_file(run: Path, ensemble: bool, base_vocab: bool = False) -> Path:
-    return run / (f"eval{'_ensemble' if ensemble else ''}"
-                  f"{'_base_vocab' if base_vocab else ''}.json")
+    return run / f"eval{result_suffix(ensemble, base_vocab)}.json"
 
 
 def base_vocab_ap50(run: Path, ensemble: bool) -> float | None:

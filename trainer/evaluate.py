@@ -206,9 +206,9 @@ def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
     with open(gt_json) as f:
         gt = json.load(f)
     keep = set(image_ids)
-    cats = set(category_ids) if category_ids is not None else {c["id"] for c in
-                                                                 gt["categories"]}
-    if len(keep) == len(gt["images"]) and cats >= {c["id"] for c in gt["categories"]}:
+    all_cats = {c["id"] for c in gt["categories"]}
+    cats = all_cats if category_ids is None else set(category_ids)
+    if len(keep) == len(gt["images"]) and cats >= all_cats:
         return gt_json
     gt["images"] = [im for im in gt["images"] if im["id"] in keep]
     gt["categories"] = [c for c in gt["categories"] if c["id"] in cats]
@@ -216,6 +216,12 @@ def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
                          if a["image_id"] in keep and a["category_id"] in cats]
     out.write_text(json.dumps(gt))
     return out
+
+
+def result_suffix(ensemble: bool, base_vocab: bool) -> str:
+    """What an evaluation appends to its file names: eval{suffix}.json,
+    detections_<split>{suffix}.json."""
+    return ("_ensemble" if ensemble else "") + ("_base_vocab" if base_vocab else "")
 
 
 def format_row(result: dict) -> str:
@@ -268,7 +274,8 @@ def evaluate(args) -> dict:
     if args.ensemble and model.image_tower is None:
         raise ConfigError(f"{args.checkpoint or run / CHECKPOINT}: --ensemble needs a run "
                           f"trained with --heads separate (this one has heads=shared)")
-    if args.vocabulary == "base":
+    base_vocab = args.vocabulary == "base"
+    if base_vocab:
         vocab = vocab.base_only()
         model.set_vocabulary(vocab.embeddings, vocab.is_base)
     t0 = time.time()
@@ -276,8 +283,7 @@ def evaluate(args) -> dict:
         model, vocab, dataset, args.split, ensemble=args.ensemble,
         batch_size=args.batch_size, max_images=args.max_images, device=device)
     seconds = time.time() - t0
-    suffix = ("_ensemble" if args.ensemble else "") + (
-        "_base_vocab" if args.vocabulary == "base" else "")
+    suffix = result_suffix(args.ensemble, base_vocab)
     run.mkdir(parents=True, exist_ok=True)
     (run / f"detections_{args.split}{suffix}.json").write_text(json.dumps(detections))
 
@@ -285,7 +291,7 @@ def evaluate(args) -> dict:
     novel_ids = set(vocab.category_ids) - base_ids
     gt = restrict_gt(dataset.split(args.split).annotations, image_ids,
                      run / f"gt_{args.split}_subset{suffix}.json",
-                     vocab.category_ids if args.vocabulary == "base" else None)
+                     vocab.category_ids if base_vocab else None)
     if dataset.format == "lvis":
         metrics = lvis_metrics(gt, detections, base_ids, novel_ids,
                                max_dets=model.detections_per_image)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,10 @@ class Vocabulary:
     def base_only(self) -> Vocabulary:
         """The base categories alone (for a closed-vocabulary check of the base classes)."""
         keep = self.is_base.bool()
-        pick = [i for i, k in enumerate(keep.tolist()) if k]
+        flags = keep.tolist()
         return dataclasses.replace(
-            self, category_ids=tuple(self.category_ids[i] for i in pick),
-            names=tuple(self.names[i] for i in pick), is_base=keep[keep],
+            self, category_ids=tuple(itertools.compress(self.category_ids, flags)),
+            names=tuple(itertools.compress(self.names, flags)), is_base=keep[keep],
             embeddings=self.embeddings[keep])
 
 
