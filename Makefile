@@ -10,7 +10,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup stages test status train eval ablation bench query clean
 
+# torchvision's compiled ops (nms, roi_align) need the registry's CUDA build of torch, about 7 GB
+# installed and more while pip unpacks it: say so in one line rather than fail half-way with ENOSPC.
+MIN_FREE_GB ?= 12
+
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c "import shutil,sys; f=shutil.disk_usage('.').free/2**30; sys.exit(0 if f>=$(MIN_FREE_GB) else 'setup needs $(MIN_FREE_GB) GB free for .venv (torch with its CUDA libraries); %.1f GB free in %s' % (f, '$(CURDIR)'))"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
