@@ -11,6 +11,8 @@ from trainer.evaluate import (
     format_row,
     lvis_metrics,
     restrict_gt,
+    result_suffix,
+    top_class,
 )
 
 CATS = [{"id": 1, "name": "box"}, {"id": 2, "name": "ball"}, {"id": 3, "name": "bar"},
@@ -110,3 +112,24 @@ def test_base_vocabulary_scores_only_base_categories(tmp_path, lvis):
     wrong = base_dets + [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 30, 20],
                           "score": 1.0}]
     assert metrics(sub, wrong, BASE, set())["AP50_per_class"]["box"] < 1.0
+
+
+def test_top_class_share_of_planted_detections():
+    names = {c["id"]: c["name"] for c in CATS}
+    dets = [{"image_id": 1, "category_id": c, "bbox": [0, 0, 5, 5], "score": 0.5}
+            for c in [4] * 7 + [1, 2, 2]]
+    assert top_class(dets, names) == {"name": "ring", "share": 0.7}
+    # a tie goes to the lower category id; no detections, no top class
+    assert top_class(dets[6:], names) == {"name": "ball", "share": 0.5}
+    assert top_class([], names) == {"name": None, "share": None}
+    row = format_row({"mode": "vild", "AP50_all": 0.1, "top_class": {"name": "ring",
+                                                                     "share": 0.7}})
+    assert row.splitlines()[0].endswith("top class (share of detections)")
+    assert row.splitlines()[1].endswith("  ring 70.0%")
+
+
+def test_result_files_are_named_by_what_was_evaluated():
+    assert result_suffix(False, False) == ""
+    assert result_suffix(True, True) == "_ensemble_base_vocab"
+    assert result_suffix(False, False, "mean_logit") == "_mean_logit"
+    assert result_suffix(True, False, None) == "_ensemble"

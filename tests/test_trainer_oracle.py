@@ -9,7 +9,13 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.evaluate import coco_metrics
-from trainer.oracle import oracle_detections, oracle_scores
+from trainer.oracle import (
+    format_hub,
+    hub_cosines,
+    mean_region_embedding,
+    oracle_detections,
+    oracle_scores,
+)
 
 CATS = [{"id": 3, "name": "box"}, {"id": 5, "name": "ring"}]  # box base, ring novel
 TEXT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -76,3 +82,37 @@ def test_a_cache_without_a_teacher_is_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 0
     assert err.startswith("error: stage 'teacher' has not finished")
     assert not (tmp_path / "out" / "oracle.json").exists()
+
+
+def test_hub_cosine_sorted_with_splits():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    # the mean is not normalized: cosine, not dot product
+    hub = hub_cosines(text, ("box", "ring", "star"), torch.tensor([True, False, False]),
+                      np.array([0.0, 2.0], np.float32))
+    assert hub == [{"name": "ring", "split": "novel", "cosine": 1.0},
+                   {"name": "star", "split": "novel", "cosine": 0.8},
+                   {"name": "box", "split": "base", "cosine": 0.0}]
+    assert format_hub(hub).endswith("(* novel): ring* 1.000, star* 0.800, box 0.000")
+    from trainer.inputs import CacheMismatch
+
+    with pytest.raises(CacheMismatch, match="D=3"):
+        hub_cosines(text, ("box", "ring", "star"), torch.tensor([True, False, False]),
+                    np.zeros(3, np.float32))
+
+
+def test_mean_region_embedding_from_the_text_stage_or_the_regions_parts(tmp_path):
+    import pyarrow.parquet as pq
+
+    assert mean_region_embedding(tmp_path) == (None, None)
+    (tmp_path / "regions").mkdir()
+    pq.write_table(_regions([(1, 0, [0, 0, 5, 5], 0.9, [1, 0]),
+                             (1, 1, [0, 0, 5, 5], 0.8, [0, 1])]),
+                   tmp_path / "regions" / "part-00000.parquet")
+    pq.write_table(_regions([(2, 0, [0, 0, 5, 5], 0.9, [1, 0])]),
+                   tmp_path / "regions" / "part-00001.parquet")
+    mean, source = mean_region_embedding(tmp_path)
+    assert mean.tolist() == pytest.approx([2 / 3, 1 / 3]) and source.endswith("regions")
+    (tmp_path / "text").mkdir()
+    np.save(tmp_path / "text" / "region_mean.npy", np.array([0.25, 0.75], np.float32))
+    mean, source = mean_region_embedding(tmp_path)  # the text stage's file wins
+    assert mean.tolist() == [0.25, 0.75] and source.endswith("region_mean.npy")

@@ -1,21 +1,39 @@
-"""`python -m trainer.ablation`: the ViLD paper's central ablation on one manifest.
+"""`python -m trainer.ablation`: the ViLD paper's central ablation, and the published remedies
+for a collapsed student, as one table on one manifest.
 
-Trains and evaluates, with the same steps and seed (the manifest's `trainer:` block, then
---steps / --seed / --set):
+Every row trains with the same steps and seed (the manifest's `trainer:` block, then --steps /
+--seed / --set) into <out>/<row>/ and is evaluated there (`python -m trainer.evaluate`):
 
-    text      --mode text                        ViLD-text
-    image     --mode image                       ViLD-image
-    vild      --mode vild                        ViLD (one shared head)
-    ensemble  --mode vild --heads separate       ViLD-ensemble (evaluated with --ensemble)
+    text         --mode text                            ViLD-text
+    image        --mode image                           ViLD-image
+    vild         --mode vild                            ViLD (one shared head)
+    ensemble     --mode vild --heads separate           ViLD-ensemble (evaluated with --ensemble)
+    confident    vild + distill only confident proposals (REMEDIES below)
+    contrastive  vild + a contrastive distillation term
+    centered     vild + targets and texts with the teacher's mean direction taken out
+    negatives    vild + negative prompts in the text loss
+    calibrated   the vild row's checkpoint, no training of its own, evaluated with
+                 --calibration mean_logit (per-class mean logit over unlabeled train images)
 
-each into <out>/<row>/, then prints the AP50 base / novel table and writes it to
-<out>/ablation.md and <out>/ablation.json with the paper's two checks: vild novel AP50 >=
-1.5 x text novel AP50, and vild novel AP50 >= 0.30. "image fit" is the final loss_image over
-the loss of predicting the teacher's mean direction (1.0: nothing region-specific learned).
-"base, base texts" is each row evaluated again with `--vocabulary base`: the base AP50 of the
-same model when no novel text competes for its regions.
-Re-running skips rows whose eval file exists and resumes a row whose training was cut off
-(`--resume latest`). `python -m trainer.oracle` gives the teacher's own ceiling.
+`--rows text,vild` (make ablation ROWS=text,vild) runs a subset; the default is every row.
+A row whose eval file exists is finished and skipped; a row whose training stopped resumes
+(`--resume latest`); `calibrated` runs the vild row first when that is not finished. The
+teacher's own ceiling, `python -m trainer.oracle`, runs once into <out>/oracle/.
+
+The summary, <out>/ablation.md and <out>/ablation.json, holds every finished row found on disk,
+whichever rows this invocation ran:
+
+    {"steps", "seed", "teacher": {"base_acc", "novel_acc"}, "oracle": {"AP50_base",
+     "AP50_novel"}, "rows": [{"name", "mode", "heads", "options", "AP50_base", "AP50_novel",
+     "AP50_all", "image_fit", "train_seconds"}], "targets": {"T1", "T2", "T3"}}
+
+AP values are fractions in [0, 1]. "image fit" is the final loss_image over the loss of
+predicting the teacher's mean direction (1.0: nothing region-specific learned); "top class" is
+the share of the val detections taken by the most frequent class (1 / C when balanced).
+Targets (met: true / false; null when a number they need is missing):
+    T1  vild novel AP50 >= 1.5 x text novel AP50 and vild base AP50 >= 0.8 x text base AP50
+    T2  the best row's novel AP50 >= 0.6 x the oracle's novel AP50
+    T3  teacher zero-shot base and novel accuracy >= 0.85, no category below 0.50
 """
 from __future__ import annotations
 
@@ -24,28 +42,61 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.cache import read_json
+from pipeline.manifests import ManifestError, load_manifest
 from trainer.evaluate import result_suffix
 
-ROWS = {
-    "text": (["--mode", "text"], False),
-    "image": (["--mode", "image"], False),
-    "vild": (["--mode", "vild"], False),
-    "ensemble": (["--mode", "vild", "--heads", "separate"], True),
+# The remedies' settings (TrainConfig keys, passed as --set KEY=VALUE). The `confident`
+# numbers are placeholders to tune.
+REMEDIES: dict[str, dict] = {
+    "confident": {"distill_min_score": 0.5, "distill_top_k": 20},
+    "contrastive": {"contrastive_weight": 1.0},
+    "centered": {"center_targets": True},
+    "negatives": {"negative_prompts": True},
 }
-NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
-NOVEL_FLOOR = 0.30  # vild novel AP50
+CALIBRATION = "mean_logit"  # the `calibrated` row's `trainer.evaluate --calibration`
+
+T1_NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
+T1_BASE_RATIO = 0.8  # vild base AP50 against text base AP50
+T2_ORACLE_RATIO = 0.6  # the best row's novel AP50 against the oracle's
+T3_ACCURACY = 0.85  # teacher zero-shot accuracy, base and novel
+T3_CATEGORY_FLOOR = 0.50  # teacher zero-shot accuracy of every category
+
+ORACLE_DIR = "oracle"
+TRAIN_TIME = "train_time.json"  # <row>/: wall seconds of its trainings, summed over resumes
 
 
-def row_eval_file(run: Path, ensemble: bool, base_vocab: bool = False) -> Path:
-    return run / f"eval{result_suffix(ensemble, base_vocab)}.json"
+@dataclass(frozen=True)
+class Row:
+    name: str
+    mode: str
+    heads: str = "shared"
+    options: dict = field(default_factory=dict)  # TrainConfig overrides (--set)
+    ensemble: bool = False  # evaluated with --ensemble
+    calibration: str | None = None  # evaluated with --calibration
+    reuses: str | None = None  # evaluates this row's checkpoint instead of training
 
 
-def base_vocab_ap50(run: Path, ensemble: bool) -> float | None:
-    """AP50_base of the row's `--vocabulary base` evaluation, None if it was not run."""
-    path = row_eval_file(run, ensemble, base_vocab=True)
-    return json.loads(path.read_text())["AP50_base"] if path.is_file() else None
+ROWS: dict[str, Row] = {r.name: r for r in (
+    Row("text", "text"),
+    Row("image", "image"),
+    Row("vild", "vild"),
+    Row("ensemble", "vild", "separate", ensemble=True),
+    *(Row(name, "vild", options=opts) for name, opts in REMEDIES.items()),
+    Row("calibrated", "vild", calibration=CALIBRATION, reuses="vild"),
+)}
+
+
+def row_eval_file(run: Path, row: Row) -> Path:
+    return Path(run) / f"eval{result_suffix(row.ensemble, False, row.calibration)}.json"
+
+
+def set_args(options: dict) -> list[str]:
+    """{"center_targets": True} -> ["--set", "center_targets=true"]."""
+    return [a for k, v in options.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
 
 def image_fit(run: Path, last: int = 5) -> float | None:
@@ -63,66 +114,286 @@ def image_fit(run: Path, last: int = 5) -> float | None:
                                                           for r in rows), 3)
 
 
-def run_row(name: str, args, log=print) -> dict:
-    """Train (or resume) and evaluate one row; -> its eval.json content plus train seconds."""
-    flags, ensemble = ROWS[name]
-    run = Path(args.out) / name
-    result_file = row_eval_file(run, ensemble)
-    if result_file.is_file():
-        log(f"[{name}] already evaluated: {result_file}")
-        result = json.loads(result_file.read_text())
-        result["AP50_base_base_vocab"] = base_vocab_ap50(run, ensemble)
-        return result
-    common = ["--manifest", args.manifest, "--cache", args.cache]
-    cmd = [sys.executable, "-m", "trainer.train", *common, "--out", str(run), *flags]
+# ----------------------------------------------------------------------------- running
+
+
+def _add_train_time(run: Path, seconds: float) -> None:
+    path = run / TRAIN_TIME
+    total = read_json(path)["seconds"] if path.is_file() else 0.0
+    run.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": round(total + seconds, 1)}) + "\n")
+
+
+def train_command(row: Row, args) -> list[str]:
+    run = Path(args.out) / row.name
+    cmd = [sys.executable, "-m", "trainer.train", "--manifest", args.manifest,
+           "--cache", args.cache, "--out", str(run), "--mode", row.mode]
+    cmd += ["--heads", row.heads] if row.heads != "shared" else []
     cmd += [f"--steps={args.steps}"] if args.steps else []
     cmd += [f"--seed={args.seed}"] if args.seed is not None else []
     for kv in args.set:
         cmd += ["--set", kv]
+    cmd += set_args(row.options)
     if (run / "latest.pt").is_file():
         cmd += ["--resume", "latest"]
-    log(f"[{name}] {' '.join(cmd)}")
-    t0 = time.time()
+    return cmd
+
+
+def eval_command(row: Row, args) -> list[str]:
+    out = Path(args.out)
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--manifest", args.manifest,
+           "--cache", args.cache, "--run", str(out / row.name)]
+    if row.reuses:
+        cmd += ["--checkpoint", str(out / row.reuses / "latest.pt")]
+    cmd += ["--ensemble"] if row.ensemble else []
+    cmd += ["--calibration", row.calibration] if row.calibration else []
+    return cmd
+
+
+def run_row(row: Row, args, log=print) -> Path:
+    """Train (or resume) and evaluate one row unless it is finished -> its eval file."""
+    run = Path(args.out) / row.name
+    result_file = row_eval_file(run, row)
+    if result_file.is_file():
+        log(f"[{row.name}] already evaluated: {result_file}")
+        return result_file
+    if row.reuses:
+        log(f"[{row.name}] evaluates the {row.reuses} row's checkpoint")
+        run_row(ROWS[row.reuses], args, log)
+    else:
+        cmd = train_command(row, args)
+        log(f"[{row.name}] {' '.join(cmd)}")
+        t0 = time.time()
+        try:
+            subprocess.run(cmd, check=True)
+        finally:
+            _add_train_time(run, time.time() - t0)
+    cmd = eval_command(row, args)
+    log(f"[{row.name}] {' '.join(cmd)}")
     subprocess.run(cmd, check=True)
-    train_seconds = round(time.time() - t0, 1)
-    cmd = [sys.executable, "-m", "trainer.evaluate", *common, "--run", str(run)]
-    cmd += ["--ensemble"] if ensemble else []
-    for extra in ([], ["--vocabulary", "base"]):
-        log(f"[{name}] {' '.join(cmd + extra)}")
-        subprocess.run(cmd + extra, check=True)
-    result = json.loads(result_file.read_text())
-    result["train_seconds"] = train_seconds
-    result["image_fit"] = image_fit(run)
-    result["AP50_base_base_vocab"] = base_vocab_ap50(run, ensemble)
-    result_file.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return result_file
 
 
-def checks(results: dict[str, dict]) -> dict:
-    """The paper's two claims on this run, as booleans with the numbers they compare."""
-    text, vild = results.get("text"), results.get("vild")
-    if not text or not vild:
+def run_oracle(args, log=print) -> Path:
+    out = Path(args.out) / ORACLE_DIR
+    path = out / "oracle.json"
+    if path.is_file():
+        log(f"[oracle] already evaluated: {path}")
+        return path
+    cmd = [sys.executable, "-m", "trainer.oracle", "--manifest", args.manifest,
+           "--cache", args.cache, "--out", str(out)]
+    log(f"[oracle] {' '.join(cmd)}")
+    subprocess.run(cmd, check=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def finished_rows(out: Path) -> list[tuple[dict, dict]]:
+    """(ablation.json row, its eval file's content) for every finished row under `out`, in
+    the order of ROWS."""
+    found = []
+    for row in ROWS.values():
+        run = out / row.name
+        path = row_eval_file(run, row)
+        if not path.is_file():
+            continue
+        result = read_json(path)
+        trained = out / (row.reuses or row.name)
+        seconds = None
+        if not row.reuses:
+            seconds = (read_json(run / TRAIN_TIME)["seconds"] if (run / TRAIN_TIME).is_file()
+                       else result.get("train_seconds"))
+        found.append(({"name": row.name, "mode": row.mode, "heads": row.heads,
+                       "options": dict(row.options),
+                       "AP50_base": result.get("AP50_base"),
+                       "AP50_novel": result.get("AP50_novel"),
+                       "AP50_all": result.get("AP50_all"),
+                       "image_fit": image_fit(trained), "train_seconds": seconds}, result))
+    return found
+
+
+def run_settings(out: Path, names: list[str]) -> dict[str, set]:
+    """{"steps": {...}, "seed": {...}}: the values in the rows' config.json (a row that
+    reuses a checkpoint reads its source row's)."""
+    seen: dict[str, set] = {"steps": set(), "seed": set()}
+    for name in names:
+        path = out / (ROWS[name].reuses or name) / "config.json"
+        if path.is_file():
+            cfg = read_json(path).get("config", {})
+            for k, values in seen.items():
+                if k in cfg:
+                    values.add(cfg[k])
+    return seen
+
+
+def teacher_report(manifest: str, cache: str) -> dict:
+    """The teacher stage's zero-shot report (`_MANIFEST.json`, key "zero_shot"): base_acc,
+    novel_acc and, where recorded, per_category; empty when there is none."""
+    try:
+        name = load_manifest(manifest, cache_root=cache).name
+    except ManifestError:
         return {}
-    t, v = text["AP50_novel"], vild["AP50_novel"]
-    return {
-        "vild_over_text_novel": round(v / t, 3) if t else None,
-        "vild_over_text_novel_ok": bool(t and v >= NOVEL_RATIO * t) or (t == 0 and v > 0),
-        "vild_novel_ok": v >= NOVEL_FLOOR,
-    }
+    path = Path(cache) / name / "teacher" / "_MANIFEST.json"
+    return (read_json(path).get("zero_shot") or {}) if path.is_file() else {}
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per mode, AP50 base / novel / all in percent."""
-    head = ("| mode | AP50 base | AP50 novel | AP50 all | AP novel | steps | image fit "
-            "| AP50 base, base texts |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        fit, closed = r.get("image_fit"), r.get("AP50_base_base_vocab")
-        lines.append(f"| {name} | {100 * r['AP50_base']:.1f} | {100 * r['AP50_novel']:.1f} | "
-                     f"{100 * r['AP50_all']:.1f} | {100 * r['AP_novel']:.1f} | {r['step']} | "
-                     f"{'-' if fit is None else f'{fit:.2f}'} | "
-                     f"{'-' if closed is None else f'{100 * closed:.1f}'} |")
+def _at_least(a: float, ratio: float, b: float) -> bool:
+    """a >= ratio x b, an exact tie counting as met despite floating point (0.3 vs 1.5 x 0.2)."""
+    return a >= ratio * b - 1e-9
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def targets(rows: dict[str, dict], teacher: dict, oracle: dict | None) -> dict:
+    """The three targets on finished rows (name -> ablation.json row), the teacher's
+    zero-shot report and the oracle's AP50: the numbers each compares and "met"."""
+    text, vild = rows.get("text"), rows.get("vild")
+    t1: dict = {"text_novel": None, "vild_novel": None, "text_base": None, "vild_base": None,
+                "novel_ratio": None, "base_ratio": None, "met": None}
+    if text and vild and None not in (text["AP50_novel"], vild["AP50_novel"],
+                                      text["AP50_base"], vild["AP50_base"]):
+        tn, vn, tb, vb = (text["AP50_novel"], vild["AP50_novel"], text["AP50_base"],
+                          vild["AP50_base"])
+        novel_ok = _at_least(vn, T1_NOVEL_RATIO, tn) if tn > 0 else vn > 0
+        t1 = {"text_novel": tn, "vild_novel": vn, "text_base": tb, "vild_base": vb,
+              "novel_ratio": _ratio(vn, tn), "base_ratio": _ratio(vb, tb),
+              "met": bool(novel_ok and _at_least(vb, T1_BASE_RATIO, tb))}
+
+    scored = [r for r in rows.values() if r["AP50_novel"] is not None]
+    best = max(scored, key=lambda r: r["AP50_novel"]) if scored else None
+    on = oracle["AP50_novel"] if oracle and oracle.get("AP50_novel") is not None else None
+    t2 = {"best_row": best["name"] if best else None,
+          "novel": best["AP50_novel"] if best else None, "oracle_novel": on,
+          "ratio": _ratio(best["AP50_novel"], on) if best else None,
+          "met": None if best is None or on is None
+          else _at_least(best["AP50_novel"], T2_ORACLE_RATIO, on)}
+
+    base_acc, novel_acc = teacher.get("base_acc"), teacher.get("novel_acc")
+    per_category = teacher.get("per_category") or {}
+    worst = min(per_category.items(), key=lambda kv: kv[1]) if per_category else None
+    t3 = {"base_acc": base_acc, "novel_acc": novel_acc,
+          "worst_category": {"name": worst[0], "acc": worst[1]} if worst else None,
+          "below_floor": sorted(n for n, a in per_category.items() if a < T3_CATEGORY_FLOOR),
+          "met": None}
+    if base_acc is not None and novel_acc is not None:
+        t3["met"] = bool(_at_least(base_acc, 1.0, T3_ACCURACY)
+                         and _at_least(novel_acc, 1.0, T3_ACCURACY) and not t3["below_floor"])
+    return {"T1": t1, "T2": t2, "T3": t3}
+
+
+def summary(out: Path, manifest: str, cache: str) -> tuple[dict, list[dict]]:
+    """ablation.json's content from what is on disk, and each finished row's eval result."""
+    found = finished_rows(out)
+    rows = [r for r, _ in found]
+    settings = run_settings(out, [r["name"] for r in rows])
+    teacher = teacher_report(manifest, cache)
+    oracle_file = out / ORACLE_DIR / "oracle.json"
+    oracle = None
+    if oracle_file.is_file():
+        o = read_json(oracle_file)
+        oracle = {"AP50_base": o.get("AP50_base"), "AP50_novel": o.get("AP50_novel")}
+    doc = {k: (next(iter(v)) if len(v) == 1 else None) for k, v in settings.items()}
+    doc.update(teacher={"base_acc": teacher.get("base_acc"),
+                        "novel_acc": teacher.get("novel_acc")},
+               oracle=oracle, rows=rows,
+               targets=targets({r["name"]: r for r in rows}, teacher, oracle))
+    return doc, [res for _, res in found]
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(rows: list[dict], results: list[dict]) -> str:
+    """Markdown, one line per finished row; AP50 in percent."""
+    head = ("| row | mode / heads | options | AP50 base | AP50 novel | AP50 all | image fit "
+            "| train s | top class |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r, res in zip(rows, results):
+        spec = ROWS[r["name"]]
+        how = f"{r['mode']} / {r['heads']}" + (", --ensemble" if spec.ensemble else "")
+        opts = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["options"].items())
+        if spec.calibration:
+            reuse = f"{spec.reuses} checkpoint, --calibration {spec.calibration}"
+            opts = ", ".join(filter(None, [opts, reuse]))
+        top = res.get("top_class") or {}
+        top_s = "-" if top.get("name") is None else f"{top['name']} {100 * top['share']:.0f}%"
+        lines.append(f"| {r['name']} | {how} | {opts or '-'} | {_pct(r['AP50_base'])} | "
+                     f"{_pct(r['AP50_novel'])} | {_pct(r['AP50_all'])} | "
+                     f"{_num(r['image_fit'], '.2f')} | {_num(r['train_seconds'], '.0f')} | "
+                     f"{top_s} |")
     return "\n".join(lines)
+
+
+def _verdict(met) -> str:
+    return {True: "met", False: "missed", None: "not judged"}[met]
+
+
+def format_targets(doc: dict) -> list[str]:
+    t1, t2, t3 = (doc["targets"][k] for k in ("T1", "T2", "T3"))
+    lines = []
+    if t1["met"] is None:
+        lines.append("T1 vild against text: not judged (needs the finished rows text and vild)")
+    else:
+        lines.append(
+            f"T1 vild against text: novel AP50 {t1['vild_novel']:.3f} vs {T1_NOVEL_RATIO} x "
+            f"{t1['text_novel']:.3f} = {T1_NOVEL_RATIO * t1['text_novel']:.3f}, base AP50 "
+            f"{t1['vild_base']:.3f} vs {T1_BASE_RATIO} x {t1['text_base']:.3f} = "
+            f"{T1_BASE_RATIO * t1['text_base']:.3f}: {_verdict(t1['met'])}")
+    if t2["met"] is None:
+        lines.append("T2 best row against the teacher oracle: not judged (needs a finished "
+                     "row and <out>/oracle/oracle.json)")
+    else:
+        lines.append(
+            f"T2 best row ({t2['best_row']}) against the teacher oracle: novel AP50 "
+            f"{t2['novel']:.3f} vs {T2_ORACLE_RATIO} x {t2['oracle_novel']:.3f} = "
+            f"{T2_ORACLE_RATIO * t2['oracle_novel']:.3f}: {_verdict(t2['met'])}")
+    if t3["met"] is None:
+        lines.append("T3 teacher zero-shot accuracy: not judged (no zero-shot report in the "
+                     "teacher stage's _MANIFEST.json)")
+    else:
+        worst = t3["worst_category"]
+        worst_s = (f"; worst category {worst['name']} {worst['acc']:.3f} vs "
+                   f"{T3_CATEGORY_FLOOR}" if worst else "; no per-category accuracy")
+        below = f" (below: {', '.join(t3['below_floor'])})" if t3["below_floor"] else ""
+        lines.append(f"T3 teacher zero-shot accuracy: base {t3['base_acc']:.3f}, novel "
+                     f"{t3['novel_acc']:.3f} vs {T3_ACCURACY}{worst_s}{below}: "
+                     f"{_verdict(t3['met'])}")
+    if doc["oracle"]:
+        lines.append(f"teacher oracle (python -m trainer.oracle): AP50 base "
+                     f"{_pct(doc['oracle']['AP50_base'])} / novel "
+                     f"{_pct(doc['oracle']['AP50_novel'])}")
+    for key in ("steps", "seed"):
+        if doc[key] is None and doc["rows"]:
+            lines.append(f"note: the rows' config.json disagree on {key} (or lack it)")
+    return lines
+
+
+def write_summary(out: Path, manifest: str, cache: str) -> dict:
+    doc, results = summary(out, manifest, cache)
+    text = "\n".join([table(doc["rows"], results), "", *format_targets(doc)])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text(text + "\n")
+    (out / "ablation.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(text)
+    return doc
+
+
+def parse_rows(value: str) -> list[str]:
+    """"text, vild" -> ["text", "vild"]; empty -> every row (ValueError for unknown ones)."""
+    names = [n.strip() for n in value.split(",") if n.strip()] or list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; known: {list(ROWS)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,32 +404,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--rows", default=",".join(ROWS),
-                   help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig override for every row")
+    p.add_argument("--rows", default="",
+                   help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        print(f"error: unknown row(s) {unknown}; known: {list(ROWS)}", file=sys.stderr)
-        return 2
     try:
-        results = {n: run_row(n, args) for n in names}
+        names = parse_rows(args.rows)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rc = 0
+    try:
+        for name in names:
+            run_row(ROWS[name], args)
+        run_oracle(args)
     except subprocess.CalledProcessError as e:
-        print(f"error: {' '.join(e.cmd[:4])} ... exited with {e.returncode}", file=sys.stderr)
-        return 1
-    md = table(results)
-    verdict = checks(results)
-    out = Path(args.out)
-    (out / "ablation.md").write_text(md + "\n")
-    (out / "ablation.json").write_text(json.dumps({"rows": results, "checks": verdict},
-                                                  indent=2) + "\n")
-    print(md)
-    if verdict:
-        print(f"vild / text novel AP50: {verdict['vild_over_text_novel']} "
-              f"(target >= {NOVEL_RATIO}: {'met' if verdict['vild_over_text_novel_ok'] else 'missed'}); "
-              f"vild novel AP50 >= {NOVEL_FLOOR}: {'met' if verdict['vild_novel_ok'] else 'missed'}")
-    return 0
+        print(f"error: {' '.join(map(str, e.cmd[:4]))} ... exited with {e.returncode}",
+              file=sys.stderr)
+        rc = 1
+    write_summary(Path(args.out), args.manifest, args.cache)
+    return rc
 
 
 if __name__ == "__main__":

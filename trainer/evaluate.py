@@ -2,12 +2,19 @@
 novel), write COCO-format detections and score them (pycocotools; lvis-api for LVIS manifests).
 
     python -m trainer.evaluate --manifest data_manifests/toy.yaml --cache cache --run runs/toy \
-        [--ensemble] [--checkpoint PATH] [--max-images N]
+        [--ensemble] [--checkpoint PATH] [--max-images N] [--calibration mean_logit]
 
 Writes <run>/detections_val.json and <run>/eval.json (with --ensemble: *_ensemble.json):
 {"mode", "AP50_all", "AP50_base", "AP50_novel", "AP_all", "AP_base", "AP_novel",
- "AP50_per_class": {name: AP50}, ...} (LVIS adds APr / APc / APf), and prints a table row.
-AP values are fractions in [0, 1]; a subset with no ground truth gets null.
+ "AP50_per_class": {name: AP50}, "top_class": {"name", "share"}, ...} (LVIS adds APr / APc /
+APf), and prints a table row. AP values are fractions in [0, 1]; a subset with no ground truth
+gets null. "top_class" is the most frequent class among the written detections and its share
+of them: a student whose regions collapse onto one text shows a share far above 1 / C.
+
+`--calibration mean_logit` (`trainer/calibration.py`) subtracts from each class's logits its
+mean logit over the RPN proposals of `--calibration-images N` (default 100) unlabeled train
+images, spread evenly over the train split by image id; files *_mean_logit.json, the result
+records "calibration" and the subtracted "logit_bias" per class.
 
 `--vocabulary base` is a diagnostic, not the open-vocabulary metric: the classifier gets only
 the base texts and only base categories are scored (files *_base_vocab.json). Set beside the
@@ -23,6 +30,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,9 +39,16 @@ import torch
 from torch import Tensor
 
 from pipeline.manifests import DatasetManifest, ManifestError, image_file, load_manifest
+from trainer.calibration import METHODS as CALIBRATIONS
 from trainer.config import ConfigError, config_from_dict, detections_per_image
 from trainer.data import resize_for_test
-from trainer.inputs import CacheMismatch, Vocabulary, load_vocabulary, text_parquet_path
+from trainer.inputs import (
+    CacheMismatch,
+    Vocabulary,
+    load_region_mean,
+    load_vocabulary,
+    text_parquet_path,
+)
 from trainer.model import OpenVocabDetector
 from trainer.train import CHECKPOINT, load_checkpoint
 
@@ -91,6 +106,17 @@ def coco_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int]
     return precision_summary(precision, cat_ids, names, base_ids, novel_ids)
 
 
+def top_class(detections: list[dict], names: dict[int, str]) -> dict:
+    """The most frequent category among COCO-format `detections` and its share of them:
+    {"name", "share"} (both None without detections; a tie goes to the lower id).
+    names: category id -> name."""
+    if not detections:
+        return {"name": None, "share": None}
+    counts = Counter(d["category_id"] for d in detections)
+    cid, n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
+    return {"name": names.get(cid, str(cid)), "share": round(n / len(detections), 4)}
+
+
 def _has_gt(gt, cat_ids: list[int]) -> np.ndarray:
     return np.array([len(gt.getAnnIds(catIds=[c], iscrowd=None)) > 0 for c in cat_ids])
 
@@ -143,7 +169,8 @@ def load_run(checkpoint: Path, dataset: DatasetManifest, cache_dir: Path,
     model = OpenVocabDetector(cfg, vocab.dim, detections_per_image(cfg, dataset.format))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    model.set_vocabulary(vocab.embeddings, vocab.is_base)
+    model.set_vocabulary(vocab.embeddings, vocab.is_base, region_mean=load_region_mean(
+        cache_dir, vocab.dim) if cfg.center_targets else None)
     return model, ckpt, vocab
 
 
@@ -160,9 +187,11 @@ def coco_results(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor,
 
 def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManifest,
                  split: str, *, ensemble: bool, batch_size: int = 8,
-                 max_images: int | None = None, device: torch.device | None = None
+                 max_images: int | None = None, device: torch.device | None = None,
+                 logit_bias: Tensor | None = None
                  ) -> tuple[list[dict], list[int], list[dict]]:
-    """Detections (COCO results format, original pixels) on `split`'s images.
+    """Detections (COCO results format, original pixels) on `split`'s images; `logit_bias`
+    Tensor[C] is subtracted from the class logits (`calibration.mean_logit_bias`).
     Returns (detections, evaluated image ids, rejects)."""
     from stages.images import ImageError, load_rgb, to_uint8_tensor
 
@@ -190,7 +219,8 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
             continue
         with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
               else contextlib.nullcontext()):
-            results = model.detect(batch, ensemble=ensemble)
+            calibrated = {} if logit_bias is None else {"logit_bias": logit_bias}
+            results = model.detect(batch, ensemble=ensemble, **calibrated)
         for rec, scale, det in zip(records, scales, results):
             boxes = (det.boxes.float() / scale).cpu()
             detections += coco_results(int(rec["id"]), boxes, det.scores, det.labels,
@@ -218,10 +248,11 @@ def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
     return out
 
 
-def result_suffix(ensemble: bool, base_vocab: bool) -> str:
+def result_suffix(ensemble: bool, base_vocab: bool, calibration: str | None = None) -> str:
     """What an evaluation appends to its file names: eval{suffix}.json,
-    detections_<split>{suffix}.json."""
-    return ("_ensemble" if ensemble else "") + ("_base_vocab" if base_vocab else "")
+    detections_<split>{suffix}.json (calibration: a `calibration.METHODS` name or None)."""
+    return (("_ensemble" if ensemble else "") + ("_base_vocab" if base_vocab else "")
+            + (f"_{calibration}" if calibration else ""))
 
 
 def format_row(result: dict) -> str:
@@ -231,6 +262,10 @@ def format_row(result: dict) -> str:
 
     head = f"{'mode':<10}" + "".join(f"{k:>11}" for k in TABLE_KEYS)
     row = f"{result['mode']:<10}" + "".join(f"{pct(result.get(k)):>11}" for k in TABLE_KEYS)
+    top = result.get("top_class") or {}
+    if top.get("name") is not None:
+        head += "  top class (share of detections)"
+        row += f"  {top['name']} {100 * top['share']:.1f}%"
     return head + "\n" + row
 
 
@@ -257,10 +292,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ViLD-ensemble of the text and image heads (needs heads=separate)")
     p.add_argument("--vocabulary", choices=("all", "base"), default="all",
                    help="base: only the base texts and base categories (a diagnostic)")
+    p.add_argument("--calibration", choices=("none", *CALIBRATIONS), default="none",
+                   help="mean_logit: subtract each class's mean logit over the proposals of "
+                        "unlabeled train images")
+    p.add_argument("--calibration-images", type=int, default=100, metavar="N",
+                   help="train images the calibration bias is measured on (default 100)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--device", default="auto")
     return p
+
+
+def calibrate(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManifest, args,
+              device: torch.device) -> tuple[Tensor, dict]:
+    """The `--calibration mean_logit` bias for the model's current vocabulary, measured on
+    `--calibration-images` train images -> (bias Tensor[C], what the result records)."""
+    from trainer.calibration import calibration_images, mean_logit_bias
+
+    images, ids, rejects = calibration_images(dataset, args.calibration_images,
+                                              model.cfg.test_size, model.cfg.max_size,
+                                              device)
+    if not images:
+        raise ConfigError(f"--calibration {args.calibration}: no readable train image "
+                          f"({len(rejects)} rejected)")
+    bias = mean_logit_bias(model, images, args.batch_size)
+    values = [round(float(b), 4) for b in bias.cpu()]
+    # one value per text of the model's vocabulary: by name when those are the category texts
+    named = len(values) == len(vocab.names)
+    return bias, {"calibration_images": ids,
+                  "logit_bias": dict(zip(vocab.names, values)) if named else values}
 
 
 def evaluate(args) -> dict:
@@ -278,12 +338,17 @@ def evaluate(args) -> dict:
     if base_vocab:
         vocab = vocab.base_only()
         model.set_vocabulary(vocab.embeddings, vocab.is_base)
+    calibration = None if args.calibration == "none" else args.calibration
+    bias, calibration_info = None, {}
+    if calibration:
+        bias, calibration_info = calibrate(model, vocab, dataset, args, device)
     t0 = time.time()
     detections, image_ids, rejects = detect_split(
         model, vocab, dataset, args.split, ensemble=args.ensemble,
-        batch_size=args.batch_size, max_images=args.max_images, device=device)
+        batch_size=args.batch_size, max_images=args.max_images, device=device,
+        logit_bias=bias)
     seconds = time.time() - t0
-    suffix = result_suffix(args.ensemble, base_vocab)
+    suffix = result_suffix(args.ensemble, base_vocab, calibration)
     run.mkdir(parents=True, exist_ok=True)
     (run / f"detections_{args.split}{suffix}.json").write_text(json.dumps(detections))
 
@@ -299,8 +364,9 @@ def evaluate(args) -> dict:
         metrics = coco_metrics(gt, detections, base_ids, novel_ids)
     result = {"mode": "ensemble" if args.ensemble else ckpt["config"]["mode"],
               "train_mode": ckpt["config"]["mode"], "heads": ckpt["config"]["heads"],
-              "vocabulary": args.vocabulary,
+              "vocabulary": args.vocabulary, "calibration": calibration, **calibration_info,
               **metrics, "step": int(ckpt["step"]), "split": args.split,
+              "top_class": top_class(detections, dict(zip(vocab.category_ids, vocab.names))),
               "novel_categories": [n for n, b in zip(vocab.names, vocab.is_base.tolist())
                                    if not b],
               "n_images": len(image_ids), "n_detections": len(detections),

@@ -11,6 +11,11 @@ novel AP50 here are what a student that copied its teacher perfectly would reach
 proposals and these box coordinates (no box regression): when the oracle's novel AP50 is below
 a target, no distillation weight or schedule will meet it. Written to <out>/oracle.json.
 
+It also prints the hub check: the cosine of each category's text to the cache's mean region
+embedding (`<cache>/<ds>/text/region_mean.npy`, or the mean of the `regions` stage's
+embeddings when that file is absent), sorted, recorded as "hub_cosine". The text closest to
+that common direction is the one a student that learns only the mean names everywhere.
+
     python -m trainer.oracle --manifest data_manifests/toy.yaml --cache cache
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -30,9 +36,68 @@ from pipeline.cache import read_json
 from pipeline.manifests import ManifestError, image_file, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from trainer.config import TrainConfig
-from trainer.evaluate import coco_metrics, coco_results, format_per_class, format_row, restrict_gt
+from trainer.evaluate import (
+    coco_metrics,
+    coco_results,
+    format_per_class,
+    format_row,
+    restrict_gt,
+    top_class,
+)
 from trainer.inputs import CacheMismatch, load_vocabulary, text_parquet_path
 from trainer.model import postprocess
+
+REGION_MEAN = "region_mean.npy"  # in <cache>/<ds>/text/: float32[D], the regions' mean
+
+
+def parquet_mean_embedding(files: list[Path], batch_rows: int = 65536) -> np.ndarray | None:
+    """Mean of the `embedding` column (fixed_size_list[D]) over every row of `files` ->
+    float32[D] (accumulated in float64), None when they hold no row."""
+    import pyarrow.parquet as pq
+
+    total, count = None, 0
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows,
+                                                       columns=["embedding"]):
+            col = batch.column(0)
+            if len(col) == 0:
+                continue
+            emb = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            s = emb.astype(np.float64).sum(0)
+            total = s if total is None else total + s
+            count += len(col)
+    return None if not count else (total / count).astype(np.float32)
+
+
+def mean_region_embedding(cache_dir: Path) -> tuple[np.ndarray | None, str | None]:
+    """The cache's mean region embedding and where it came from: text/region_mean.npy when
+    the text stage wrote it, else the mean over regions/part-*.parquet; (None, None) when
+    neither exists."""
+    path = Path(cache_dir) / "text" / REGION_MEAN
+    if path.is_file():
+        return np.load(path, allow_pickle=False).astype(np.float32).reshape(-1), str(path)
+    files = sorted((Path(cache_dir) / "regions").glob("part-*.parquet"))
+    mean = parquet_mean_embedding(files) if files else None
+    return (mean, str(Path(cache_dir) / "regions")) if mean is not None else (None, None)
+
+
+def hub_cosines(text: Tensor, names: tuple[str, ...], is_base: Tensor, mean: np.ndarray
+                ) -> list[dict]:
+    """text: Tensor[C, D]; is_base: Tensor[C] bool; mean: float32[D] ->
+    [{"name", "split", "cosine": cos(text_c, mean)}], highest cosine first."""
+    if mean.shape[-1] != text.shape[1]:
+        raise CacheMismatch(f"mean region embedding has D={mean.shape[-1]}, the texts have "
+                            f"D={text.shape[1]}")
+    m = torch.nn.functional.normalize(torch.from_numpy(mean).float(), dim=0)
+    cos = torch.nn.functional.normalize(text.float(), dim=1) @ m
+    rows = [{"name": n, "split": "base" if b else "novel", "cosine": round(float(c), 4)}
+            for n, b, c in zip(names, is_base.tolist(), cos)]
+    return sorted(rows, key=lambda r: -r["cosine"])
+
+
+def format_hub(hub: list[dict]) -> str:
+    return "hub cosine, text to the mean region embedding (* novel): " + ", ".join(
+        f"{r['name']}{'*' if r['split'] == 'novel' else ''} {r['cosine']:.3f}" for r in hub)
 
 
 def oracle_scores(region_emb: Tensor, objectness: Tensor, text: Tensor,
@@ -78,6 +143,9 @@ def run(args) -> dict:
     teacher = teacher_from_cache(ctx, ctx.resolve_device())
     vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name),
                             expect_dim=teacher.embed_dim)
+    mean, mean_source = mean_region_embedding(cache_dir)
+    hub = (hub_cosines(vocab.embeddings, vocab.names, vocab.is_base, mean)
+           if mean is not None else None)
     regions_rec = cache_dir / "regions" / MANIFEST_FILE
     rcfg = RegionsConfig(**read_json(regions_rec)["config"]) if regions_rec.exists() \
         else RegionsConfig()
@@ -111,6 +179,8 @@ def run(args) -> dict:
                                    if not b],
               "n_images": len(done), "n_proposals": len(regions),
               "n_detections": len(detections), "rejects": rejects,
+              "top_class": top_class(detections, dict(zip(vocab.category_ids, vocab.names))),
+              "hub_cosine": hub, "hub_source": mean_source,
               "temperature": cfg.temperature, "seconds": round(seconds, 2),
               "teacher": teacher.identity}
     (out / "oracle.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -136,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_row(result))
     print(format_per_class(result))
+    if result["hub_cosine"] is None:
+        print("hub cosine: no mean region embedding (no text/region_mean.npy, no regions parts)")
+    else:
+        print(format_hub(result["hub_cosine"]))
     return 0
 
 
