@@ -24,13 +24,14 @@ from pipeline.runner import (
 )
 
 # The stages, in the order they run. Each is a module of `stages/` (see pipeline/runner.py).
+# `text` follows `regions`: it also writes the mean region embedding (trainer center_targets).
 STAGES = [
     "stages.dataset",
     "stages.teacher",
     "stages.rpn",
     "stages.proposals",
-    "stages.text",
     "stages.regions",
+    "stages.text",
     "stages.pack",
     "stages.index",
 ]

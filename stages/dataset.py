@@ -67,9 +67,10 @@ def vocabulary(ctx: StageContext) -> list[str]:
         raise ManifestError(f"{ds.path}: a synthetic dataset needs explicit base/novel lists")
     names = list(ds.base) + list(ds.novel or ())
     for n in names:
-        if n not in synthetic.SHAPES:
-            raise ManifestError(f"{ds.path}: unknown category {n!r}: the generator draws "
-                                f"{list(synthetic.SHAPES)}")
+        try:
+            synthetic.category_parts(n)
+        except ValueError as e:
+            raise ManifestError(f"{ds.path}: {e}") from None
     return names
 
 

@@ -3,9 +3,14 @@
     key  img<image_id>
     .jpg        the image (the file's own bytes when it is a plain JPEG, else re-encoded)
     .boxes.npy  float32[M, 4] cached proposals (x1, y1, x2, y2) in original pixels, by rank
+    .scores.npy float32[M] their RPN scores (the regions' `score` column), same order
     .emb.npy    float16[M, D] their L2-normalised teacher embeddings
     .json       {"image_id", "file_name", "width", "height", "gt_boxes" (xyxy, base categories,
                  iscrowd excluded), "gt_category_ids"}
+
+`.scores.npy` feeds the trainer's confident-proposal options (`distill_min_score`,
+`distill_top_k`); shards packed before it existed still train (trainer/data.py reads their
+scores as 1, so those options then keep every proposal).
 
 Written to `<cache>/<ds>/wds/train-NNNNNN.tar` (the stage's folder is `wds/`, FOLDER below)
 with `sizes.json` beside. `regions/*.parquet` stays the canonical store: a
@@ -90,9 +95,10 @@ def npy_nbytes(shape: tuple[int, ...], dtype) -> int:
     return buf.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
-def sample_bytes(jpg: int, boxes_npy: int, emb_npy: int, meta_json: int) -> int:
-    """Tar bytes of one sample from its four payload lengths."""
-    return sum(tar_member_bytes(n) for n in (jpg, boxes_npy, emb_npy, meta_json))
+def sample_bytes(jpg: int, boxes_npy: int, scores_npy: int, emb_npy: int, meta_json: int
+                 ) -> int:
+    """Tar bytes of one sample from its five payload lengths."""
+    return sum(tar_member_bytes(n) for n in (jpg, boxes_npy, scores_npy, emb_npy, meta_json))
 
 
 def plan_shards(ids: list[int], sizes: list[int], max_samples: int, max_bytes: int) -> list[list[int]]:
@@ -235,28 +241,35 @@ def regions_layout(files: list[Path]) -> tuple[dict[int, tuple[Path, int]], int]
     return where, dim
 
 
-def read_regions(path: Path, image_ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """image_id -> (boxes float32[M, 4], embeddings float16[M, D]) in rank order."""
-    t = pq.read_table(path, columns=["image_id", "rank", "box", "embedding"],
+def read_regions(path: Path, image_ids: list[int]
+                 ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """image_id -> (boxes float32[M, 4], scores float32[M], embeddings float16[M, D]) in rank
+    order."""
+    t = pq.read_table(path, columns=["image_id", "rank", "box", "score", "embedding"],
                       filters=[("image_id", "in", list(image_ids))])
     t = t.sort_by([("image_id", "ascending"), ("rank", "ascending")])
     dim = t.schema.field("embedding").type.list_size
     ids = t["image_id"].to_numpy()
     boxes = t["box"].combine_chunks().flatten().to_numpy().reshape(-1, 4).astype(np.float32)
+    scores = t["score"].to_numpy().astype(np.float32)
     emb = t["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
     out = {}
     uniq, start = np.unique(ids, return_index=True)
     stops = list(start[1:]) + [len(ids)]
     for i, a, b in zip(uniq.tolist(), start.tolist(), stops):
-        out[i] = (boxes[a:b], emb[a:b].astype(np.float16, copy=False))
+        out[i] = (boxes[a:b], scores[a:b], emb[a:b].astype(np.float16, copy=False))
     return out
 
 
 # ----------------------------------------------------------------------------- stage
 
 
+MEMBERS = "jpg boxes.npy scores.npy emb.npy json"  # an input: an older layout needs --rebuild
+
+
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
-    return {name: ctx.fingerprint(name) for name in ("dataset", "teacher", "regions")}
+    return {**{name: ctx.fingerprint(name) for name in ("dataset", "teacher", "regions")},
+            "members": MEMBERS}
 
 
 def sample_sizes(ctx: StageContext, cfg: Config) -> dict[int, int]:
@@ -279,7 +292,8 @@ def sample_sizes(ctx: StageContext, cfg: Config) -> dict[int, int]:
         meta = sample_meta(image, split.anns.get(i, []), split.base_ids)
         sizes[i] = sample_bytes(
             planned_jpeg_size(file, cfg.jpeg_quality),
-            npy_nbytes((m, 4), np.float32), npy_nbytes((m, dim), np.float16),
+            npy_nbytes((m, 4), np.float32), npy_nbytes((m,), np.float32),
+            npy_nbytes((m, dim), np.float16),
             len(meta_bytes(meta)))
     return sizes
 
@@ -316,10 +330,11 @@ class Worker:
             return None, {"item": image_id, "file": str(file),
                           "reason": f"{file}: decoded size {w}x{h} differs from the "
                                     f"annotation's {image['width']}x{image['height']}"}
-        boxes, emb = regions[image_id]
+        boxes, scores, emb = regions[image_id]
         meta = sample_meta(image, self.split.anns.get(image_id, []), self.split.base_ids)
         return {"__key__": sample_key(image_id), "jpg": jpg, "boxes.npy": npy_bytes(boxes),
-                "emb.npy": npy_bytes(emb), "json": meta_bytes(meta)}, None
+                "scores.npy": npy_bytes(scores), "emb.npy": npy_bytes(emb),
+                "json": meta_bytes(meta)}, None
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         import webdataset as wds

@@ -1,6 +1,11 @@
 """Synthetic open-vocabulary data: coloured shapes on textured backgrounds (detection scenes)
 and small captioned images (the corpus the toy CLIP teacher is trained on).
 
+A category is a shape ("circle": drawn in any colour that contrasts with the ground) or a
+colour and a shape ("red circle": always drawn in that colour, and named with it). The
+embedded default uses the second kind: 6 shapes x 4 colours, so every pair of categories
+differs in a property a 48 px teacher sees clearly (see `category_parts`).
+
 Everything is drawn with PIL / numpy and is a pure function of a `numpy.random.Generator`,
 so one seed gives the same pixels on every machine. Boxes are (x1, y1, x2, y2) in pixels of
 the image they belong to: the tight box of the drawn shape (occluded parts included) clipped
@@ -115,6 +120,18 @@ def _heart() -> np.ndarray:
     pts = np.stack([x, y], 1)
     pts -= (pts.max(0) + pts.min(0)) / 2
     return pts / np.abs(pts).max()
+
+
+def category_parts(name: str) -> tuple[str, str | None]:
+    """A category name -> (shape, fixed colour or None): "red circle" -> ("circle", "red"),
+    "circle" -> ("circle", None). Raises ValueError for a name the generator cannot draw."""
+    words = name.split()
+    if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES:
+        return words[1], words[0]
+    if name in SHAPES:
+        return name, None
+    raise ValueError(f"unknown category {name!r}: the generator draws a shape of {list(SHAPES)}, "
+                     f"optionally after a colour of {list(COLOURS)} (e.g. 'red circle')")
 
 
 def shape_polygons(name: str) -> list[tuple[np.ndarray, int]]:
@@ -251,6 +268,17 @@ def _place(rng, alpha: np.ndarray, width: int, height: int, owner: np.ndarray,
     return None
 
 
+def _touching(spot: tuple[int, int], alpha: np.ndarray, owner: np.ndarray,
+              placed: list) -> set[str]:
+    """Colours of the earlier objects that `alpha` placed at `spot` would cover or touch."""
+    x, y = spot
+    h, w = alpha.shape
+    height, width = owner.shape
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+    a = alpha[y0 - y:y1 - y, x0 - x:x1 - x]
+    return {placed[j][1] for j in np.unique(owner[y0:y1, x0:x1][a > 0]) if j >= 0}
+
+
 def _pick_colour(rng, ground: np.ndarray, avoid: set[str]) -> str:
     """A colour name that contrasts with `ground` (float[3], the mean RGB under the shape)."""
     names = list(COLOURS)
@@ -283,16 +311,20 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, categories: li
     for k in range(n_objects):
         for _attempt in range(4):
             name = categories[int(rng.integers(len(categories)))]
+            shape, fixed = category_parts(name)
             size = float(rng.uniform(lo, hi))
-            alpha = shape_alpha(name, size, rng.uniform(0, 2 * math.pi), rng.uniform(0.87, 1.15))
+            alpha = shape_alpha(shape, size, rng.uniform(0, 2 * math.pi), rng.uniform(0.87, 1.15))
             spot = _place(rng, alpha, width, height, owner, full_areas)
+            # two touching objects of one colour would read as one blob: place elsewhere
+            if spot is not None and fixed and fixed in _touching(spot, alpha, owner, placed):
+                spot = None
             if spot is not None or (k == 0 and _attempt == 3):
                 break
         if spot is None:
             if k > 0:
                 continue
             # The first object always fits: shrink it into the image centre.
-            alpha = shape_alpha(name, lo, 0.0)
+            alpha = shape_alpha(shape, lo, 0.0)
             spot = ((width - alpha.shape[1]) // 2, (height - alpha.shape[0]) // 2)
         x, y = spot
         h, w = alpha.shape
@@ -300,8 +332,7 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, categories: li
         a = alpha[y0 - y:y1 - y, x0 - x:x1 - x]
         region = img[y0:y1, x0:x1]
         ground = region[a >= 0.5].mean(0) if (a >= 0.5).any() else region.reshape(-1, 3).mean(0)
-        touching = {placed[j][1] for j in np.unique(owner[y0:y1, x0:x1][a > 0]) if j >= 0}
-        colour = _pick_colour(rng, ground, touching)
+        colour = fixed or _pick_colour(rng, ground, _touching(spot, alpha, owner, placed))
         fill = np.clip(np.array(COLOURS[colour], np.float32) + rng.normal(0, 8, 3), 0, 255)
         shade = 1.0 + rng.uniform(-0.12, 0.12) * np.linspace(-1, 1, a.shape[0])[:, None, None]
         region[:] = region * (1 - a[..., None]) + np.clip(fill * shade, 0, 255) * a[..., None]
@@ -368,7 +399,8 @@ def scene_caption(rng: np.random.Generator, objects: list[SceneObject], kind: st
     use_colour = rng.random() < colour_prob
     groups: dict[tuple[str, str | None], int] = {}
     for o in objects:
-        key = (o.category, o.colour if use_colour else None)
+        named = use_colour and category_parts(o.category)[1] is None  # else in its name
+        key = (o.category, o.colour if named else None)
         groups[key] = groups.get(key, 0) + 1
     items = [_phrase(n, c, name) for (name, c), n in groups.items()]
     body = _join(items)
@@ -390,6 +422,8 @@ def crop_caption(rng: np.random.Generator, obj: SceneObject, kind: str, rel_size
     is named with probability `colour_prob`."""
     size_word = "large" if rel_size > 0.75 else ("small" if rel_size < 0.55 else None)
     colour = obj.colour if rng.random() < colour_prob else None
+    if category_parts(obj.category)[1] is not None:  # the colour is part of the name
+        colour = None
     thing = _phrase(1, colour, obj.category, size_word if rng.random() < 0.5 else None)
     form = int(rng.integers(7))
     if form == 0:
@@ -445,17 +479,22 @@ def _overlay_main(rng, scene: Scene, categories: list[str], main_size: float) ->
     """`scene` with one more object drawn on top near the centre (it may hide others)."""
     img = np.asarray(scene.image, np.float32).copy()
     height, width = img.shape[:2]
-    name = categories[int(rng.integers(len(categories)))]
-    alpha = shape_alpha(name, main_size, rng.uniform(0, 2 * math.pi), rng.uniform(0.87, 1.15))
-    h, w = alpha.shape
-    x = int((width - w) / 2 + rng.uniform(-0.15, 0.15) * width)
-    y = int((height - h) / 2 + rng.uniform(-0.15, 0.15) * height)
-    x, y = min(max(x, 0), width - w), min(max(y, 0), height - h)
+    for _attempt in range(4):  # the main object's colour differs from what it touches
+        name = categories[int(rng.integers(len(categories)))]
+        shape, fixed = category_parts(name)
+        alpha = shape_alpha(shape, main_size, rng.uniform(0, 2 * math.pi),
+                            rng.uniform(0.87, 1.15))
+        h, w = alpha.shape
+        x = int((width - w) / 2 + rng.uniform(-0.15, 0.15) * width)
+        y = int((height - h) / 2 + rng.uniform(-0.15, 0.15) * height)
+        x, y = min(max(x, 0), width - w), min(max(y, 0), height - h)
+        touching = {o.colour for o in scene.objects
+                    if o.mask is not None and o.mask[y:y + h, x:x + w][alpha > 0].any()}
+        if fixed not in touching:
+            break
     region = img[y:y + h, x:x + w]
     ground = region[alpha >= 0.5].mean(0)
-    touching = {o.colour for o in scene.objects
-                if o.mask is not None and o.mask[y:y + h, x:x + w][alpha > 0].any()}
-    colour = _pick_colour(rng, ground, touching)
+    colour = fixed or _pick_colour(rng, ground, touching)
     fill = np.clip(np.array(COLOURS[colour], np.float32) + rng.normal(0, 8, 3), 0, 255)
     region[:] = region * (1 - alpha[..., None]) + fill * alpha[..., None]
     ys, xs = np.nonzero(alpha >= 0.5)

@@ -85,6 +85,32 @@ def test_every_shape_draws_and_ring_and_crescent_are_hollow():
         synthetic.shape_alpha("blob", 10, 0.0)
 
 
+def test_colour_shape_categories_draw_in_their_colour_and_are_named_with_it():
+    assert synthetic.category_parts("red circle") == ("circle", "red")
+    assert synthetic.category_parts("circle") == ("circle", None)
+    for bad in ("purple unicorn", "circle red", "red"):
+        with pytest.raises(ValueError, match="unknown category"):
+            synthetic.category_parts(bad)
+    cats = ["red circle", "blue star", "yellow cross"]
+    spec = synthetic.SyntheticSpec(objects_per_image=(4, 6))
+    seen = set()
+    for i in range(6):
+        sc = synthetic.random_scene(np.random.default_rng(i), spec, cats)
+        pixels = np.asarray(sc.image, np.float32)
+        for o in sc.objects:
+            shape, colour = synthetic.category_parts(o.category)
+            assert o.colour == colour
+            # the visible pixels carry that colour (fill noise and shading are small)
+            mean = pixels[o.mask].mean(0)
+            assert np.abs(mean - synthetic.COLOURS[colour]).sum() < 60, (o.category, mean)
+            seen.add(o.category)
+    assert seen == set(cats)
+    for i in range(40):
+        _, text = synthetic.caption_sample(np.random.default_rng(i), cats, colour_prob=1.0)
+        assert any(c in text for c in cats), text
+        assert "red red" not in text and "blue blue" not in text
+
+
 def scene(seed: int, index: int = 0):
     spec = synthetic.SyntheticSpec(seed=seed)
     return synthetic.random_scene(dataset.item_rng(seed, "train", index), spec, NAMES)

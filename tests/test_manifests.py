@@ -231,9 +231,14 @@ def test_image_file_for_coco_and_lvis_records():
 def test_toy_manifest_vocabulary_and_root(tmp_path):
     m = load_manifest(REPO / "data_manifests/toy.yaml", cache_root=tmp_path)
     assert m.root == tmp_path / "toy/dataset"
-    assert m.base == ("circle", "square", "triangle", "hexagon", "cross", "arrow", "pentagon",
-                      "diamond")
-    assert m.novel == ("star", "heart", "crescent", "ring")
+    assert len(m.base) == 18 and len(m.novel) == 6 and not set(m.base) & set(m.novel)
+    assert m.novel == ("red star", "green heart", "blue cross", "yellow triangle",
+                       "green square", "blue circle")
+    # 6 shapes x 4 colours, each shape novel exactly once
+    shapes = [n.split()[1] for n in m.base + m.novel]
+    assert sorted(set(shapes)) == ["circle", "cross", "heart", "square", "star", "triangle"]
+    assert all(shapes.count(s) == 4 for s in set(shapes))
+    assert sorted(n.split()[1] for n in m.novel) == sorted(set(shapes))
     assert m.synthetic["seed"] == 0
     with pytest.raises(ManifestError, match="uses {cache} but no cache root"):
         load_manifest(REPO / "data_manifests/toy.yaml")

@@ -1,4 +1,5 @@
-"""The pack stage: WebDataset shards equal the regions parquet rows, shard planning, re-pack."""
+"""The pack stage: WebDataset shards equal the regions parquet rows (boxes, RPN scores,
+embeddings), shard planning, re-pack."""
 from __future__ import annotations
 
 import hashlib
@@ -70,6 +71,9 @@ def test_round_trip_equals_parquet(packed):
         boxes = np.array(rows["box"].to_pylist(), dtype=np.float32)
         emb = np.array(rows["embedding"].to_pylist(), dtype=np.float16)
         assert s["boxes.npy"].dtype == np.float32 and s["boxes.npy"].shape == (M - i % 3, 4)
+        assert s["scores.npy"].dtype == np.float32 and s["scores.npy"].shape == (M - i % 3,)
+        np.testing.assert_array_equal(s["scores.npy"], np.array(rows["score"].to_pylist(),
+                                                                dtype=np.float32))
         assert s["emb.npy"].dtype == np.float16 and s["emb.npy"].shape == (M - i % 3, DIM)
         np.testing.assert_array_equal(s["boxes.npy"], boxes)
         assert s["emb.npy"].tobytes() == emb.tobytes()
@@ -132,14 +136,14 @@ def test_planned_bytes_are_exact_and_respected(tmp_path):
 def test_repack_other_shard_size_same_samples(tmp_path):
     ctx = write_synthetic_cache(tmp_path, n_images=N_IMAGES, m=M, dim=DIM, png_every=4)
     run_pack(ctx, max_samples=4)
-    before = {k: (s["jpg"], s["boxes.npy"].tobytes(), s["emb.npy"].tobytes(), s["json"])
-              for k, s in read_shards(ctx).items()}
+    before = {k: (s["jpg"], s["boxes.npy"].tobytes(), s["scores.npy"].tobytes(),
+                  s["emb.npy"].tobytes(), s["json"]) for k, s in read_shards(ctx).items()}
     regions_sha = {p.name: sha(p) for p in (ctx.cache / "regions").glob("*.parquet")}
     with pytest.raises(StageMismatch, match="max_samples"):
         run_pack(ctx, max_samples=5)
     manifest = run_pack(ctx, max_samples=5, rebuild=True)
-    after = {k: (s["jpg"], s["boxes.npy"].tobytes(), s["emb.npy"].tobytes(), s["json"])
-             for k, s in read_shards(ctx).items()}
+    after = {k: (s["jpg"], s["boxes.npy"].tobytes(), s["scores.npy"].tobytes(),
+                 s["emb.npy"].tobytes(), s["json"]) for k, s in read_shards(ctx).items()}
     assert manifest["shards"] == 3 and sorted(
         p.name for p in (ctx.cache / "wds").glob("[st]*.*")) == [
         "sizes.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]

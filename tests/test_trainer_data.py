@@ -92,6 +92,23 @@ def test_decode_sample_and_its_rejects(tiny):
         decode_sample(raw, 32, vocab.base_labels(), 5)
 
 
+def test_decode_sample_reads_cached_scores_and_tolerates_old_shards(tiny):
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    raw = _raw_sample(tiny)
+    written = np.load(io.BytesIO(raw["scores.npy"]))
+    assert written.dtype == np.float32 and written.shape == (12,)
+    s = decode_sample(raw, vocab.dim, vocab.base_labels(), cached_per_image=5)
+    assert s["cached_scores"].dtype == torch.float32
+    assert s["cached_scores"].tolist() == written[:5].tolist()  # truncated like the boxes
+    # a shard packed before .scores.npy: every proposal scores 1, nothing is printed
+    old = {k: v for k, v in raw.items() if k != "scores.npy"}
+    assert decode_sample(old, vocab.dim, vocab.base_labels(), 5)["cached_scores"].tolist() == [
+        1.0] * 5
+    short = dict(raw, **{"scores.npy": _npy(np.zeros(3, np.float32))})
+    with pytest.raises(SampleError, match=r"\.scores\.npy shape \(3,\) does not match"):
+        decode_sample(short, vocab.dim, vocab.base_labels(), 5)
+
+
 def test_base_only_vocabulary_keeps_the_base_rows(tiny):
     import pyarrow.parquet as pq
 
@@ -122,6 +139,7 @@ def test_stream_splits_shards_between_nodes(tiny, monkeypatch):
         ids = set()
         for _ in range(4):  # 8 images = one epoch of this rank's two shards
             _, targets = next(stream)
+            assert all(len(t["cached_scores"]) == len(t["cached_boxes"]) for t in targets)
             ids.update(int(t["image_id"]) for t in targets)
         seen[rank] = ids
     assert len(seen[0]) == len(seen[1]) == 8
@@ -151,3 +169,25 @@ def test_cache_with_another_embedding_dim_is_refused(tmp_path, capsys):
     with pytest.raises(CacheMismatch, match=r"tiny\.parquet: embedding dim D=16, but the "
                                              r"trainer expects D=8"):
         load_vocabulary(bad.dataset_dir / "text" / "tiny.parquet", expect_dim=8)
+
+
+@pytest.mark.slow
+def test_training_with_every_remedy_on_and_a_missing_region_mean(tiny, tmp_path, capsys):
+    sets = [arg for k, v in {**TINY_SETTINGS, "distill_min_score": 0.6, "distill_top_k": 4,
+                             "contrastive_weight": 0.5, "center_targets": True,
+                             "negative_prompts": True}.items()
+            for arg in ("--set", f"{k}={json.dumps(v)}")]
+    args = ["--manifest", str(tiny.manifest), "--cache", str(tiny.cache), "--device", "cpu",
+            "--steps", "2", *sets]
+    assert train_main([*args, "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert all(np.isfinite(r["loss_contrastive"]) and np.isfinite(r["loss_image"])
+               for r in rows)
+    bare = write_tiny_cache(tmp_path / "bare", n_train=4, n_val=2)
+    (bare.dataset_dir / "text" / "region_mean.npy").unlink()
+    capsys.readouterr()
+    rc = train_main(["--manifest", str(bare.manifest), "--cache", str(bare.cache),
+                     "--device", "cpu", "--steps", "1", *sets, "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "region_mean.npy: not found" in err[0]

@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 from trainer.losses import (
     box_regression_loss,
+    center_embeddings,
+    confident_mask,
+    contrastive_distill_loss,
     foreground_loss,
     mean_direction_baseline,
     region_logits,
@@ -111,3 +114,47 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
     assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)
     assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- remedies
+
+
+def test_confident_mask_threshold_then_top_k():
+    scores = torch.tensor([0.9, 0.2, 0.6, 0.85, 0.5])
+    # >= 0.5: rows 0, 2, 3, 4; the two highest of those: 0 (0.9) and 3 (0.85)
+    assert confident_mask(scores, 0.5, 2).tolist() == [True, False, False, True, False]
+    assert confident_mask(scores, 0.5, 0).tolist() == [True, False, True, True, True]
+    assert confident_mask(scores, 0.5, 10).tolist() == [True, False, True, True, True]
+    assert confident_mask(scores, 0.0, 0).tolist() == [True] * 5
+    assert confident_mask(scores, 0.0, 1).tolist() == [True, False, False, False, False]
+    assert confident_mask(scores, 0.95, 3).tolist() == [False] * 5
+    assert confident_mask(torch.zeros(0), 0.5, 2).shape == (0,)
+
+
+def test_contrastive_distill_loss_is_symmetric_infonce_by_hand():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # student @ teacher.T = [[1, 0.6], [0, 0.8]]; / tau 0.5 = [[2, 1.2], [0, 1.6]]
+    e = math.exp
+    rows = (-math.log(e(2) / (e(2) + e(1.2))) - math.log(e(1.6) / (e(0) + e(1.6)))) / 2
+    cols = (-math.log(e(2) / (e(2) + e(0))) - math.log(e(1.6) / (e(1.2) + e(1.6)))) / 2
+    got = contrastive_distill_loss(student, teacher, tau=0.5)
+    assert got.item() == pytest.approx((rows + cols) / 2, rel=1e-6)
+    # a teacher half-precision like the cache's gives the same value
+    assert contrastive_distill_loss(student, teacher.half(), 0.5).item() == pytest.approx(
+        (rows + cols) / 2, rel=1e-3)
+    empty = torch.zeros(0, 2, requires_grad=True)
+    loss = contrastive_distill_loss(empty, torch.zeros(0, 2), 0.07)
+    assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="differ in shape"):
+        contrastive_distill_loss(student, teacher[:1], 0.5)
+
+
+def test_center_embeddings_subtracts_the_mean_then_normalizes():
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    mean = torch.tensor([0.0, 1.0])
+    # [1, -1] / sqrt(2); [0.6, -0.2] / sqrt(0.4)
+    r2, r04 = math.sqrt(2), math.sqrt(0.4)
+    want = torch.tensor([[1 / r2, -1 / r2], [0.6 / r04, -0.2 / r04]])
+    torch.testing.assert_close(center_embeddings(emb, mean), want)
+    assert center_embeddings(emb.half(), mean).dtype == torch.float32

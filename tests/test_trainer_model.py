@@ -1,4 +1,5 @@
-"""The student model: init from the RPN stage's checkpoint, config validation, vocabulary."""
+"""The student model: init from the RPN stage's checkpoint, config validation, vocabulary, and
+the remedy options (confident proposals, contrastive term, centring, negatives, logit bias)."""
 import pytest
 import torch
 
@@ -67,3 +68,153 @@ def test_vocabulary_is_swappable_and_checked():
     assert dets[0].labels.max().item() < 5 if len(dets[0].labels) else True
     with pytest.raises(ValueError, match="heads=separate"):
         model.detect([torch.rand(3, 64, 64)], ensemble=True)
+
+
+def test_remedy_options_are_validated():
+    with pytest.raises(ConfigError, match=r"distill_min_score is an RPN score threshold in "
+                                          r"\[0, 1\], got 1.5"):
+        make_config({"distill_min_score": 1.5})
+    with pytest.raises(ConfigError, match="contrastive_weight must be >= 0, got -1.0"):
+        make_config({"contrastive_weight": -1})
+    with pytest.raises(ConfigError, match="distill_top_k must be >= 0"):
+        make_config({"distill_top_k": -2})
+    with pytest.raises(ConfigError, match="contrastive_tau must be > 0"):
+        make_config({"contrastive_tau": 0})
+    cfg = make_config(parse_set(["distill_min_score=0.85", "distill_top_k=5",
+                                 "contrastive_weight=0.5", "center_targets=true",
+                                 "negative_prompts=true"]))
+    assert (cfg.distill_min_score, cfg.distill_top_k, cfg.contrastive_weight,
+            cfg.center_targets, cfg.negative_prompts) == (0.85, 5, 0.5, True, True)
+    off = make_config({})
+    assert (off.distill_min_score, off.distill_top_k, off.contrastive_weight,
+            off.contrastive_tau, off.center_targets, off.negative_prompts) == (
+        0.0, 0, 0.0, 0.07, False, False)
+
+
+def _targets(dim: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for scores in ([0.9, 0.3, 0.8, 0.95], [0.2, 0.6, 0.1]):
+        m = len(scores)
+        xy = torch.rand(m, 2, generator=g) * 30
+        out.append({"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]),
+                    "labels": torch.tensor([2]),
+                    "cached_boxes": torch.cat([xy, xy + 20], dim=1),
+                    "cached_emb": torch.nn.functional.normalize(
+                        torch.randn(m, dim, generator=g), dim=-1).half(),
+                    "cached_scores": torch.tensor(scores)})
+    return out
+
+
+def test_cached_targets_mask_per_image_and_centre():
+    dim = 8
+    cfg = make_config({**TINY, "distill_min_score": 0.5, "distill_top_k": 2,
+                       "center_targets": True})
+    model = OpenVocabDetector(cfg, embed_dim=dim)
+    mean = torch.zeros(dim)
+    mean[0] = 2.0  # normalized inside: e0
+    model.set_vocabulary(torch.randn(4, dim), torch.tensor([True, True, True, False]),
+                         region_mean=mean)
+    targets = _targets(dim)
+    boxes, teacher = model.cached_targets(targets)
+    # image 0: >= 0.5 are rows 0, 2, 3; the two best: 3 (0.95), 0 (0.9); image 1: row 1 only
+    keep = [[0, 3], [1]]
+    for b, t, k in zip(boxes, targets, keep):
+        torch.testing.assert_close(b, t["cached_boxes"][k])
+    raw = torch.cat([targets[0]["cached_emb"][[0, 3]], targets[1]["cached_emb"][[1]]]).double()
+    raw[:, 0] -= 1.0  # minus the unit mean e0, then unit length
+    want = (raw / raw.norm(dim=1, keepdim=True)).float()
+    torch.testing.assert_close(teacher, want, atol=1e-6, rtol=1e-5)
+    # the texts are centred the same way
+    assert torch.allclose(model.text_emb.norm(dim=-1), torch.ones(4))
+    # without a region mean, center_targets is refused in one line
+    with pytest.raises(ValueError, match="center_targets needs the cache's mean region"):
+        OpenVocabDetector(cfg, embed_dim=dim).set_vocabulary(torch.randn(4, dim),
+                                                             torch.tensor([True] * 4))
+
+
+def test_set_vocabulary_centres_texts_and_keeps_mean_and_negatives():
+    dim = 4
+    model = OpenVocabDetector(make_config({**TINY, "center_targets": True}), embed_dim=dim)
+    text = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.6, 0.8, 0, 0]])
+    mean = torch.tensor([0.0, 0.0, 3.0, 4.0])  # unit: (0, 0, 0.6, 0.8)
+    negs = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    model.set_vocabulary(text, torch.tensor([True, True, False]), region_mean=mean,
+                         negatives=negs)
+    # (1, 0, -0.6, -0.8) / sqrt(2) etc.; the negative: (0, 0, 0.4, -0.8) / sqrt(0.8)
+    r2 = 2 ** 0.5
+    torch.testing.assert_close(model.text_emb[0], torch.tensor([1, 0, -0.6, -0.8]) / r2)
+    torch.testing.assert_close(model.text_emb[2], torch.tensor([0.6, 0.8, -0.6, -0.8]) / r2)
+    torch.testing.assert_close(model.neg_emb[0], torch.tensor([0, 0, 0.4, -0.8]) / 0.8 ** 0.5)
+    # a base-only swap (as evaluate --vocabulary base) keeps the mean: still centred
+    model.set_vocabulary(text[:2], torch.tensor([True, True]))
+    torch.testing.assert_close(model.text_emb[1], torch.tensor([0, 1, -0.6, -0.8]) / r2)
+    assert model.neg_emb.shape == (1, dim)
+    assert "region_mean" not in model.state_dict() and "neg_emb" not in model.state_dict()
+
+
+def test_forward_with_remedies_negatives_only_widen_the_training_softmax(monkeypatch):
+    import trainer.model as model_mod
+
+    dim = 8
+    seen = []
+    real = model_mod.vild_text_loss
+
+    def spy(logits, labels):
+        seen.append((logits.shape[1], int(labels.max())))
+        return real(logits, labels)
+
+    monkeypatch.setattr(model_mod, "vild_text_loss", spy)
+    cfg = make_config({**TINY, "negative_prompts": True, "contrastive_weight": 0.5,
+                       "distill_min_score": 0.5, "rpn_post_nms_train": 50,
+                       "box_batch_size_per_image": 16})
+    torch.manual_seed(0)
+    model = OpenVocabDetector(cfg, embed_dim=dim)
+    is_base = torch.tensor([True, True, True, False])
+    with pytest.raises(RuntimeError, match="negative_prompts needs negative texts"):
+        model.set_vocabulary(torch.randn(4, dim), is_base)
+        model([torch.rand(3, 64, 64)] * 2, _targets(dim))
+    model.set_vocabulary(torch.randn(4, dim), is_base, negatives=torch.randn(2, dim))
+    seen.clear()
+    losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], _targets(dim))
+    # [bg, 3 base, 2 negatives]; the labels stay in [0, 3]: negatives are never a target
+    assert seen == [(1 + 3 + 2, 2)]
+    assert {"loss_text", "loss_image", "loss_contrastive"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+    # nothing confident enough: both distillation terms are zeros that still backprop
+    strict = OpenVocabDetector(make_config({**TINY, "distill_min_score": 0.99,
+                                            "contrastive_weight": 1.0}), embed_dim=dim)
+    strict.set_vocabulary(torch.randn(4, dim), is_base)
+    losses = strict([torch.rand(3, 64, 64)] * 2, _targets(dim))
+    assert losses["loss_image"].item() == 0.0 and losses["loss_contrastive"].item() == 0.0
+    sum(losses.values()).backward()
+    # default config: no contrastive term
+    plain = OpenVocabDetector(make_config(TINY), embed_dim=dim)
+    plain.set_vocabulary(torch.randn(4, dim), is_base)
+    assert "loss_contrastive" not in plain([torch.rand(3, 64, 64)] * 2, _targets(dim))
+
+
+@pytest.mark.parametrize("heads", ["shared", "separate"])
+def test_detect_logit_bias(heads):
+    dim = 8
+    cfg = make_config({**TINY, "heads": heads, "rpn_post_nms_test": 50})
+    torch.manual_seed(3)
+    model = OpenVocabDetector(cfg, embed_dim=dim).eval()
+    model.set_vocabulary(torch.randn(5, dim), torch.tensor([True] * 3 + [False] * 2))
+    images = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1))]
+    ensemble = heads == "separate"
+    plain = model.detect(images, ensemble=ensemble)[0]
+    zero = model.detect(images, ensemble=ensemble, logit_bias=torch.zeros(5))[0]
+    for a, b in ((plain.boxes, zero.boxes), (plain.scores, zero.scores),
+                 (plain.labels, zero.labels)):
+        torch.testing.assert_close(a, b)
+    assert len(plain.labels) > 0
+    top = int(torch.mode(plain.labels).values)  # the class that wins most often
+    bias = torch.zeros(5)
+    bias[top] = 1e6
+    biased = model.detect(images, ensemble=ensemble, logit_bias=bias)[0]
+    assert len(biased.labels) > 0 and top not in biased.labels.tolist()
+    with pytest.raises(ValueError, match="logit_bias has shape"):
+        model.detect(images, logit_bias=torch.zeros(4))

@@ -5,10 +5,15 @@
     cache/tiny/dataset/{train,val}/*.jpg  coloured rectangles / ellipses on grey
     cache/tiny/dataset/{train,val}.json   COCO format (train: base boxes only; val: all)
     cache/tiny/text/tiny.parquet          category_id, name, split, embedding[D] (normalized)
-    cache/tiny/wds/train-NNNNNN.tar       img<id>: .jpg .boxes.npy .emb.npy .json
+    cache/tiny/text/negatives.parquet     name, embedding[D]: 3 random unit "negative prompts"
+    cache/tiny/text/region_mean.npy       float32[D]: normalized mean of the cached embeddings
+    cache/tiny/wds/train-NNNNNN.tar       img<id>: .jpg .boxes.npy .scores.npy .emb.npy .json
     cache/tiny/teacher/_MANIFEST.json     {"teacher": {...}}
 The cached proposals are the GT boxes jittered plus random boxes; their "teacher embeddings"
-are the text embedding of the overlapping object (or a random direction), normalized.
+are the text embedding of the overlapping object (or a random direction), normalized; their
+RPN scores are high (0.7-1) for the jittered GT boxes and low (0-0.5) for the random ones
+(scores and negatives come from a generator of their own, so the rest of the fixture is as
+before they existed).
 """
 from __future__ import annotations
 
@@ -83,6 +88,7 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
     """Write the tiny cache; `emb_dim_in_shards` makes the shards disagree with the text D."""
     root = Path(root)
     rng = np.random.default_rng(seed)
+    extra_rng = np.random.default_rng(seed + 1000)
     ds = root / "cache" / "tiny"
     data = ds / "dataset"
     names = BASE + NOVEL
@@ -99,8 +105,16 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
                                                        dim),
     }), ds / "text" / "tiny.parquet")
 
+    neg = _normalize(extra_rng.normal(size=(3, dim)).astype(np.float32))
+    pq.write_table(pa.table({
+        "name": pa.array(["neg a", "neg b", "neg c"]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(neg.reshape(-1), pa.float32()),
+                                                       dim),
+    }), ds / "text" / "negatives.parquet")
+
     next_id = 1
     shard_dim = emb_dim_in_shards or dim
+    emb_sum = np.zeros(shard_dim)
     (ds / "wds").mkdir(parents=True, exist_ok=True)
     writers = [wds.TarWriter(str(ds / "wds" / f"train-{i:06d}.tar")) for i in range(n_shards)]
     for split, n, vocab in (("train", n_train, BASE), ("val", n_val, names)):
@@ -122,8 +136,10 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
             if split != "train":
                 continue
             # cached proposals: jittered GT (embedding = its class text) + random boxes
-            props, embs = [], []
+            props, embs, scores = [], [], []
             for j in range(m):
+                scores.append(extra_rng.uniform(0.7, 1.0) if j < 2 * len(boxes)
+                              else extra_rng.uniform(0.0, 0.5))
                 if j < 2 * len(boxes):
                     b = np.asarray(boxes[j % len(boxes)]) + rng.normal(0, 2, 4)
                     e = text[cat_id[cats[j % len(boxes)]] - 1, :shard_dim] \
@@ -135,11 +151,14 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
                     e = rng.normal(size=shard_dim)
                 props.append(np.clip(b, 0, size))
                 embs.append(e)
+            cached = _normalize(np.asarray(embs, np.float32)).astype(np.float16)
+            emb_sum += cached.astype(np.float64).sum(axis=0)
             writers[i % n_shards].write({
                 "__key__": f"img{image_id}",
                 "jpg": jpg,
                 "boxes.npy": _npy(np.asarray(props, np.float32)),
-                "emb.npy": _npy(_normalize(np.asarray(embs, np.float32)).astype(np.float16)),
+                "scores.npy": _npy(np.asarray(scores, np.float32)),
+                "emb.npy": _npy(cached),
                 "json": json.dumps({"image_id": image_id, "file_name": file_name,
                                     "width": size, "height": size, "gt_boxes": boxes,
                                     "gt_category_ids": [cat_id[c] for c in cats]}).encode(),
@@ -148,6 +167,8 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
             json.dump({"images": images, "annotations": anns, "categories": categories}, f)
     for w in writers:
         w.close()
+    np.save(ds / "text" / "region_mean.npy", (emb_sum / np.linalg.norm(emb_sum)).astype(
+        np.float32), allow_pickle=False)
 
     (ds / "teacher").mkdir(parents=True, exist_ok=True)
     (ds / "teacher" / "_MANIFEST.json").write_text(json.dumps(

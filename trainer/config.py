@@ -66,6 +66,14 @@ class TrainConfig:
     # ViLD
     temperature: float = 0.01
     image_loss_weight: float = 0.5
+    # remedies from later papers, all off by default (then every row is the paper's ViLD).
+    # The distillation ones act on the cached proposals, i.e. in modes image and vild.
+    distill_min_score: float = 0.0  # BARON: distil only cached proposals with RPN score >= this
+    distill_top_k: int = 0  # object-centric OVD: at most this many per image (0 = all)
+    contrastive_weight: float = 0.0  # BARON: symmetric InfoNCE student <-> teacher, in batch
+    contrastive_tau: float = 0.07
+    center_targets: bool = False  # modality gap: centre targets and texts by the region mean
+    negative_prompts: bool = False  # generic negative texts in the ViLD-text softmax (training)
     # inference
     final_nms: float = 0.5
     detections_per_image: int = 0  # 0: 100 for COCO-format datasets, 300 for LVIS
@@ -93,6 +101,16 @@ class TrainConfig:
             raise ConfigError(f"anchor_sizes needs one size per FPN level "
                               f"({len(self.returned_layers) + 1} for returned_layers="
                               f"{list(self.returned_layers)}), got {list(self.anchor_sizes)}")
+        for key in ("image_loss_weight", "contrastive_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.distill_min_score <= 1.0:
+            raise ConfigError(f"distill_min_score is an RPN score threshold in [0, 1], got "
+                              f"{self.distill_min_score}")
+        if self.distill_top_k < 0:
+            raise ConfigError(f"distill_top_k must be >= 0 (0 = all), got {self.distill_top_k}")
+        if self.contrastive_tau <= 0:
+            raise ConfigError(f"contrastive_tau must be > 0, got {self.contrastive_tau}")
         return self
 
     def to_dict(self) -> dict:

@@ -1,7 +1,10 @@
 """The training stream: cached WebDataset shards -> decoded, augmented, batched samples.
 
     shards (cycled, reshuffled per epoch) ─► split_by_node ─► split_by_worker ─► tar samples
-      ─► shuffle ─► decode (jpg, boxes.npy, emb.npy, json) ─► augment ─► batches of lists
+      ─► shuffle ─► decode (jpg, boxes.npy, scores.npy, emb.npy, json) ─► augment ─► batches
+
+A shard packed before `.scores.npy` existed still trains: its proposals all get score 1, so
+the confident-proposal options (`distill_min_score`, `distill_top_k`) then keep every one.
 
 Augmentation (horizontal flip, scale jitter of the shortest side) is applied with the same
 parameters to the image, its GT boxes and its cached proposal boxes, so the cached CLIP
@@ -76,7 +79,11 @@ def resize_for_test(image: Tensor, size: int, max_size: int) -> tuple[Tensor, fl
 def decode_sample(sample: dict, embed_dim: int, labels: dict[int, int],
                   cached_per_image: int) -> dict:
     """A raw tar sample -> tensors. Raises SampleError (one line, naming shard and key) for a
-    bad sample and CacheMismatch for embeddings of another dimension."""
+    bad sample and CacheMismatch for embeddings of another dimension.
+
+    The first `cached_per_image` cached proposals are kept: "cached_boxes" Tensor[M, 4],
+    "cached_emb" Tensor[M, D] float16, "cached_scores" Tensor[M] float32 (their RPN scores;
+    ones when the shard has no `.scores.npy`)."""
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
     missing = [k for k in ("jpg", "boxes.npy", "emb.npy", "json") if k not in sample]
     if missing:
@@ -96,6 +103,17 @@ def decode_sample(sample: dict, embed_dim: int, labels: dict[int, int],
     if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.shape[0] != emb.shape[0]:
         raise SampleError(f"{where}: .boxes.npy shape {boxes.shape} does not match .emb.npy "
                           f"{emb.shape}")
+    if "scores.npy" in sample:
+        try:
+            scores = np.load(io.BytesIO(sample["scores.npy"]))
+        except (ValueError, OSError) as e:
+            raise SampleError(f"{where}: cannot decode .scores.npy "
+                              f"({str(e).splitlines()[0]})") from None
+        if scores.shape != (boxes.shape[0],):
+            raise SampleError(f"{where}: .scores.npy shape {scores.shape} does not match "
+                              f".boxes.npy {boxes.shape}")
+    else:  # an older shard: every proposal counts as confident
+        scores = np.ones(boxes.shape[0], np.float32)
     h, w = int(image.shape[-2]), int(image.shape[-1])
     if (meta.get("height"), meta.get("width")) != (h, w):
         raise SampleError(f"{where}: json says {meta.get('width')}x{meta.get('height')}, "
@@ -116,6 +134,7 @@ def decode_sample(sample: dict, embed_dim: int, labels: dict[int, int],
         "labels": torch.tensor([labels[c] for c in cats], dtype=torch.int64),
         "cached_boxes": torch.from_numpy(np.ascontiguousarray(boxes[:m], dtype=np.float32)),
         "cached_emb": torch.from_numpy(np.ascontiguousarray(emb[:m])),
+        "cached_scores": torch.from_numpy(np.ascontiguousarray(scores[:m], dtype=np.float32)),
     }
 
 
@@ -136,7 +155,8 @@ def collate(samples: list[dict]) -> tuple[list[Tensor], list[dict[str, Tensor]]]
     images = [s["image"] for s in samples]
     targets = [{"boxes": s["gt_boxes"], "labels": s["labels"],
                 "cached_boxes": s["cached_boxes"], "cached_emb": s["cached_emb"],
-                "image_id": torch.tensor(s["image_id"])} for s in samples]
+                "cached_scores": s["cached_scores"], "image_id": torch.tensor(s["image_id"])}
+               for s in samples]
     return images, targets
 
 

@@ -1,5 +1,7 @@
 """What the trainer reads from the cache: shard URLs, the text-embedding vocabulary, the
-teacher identity, and checks that they agree on the embedding dimension D."""
+teacher identity, and checks that they agree on the embedding dimension D; for the remedies
+(`TrainConfig.center_targets`, `negative_prompts`) the text stage's `text/region_mean.npy`
+and `text/negatives.parquet`."""
 from __future__ import annotations
 
 import dataclasses
@@ -85,6 +87,44 @@ def load_vocabulary(path: str | Path, expect_dim: int | None = None) -> Vocabula
                       is_base, emb)
 
 
+REGION_MEAN_FILE = "region_mean.npy"  # written by stages/text.py
+NEGATIVES_FILE = "negatives.parquet"
+
+
+def load_region_mean(cache_dir: str | Path, expect_dim: int | None = None) -> Tensor:
+    """`<cache>/<ds>/text/region_mean.npy`: the normalized mean of every cached region
+    embedding, Tensor[D] float32 (for `center_targets`)."""
+    path = Path(cache_dir) / "text" / REGION_MEAN_FILE
+    if not path.exists():
+        raise CacheMismatch(f"{path}: not found; center_targets needs the cache's mean region "
+                            f"embedding (re-run the `text` stage after `regions`)")
+    try:
+        mean = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CacheMismatch(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    if mean.ndim != 1 or (expect_dim is not None and mean.shape[0] != expect_dim):
+        raise CacheMismatch(f"{path}: shape {mean.shape}, the trainer expects "
+                            f"[{expect_dim if expect_dim is not None else 'D'}]")
+    return torch.from_numpy(mean.astype(np.float32))
+
+
+def load_negatives(cache_dir: str | Path, expect_dim: int | None = None) -> Tensor:
+    """`<cache>/<ds>/text/negatives.parquet` (name, embedding[D]): the generic negative
+    texts, Tensor[K, D] float32 (for `negative_prompts`)."""
+    path = Path(cache_dir) / "text" / NEGATIVES_FILE
+    if not path.exists():
+        raise CacheMismatch(f"{path}: not found; negative_prompts needs the text stage's "
+                            f"negative texts (re-run the `text` stage)")
+    table = pq.read_table(path)
+    if "embedding" not in table.column_names or table.num_rows == 0:
+        raise CacheMismatch(f"{path}: needs an `embedding` column and at least one row")
+    emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    if expect_dim is not None and emb.shape[1] != expect_dim:
+        raise CacheMismatch(f"{path}: embedding dim D={emb.shape[1]}, but the trainer expects "
+                            f"D={expect_dim}")
+    return torch.from_numpy(emb)
+
+
 def shard_urls(spec: str | None, cache_dir: Path) -> list[str]:
     """Brace-expanded `spec` (local paths or `pipe:` URLs), or every `wds/train-*.tar` of the
     cache when `spec` is None."""
@@ -100,15 +140,25 @@ def shard_urls(spec: str | None, cache_dir: Path) -> list[str]:
     return urls
 
 
-def shard_embedding_dim(url: str) -> int:
-    """D of the first sample's `.emb.npy` in shard `url`."""
+def first_sample(url: str) -> dict:
+    """The first raw sample (member name -> bytes) of shard `url`."""
     try:
-        sample = next(iter(wds.DataPipeline(wds.SimpleShardList([url]),
-                                            wds.tarfile_to_samples())))
+        return next(iter(wds.DataPipeline(wds.SimpleShardList([url]),
+                                          wds.tarfile_to_samples())))
     except StopIteration:
         raise CacheMismatch(f"{url}: shard holds no samples") from None
     except (OSError, ValueError) as e:
         raise CacheMismatch(f"{url}: cannot read shard ({e})") from None
+
+
+def shard_has_scores(url: str) -> bool:
+    """Whether shard `url` carries `.scores.npy` (shards packed before it existed do not)."""
+    return "scores.npy" in first_sample(url)
+
+
+def shard_embedding_dim(url: str) -> int:
+    """D of the first sample's `.emb.npy` in shard `url`."""
+    sample = first_sample(url)
     if "emb.npy" not in sample:
         raise CacheMismatch(f"{url}: sample {sample['__key__']} has no .emb.npy")
     emb = np.load(io.BytesIO(sample["emb.npy"]))

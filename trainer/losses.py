@@ -3,8 +3,15 @@
 The RPN losses are torchvision's own (`RegionProposalNetwork.compute_loss`, returned by the
 RPN module); the second-stage box loss below is torchvision's `fastrcnn_loss` box term made
 class-agnostic. Region and text embeddings are expected L2-normalized.
+
+The remedies of later papers (all off by default, see `TrainConfig`) are plain functions too:
+`confident_mask` (BARON / object-centric OVD: distil only confident proposals),
+`contrastive_distill_loss` (BARON: InfoNCE instead of / beside L1) and `center_embeddings`
+(the modality gap: take the teacher's common direction out of targets and texts).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +80,49 @@ def mean_direction_baseline(teacher_emb: Tensor, weight: float = 0.5) -> Tensor:
         return teacher_emb.new_zeros(())
     mean = F.normalize(teacher_emb.float().mean(dim=0), dim=0)
     return vild_image_loss(mean.expand_as(teacher_emb), teacher_emb.float(), weight)
+
+
+def confident_mask(scores: Tensor, min_score: float, top_k: int) -> Tensor:
+    """Which cached proposals to distil: RPN score >= `min_score`, then at most the `top_k`
+    highest-scored of those (`top_k` = 0: no cap).
+
+    scores: Tensor[M] (the proposals' RPN scores). Returns Tensor[M] bool.
+    """
+    keep = scores >= min_score
+    if top_k > 0 and int(keep.sum()) > top_k:
+        best = scores.float().masked_fill(~keep, -math.inf).topk(top_k).indices
+        keep = torch.zeros_like(keep)
+        keep[best] = True
+    return keep
+
+
+def contrastive_distill_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """Symmetric InfoNCE between student and teacher region embeddings (BARON).
+
+    student: Tensor[M, D], teacher: Tensor[M, D], both L2-normalized, row i of each the same
+    proposal. logits = student @ teacher.T / tau; the loss is the mean of the cross-entropy
+    with diagonal targets over rows (student -> teacher) and over columns (teacher ->
+    student), divided by 2. The other proposals of the batch are the negatives. Computed in
+    float32 (autocast off). M = 0 gives a zero that still depends on `student`.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student embeddings {tuple(student.shape)} and teacher embeddings "
+                         f"{tuple(teacher.shape)} differ in shape")
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        logits = student.float() @ teacher.float().t() / tau
+        target = torch.arange(student.shape[0], device=student.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def center_embeddings(emb: Tensor, mean: Tensor) -> Tensor:
+    """Embeddings with the teacher's common direction taken out: L2-normalize(emb - mean).
+
+    emb: Tensor[N, D]; mean: Tensor[D] (the cache's normalized mean region embedding).
+    Returns Tensor[N, D] float32, L2-normalized.
+    """
+    return F.normalize(emb.float() - mean.float().to(emb.device), dim=-1)
 
 
 def box_regression_loss(box_deltas: Tensor, regression_targets: Tensor, labels: Tensor,

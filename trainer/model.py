@@ -23,6 +23,29 @@ p_text = softmax over [bg, all classes] from the text head (background column dr
 p_image = softmax over all classes from the image head (it never learns a background, so the
 text head alone rejects background); base classes score p_text^(2/3) p_image^(1/3), novel
 ones p_text^(1/3) p_image^(2/3).
+
+Novel texts during training: the ViLD-text softmax here is over [bg, base classes] only
+(`self.text_emb[self.is_base]`), the novel texts are left out of it entirely. That is what
+DetPro does by setting their logits to -1e11; the official tensorflow ViLD instead multiplies
+the novel logits by 0, so they stay in the denominator as logit 0 (no gradient). Every row
+keeps the current behaviour (novel texts out).
+
+Remedies (`TrainConfig`, all off by default, then nothing below changes a paper row):
+- distill_min_score / distill_top_k: only the confident cached proposals (their RPN score,
+  `cached_scores`) are distilled; the mask is applied per image before the image tower, to
+  boxes and teacher embeddings alike (`cached_targets`).
+- contrastive_weight / contrastive_tau: `loss_contrastive`, a symmetric InfoNCE between the
+  image tower's embeddings and the teacher's over all (masked) cached proposals of the batch,
+  beside the L1 term.
+- center_targets: with the cache's mean region embedding (`set_vocabulary(...,
+  region_mean=...)`), the teacher targets, the texts and the negatives are
+  L2-normalize(x - mean), in training and at inference alike.
+- negative_prompts: in training the ViLD-text classifier is [bg, base texts, negative texts]
+  (`set_vocabulary(..., negatives=...)`); negatives are never a label, they only repel
+  regions; at inference they are not in the classifier. The image-mode foreground loss
+  keeps [bg, base].
+- `detect(..., logit_bias=...)`: per-class calibration, subtracted from the class logits
+  before the softmax (both heads' for the ensemble).
 """
 from __future__ import annotations
 
@@ -43,6 +66,9 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
 from trainer.config import TrainConfig
 from trainer.losses import (
     box_regression_loss,
+    center_embeddings,
+    confident_mask,
+    contrastive_distill_loss,
     foreground_loss,
     region_logits,
     vild_image_loss,
@@ -189,17 +215,53 @@ class OpenVocabDetector(nn.Module):
         self.bg_embedding = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.register_buffer("text_emb", torch.zeros(0, embed_dim), persistent=False)
         self.register_buffer("is_base", torch.zeros(0, dtype=torch.bool), persistent=False)
+        # center_targets: the cache's normalized mean region embedding ([0] = none held)
+        self.register_buffer("region_mean", torch.zeros(0), persistent=False)
+        # negative_prompts: generic negative texts for the training softmax ([K, D])
+        self.register_buffer("neg_emb", torch.zeros(0, embed_dim), persistent=False)
+        self._neg_raw = torch.zeros(0, embed_dim)
 
     # ------------------------------------------------------------------ vocabulary
 
-    def set_vocabulary(self, text_emb: Tensor, is_base: Tensor) -> None:
-        """text_emb: Tensor[C, D] (normalized here); is_base: Tensor[C] bool."""
+    def set_vocabulary(self, text_emb: Tensor, is_base: Tensor,
+                       region_mean: Tensor | None = None,
+                       negatives: Tensor | None = None) -> None:
+        """text_emb: Tensor[C, D] (normalized here); is_base: Tensor[C] bool.
+
+        region_mean: Tensor[D], the cache's mean region embedding (`inputs.load_region_mean`);
+        while the model holds one, the texts and negatives it stores and the teacher targets
+        are centred by it (`losses.center_embeddings`). negatives: Tensor[K, D], generic
+        negative texts for the training softmax (`inputs.load_negatives`). For both, None
+        keeps what an earlier call set (none at first), so a vocabulary can be swapped for
+        evaluation without handing them again. `center_targets` needs a region mean held.
+        """
         if text_emb.ndim != 2 or text_emb.shape[1] != self.embed_dim:
             raise ValueError(f"text embeddings have shape {tuple(text_emb.shape)}; the model "
                              f"expects [C, {self.embed_dim}]")
         device = self.bg_embedding.device
-        self.text_emb = F.normalize(text_emb.float(), dim=-1).to(device)
+        if region_mean is not None:
+            if tuple(region_mean.shape) != (self.embed_dim,):
+                raise ValueError(f"region mean has shape {tuple(region_mean.shape)}; the model "
+                                 f"expects [{self.embed_dim}]")
+            self.region_mean = F.normalize(region_mean.float(), dim=0).to(device)
+        if negatives is not None:
+            if negatives.ndim != 2 or negatives.shape[1] != self.embed_dim:
+                raise ValueError(f"negative text embeddings have shape "
+                                 f"{tuple(negatives.shape)}; the model expects "
+                                 f"[K, {self.embed_dim}]")
+            self._neg_raw = F.normalize(negatives.float(), dim=-1).cpu()
+        if self.cfg.center_targets and self.region_mean.numel() == 0:
+            raise ValueError("center_targets needs the cache's mean region embedding: "
+                             "set_vocabulary(..., region_mean=inputs.load_region_mean(cache))")
+        self.text_emb = self._center(F.normalize(text_emb.float(), dim=-1).to(device))
+        self.neg_emb = self._center(self._neg_raw.to(device))
         self.is_base = is_base.bool().to(device)
+
+    def _center(self, emb: Tensor) -> Tensor:
+        """emb: Tensor[N, D] -> centred by the held region mean (unchanged when none)."""
+        if self.region_mean.numel() == 0:
+            return emb
+        return center_embeddings(emb, self.region_mean)
 
     # ------------------------------------------------------------------ pieces
 
@@ -210,6 +272,27 @@ class OpenVocabDetector(nn.Module):
     def _image_tower(self) -> EmbeddingTower:
         return self.image_tower if self.image_tower is not None else self.text_tower
 
+    def cached_targets(self, targets: list[dict[str, Tensor]]) -> tuple[list[Tensor], Tensor]:
+        """The cached proposals the image losses use and their teacher targets.
+
+        targets: per image {"cached_boxes": Tensor[M_i, 4], "cached_emb": Tensor[M_i, D],
+        optional "cached_scores": Tensor[M_i] (missing = all kept)}. With distill_min_score /
+        distill_top_k, each image keeps its `confident_mask`; with a held region mean the
+        targets are centred. Returns (boxes per image, Tensor[sum M_i', D] float32).
+        """
+        cfg = self.cfg
+        boxes, teacher = [], []
+        for t in targets:
+            b, e = t["cached_boxes"], t["cached_emb"]
+            if (cfg.distill_min_score > 0 or cfg.distill_top_k > 0) and "cached_scores" in t:
+                keep = confident_mask(t["cached_scores"], cfg.distill_min_score,
+                                      cfg.distill_top_k)
+                b, e = b[keep], e[keep]
+            boxes.append(b)
+            teacher.append(e)
+        emb = torch.cat(teacher).float() if teacher else torch.zeros(0, self.embed_dim)
+        return boxes, self._center(emb)
+
     # ------------------------------------------------------------------ training
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]
@@ -218,8 +301,9 @@ class OpenVocabDetector(nn.Module):
 
         images: list of Tensor[3, H_i, W_i] in [0, 1] (already augmented); targets: per image
         {"boxes": Tensor[G, 4], "labels": Tensor[G] int64 in [1, B] (base-class column + 1),
-        "cached_boxes": Tensor[M, 4], "cached_emb": Tensor[M, D]}, boxes in the pixels of
-        the augmented image. Returns the named losses (each already weighted).
+        "cached_boxes": Tensor[M, 4], "cached_emb": Tensor[M, D], optional "cached_scores":
+        Tensor[M]}, boxes in the pixels of the augmented image. Returns the named losses
+        (each already weighted).
         """
         cfg = self.cfg
         batch = batch_images(images)
@@ -235,47 +319,74 @@ class OpenVocabDetector(nn.Module):
         deltas = self.roi_heads.box_predictor(hidden).float()
         losses["loss_box_reg"] = box_regression_loss(
             deltas, torch.cat(regression_targets).float(), labels)
-        logits = region_logits(region_emb, self.bg_embedding.float(),
-                               self.text_emb[self.is_base], cfg.temperature)
+        base = self.text_emb[self.is_base]
         if cfg.mode == "image":
+            logits = region_logits(region_emb, self.bg_embedding.float(), base,
+                                   cfg.temperature)
             losses["loss_foreground"] = foreground_loss(logits, labels)
         else:
+            classifier = base
+            if cfg.negative_prompts:  # [bg, base, negatives]: labels never point at these
+                if self.neg_emb.shape[0] == 0:
+                    raise RuntimeError("negative_prompts needs negative texts: "
+                                       "set_vocabulary(..., negatives=inputs.load_negatives("
+                                       "cache))")
+                classifier = torch.cat([base, self.neg_emb])
+            logits = region_logits(region_emb, self.bg_embedding.float(), classifier,
+                                   cfg.temperature)
             losses["loss_text"] = vild_text_loss(logits, labels)
 
         if cfg.mode in ("image", "vild"):
-            cached = [t["cached_boxes"] for t in targets]
+            cached, teacher = self.cached_targets(targets)
             _, cached_emb = self._image_tower()(
                 self._roi_features(features, cached, batch.image_sizes))
-            teacher = torch.cat([t["cached_emb"] for t in targets]).float()
             losses["loss_image"] = vild_image_loss(cached_emb, teacher, cfg.image_loss_weight)
+            if cfg.contrastive_weight > 0:
+                losses["loss_contrastive"] = cfg.contrastive_weight * contrastive_distill_loss(
+                    cached_emb, teacher, cfg.contrastive_tau)
         return losses
 
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def detect(self, images: list[Tensor], ensemble: bool = False) -> list[Detections]:
+    def detect(self, images: list[Tensor], ensemble: bool = False,
+               logit_bias: Tensor | None = None) -> list[Detections]:
         """Detections over the whole vocabulary (base and novel).
 
         images: list of Tensor[3, H_i, W_i] in [0, 1]. Scores: softmax over [bg, classes] of
         the text head; with `ensemble`, ViLD-ensemble of the text and image heads.
+        logit_bias: Tensor[C], one value per vocabulary class, subtracted from the class
+        logits before the softmax (the text head's columns 1:, and the image head's too
+        with `ensemble`); None or zeros change nothing.
         """
         if self.text_emb.shape[0] == 0:
             raise RuntimeError("no vocabulary: call set_vocabulary(text_emb, is_base) first")
         if ensemble and self.image_tower is None:
             raise ValueError("ViLD-ensemble needs a model trained with heads=separate "
                              "(a text head and an image head); this one has one shared head")
+        n_classes = self.text_emb.shape[0]
+        if logit_bias is not None:
+            if tuple(logit_bias.shape) != (n_classes,):
+                raise ValueError(f"logit_bias has shape {tuple(logit_bias.shape)}; the "
+                                 f"vocabulary has {n_classes} classes")
+            logit_bias = logit_bias.float().to(self.text_emb.device)
         batch = batch_images(images)
         features = self.backbone(batch.tensors)
         proposals, _ = self.rpn(batch, features)
         roi = self._roi_features(features, proposals, batch.image_sizes)
         hidden, emb = self.text_tower(roi)
         deltas = self.roi_heads.box_predictor(hidden).float()
-        p_text = region_logits(emb, self.bg_embedding.float(), self.text_emb,
-                               self.cfg.temperature).softmax(-1)[:, 1:]
+        logits = region_logits(emb, self.bg_embedding.float(), self.text_emb,
+                               self.cfg.temperature)
+        if logit_bias is not None:
+            logits = torch.cat([logits[:, :1], logits[:, 1:] - logit_bias], dim=1)
+        p_text = logits.softmax(-1)[:, 1:]
         if ensemble:
             _, emb_image = self.image_tower(roi)
-            p_image = (emb_image @ self.text_emb.t() / self.cfg.temperature).softmax(-1)
-            scores = ensemble_scores(p_text, p_image, self.is_base)
+            logits_image = emb_image @ self.text_emb.t() / self.cfg.temperature
+            if logit_bias is not None:
+                logits_image = logits_image - logit_bias
+            scores = ensemble_scores(p_text, logits_image.softmax(-1), self.is_base)
         else:
             scores = p_text
         boxes = self.roi_heads.box_coder.decode(deltas, proposals).reshape(-1, 4)

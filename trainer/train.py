@@ -42,7 +42,10 @@ from trainer.data import train_loader
 from trainer.inputs import (
     CacheMismatch,
     check_shard_dim,
+    load_negatives,
+    load_region_mean,
     load_vocabulary,
+    shard_has_scores,
     shard_urls,
     teacher_identity,
     text_parquet_path,
@@ -230,6 +233,10 @@ def train(args) -> int:
                             expect_dim=resumed["embed_dim"] if resumed else None)
     urls = shard_urls(args.shards, cache_dir)
     check_shard_dim(urls[0], vocab)
+    confident_only = cfg.distill_min_score > 0 or cfg.distill_top_k > 0
+    if confident_only and info.is_main and not shard_has_scores(urls[0]):
+        print(f"note: {urls[0]} has no .scores.npy (packed before it existed): every cached "
+              f"proposal counts as confident; re-pack with `--stages pack --rebuild`")
 
     torch.manual_seed(cfg.seed)
     model = OpenVocabDetector(cfg, vocab.dim, detections_per_image(cfg, dataset.format))
@@ -238,7 +245,10 @@ def train(args) -> int:
         if info.is_main:
             print(f"initialised {loaded} from {cfg.init_from}")
     model.to(info.device)
-    model.set_vocabulary(vocab.embeddings, vocab.is_base)
+    model.set_vocabulary(
+        vocab.embeddings, vocab.is_base,
+        region_mean=load_region_mean(cache_dir, vocab.dim) if cfg.center_targets else None,
+        negatives=load_negatives(cache_dir, vocab.dim) if cfg.negative_prompts else None)
     optimizer, scheduler = build_optimizer(model, cfg)
     step = 0
     if resumed is not None:
@@ -286,7 +296,7 @@ def train(args) -> int:
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         sums["loss"] = sums.get("loss", 0.0) + float(loss)
         if "loss_image" in losses:  # what loss_image must beat to be more than the mean
-            teacher = torch.cat([t["cached_emb"] for t in targets])
+            teacher = model.cached_targets(targets)[1]  # the (masked, centred) targets
             sums["image_mean_baseline"] = sums.get("image_mean_baseline", 0.0) + float(
                 mean_direction_baseline(teacher, cfg.image_loss_weight))
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
