@@ -105,7 +105,7 @@ def test_rows_in_order_with_the_remedies_as_vild_plus_options():
     assert cmd[cmd.index("--mode") + 1] == "vild" and "--heads" not in cmd
     assert cmd[-5:] == ["--seed=3", "--set", "lr=1e-3", "--set", "center_targets=true"]
     cmd = ablation.train_command(ablation.ROWS["confident"], args)
-    assert cmd[-4:] == ["--set", "distill_min_score=0.5", "--set", "distill_top_k=20"]
+    assert cmd[-4:] == ["--set", "distill_min_score=0.3", "--set", "distill_top_k=20"]
     cmd = ablation.train_command(ablation.ROWS["ensemble"], args)
     assert cmd[cmd.index("--heads") + 1] == "separate"
     assert "--ensemble" in ablation.eval_command(ablation.ROWS["ensemble"], args)
@@ -217,7 +217,7 @@ def test_finished_rows_are_skipped_and_stopped_ones_resume(setup, capsys):
     assert capsys.readouterr().out.count("already evaluated") == 10  # 9 rows + oracle
     doc = json.loads((setup.out / "ablation.json").read_text())
     assert [r["name"] for r in doc["rows"]] == list(ablation.ROWS)
-    assert doc["rows"][4]["options"] == {"distill_min_score": 0.5, "distill_top_k": 20}
+    assert doc["rows"][4]["options"] == {"distill_min_score": 0.3, "distill_top_k": 20}
 
     (setup.out / "negatives" / "eval.json").unlink()  # its training was cut off
     assert setup.main("--rows", "negatives") == 0
