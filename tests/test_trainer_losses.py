@@ -158,3 +158,20 @@ def test_center_embeddings_subtracts_the_mean_then_normalizes():
     want = torch.tensor([[1 / r2, -1 / r2], [0.6 / r04, -0.2 / r04]])
     torch.testing.assert_close(center_embeddings(emb, mean), want)
     assert center_embeddings(emb.half(), mean).dtype == torch.float32
+
+
+def test_vild_text_loss_with_aliases_by_hand():
+    from trainer.losses import vild_text_loss_with_aliases
+
+    # columns [bg, base0, base1, alias]; row 0 background, row 1 base class 2 (base1)
+    logits = torch.tensor([[0.0, 1.0, 0.0, 2.0],
+                           [1.0, 0.0, 3.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    z0 = math.exp(0) + math.exp(1) + math.exp(0) + math.exp(2)
+    z1 = math.exp(1) + math.exp(0) + math.exp(3) + math.exp(0)
+    by_hand = -(math.log((math.exp(0) + math.exp(2)) / z0) + math.log(math.exp(3) / z1)) / 2
+    assert vild_text_loss_with_aliases(logits, labels, 1).item() == pytest.approx(by_hand)
+    # no aliases: plain ViLD-text cross-entropy
+    plain = torch.nn.functional.cross_entropy(logits[:, :3], labels)
+    assert vild_text_loss_with_aliases(logits[:, :3], labels, 0).item() == pytest.approx(
+        plain.item())

@@ -153,18 +153,18 @@ def test_set_vocabulary_centres_texts_and_keeps_mean_and_negatives():
     assert "region_mean" not in model.state_dict() and "neg_emb" not in model.state_dict()
 
 
-def test_forward_with_remedies_negatives_only_widen_the_training_softmax(monkeypatch):
+def test_forward_with_remedies_negatives_are_background_aliases(monkeypatch):
     import trainer.model as model_mod
 
     dim = 8
     seen = []
-    real = model_mod.vild_text_loss
+    real = model_mod.vild_text_loss_with_aliases
 
-    def spy(logits, labels):
-        seen.append((logits.shape[1], int(labels.max())))
-        return real(logits, labels)
+    def spy(logits, labels, n_aliases):
+        seen.append((logits.shape[1], int(labels.max()), n_aliases))
+        return real(logits, labels, n_aliases)
 
-    monkeypatch.setattr(model_mod, "vild_text_loss", spy)
+    monkeypatch.setattr(model_mod, "vild_text_loss_with_aliases", spy)
     cfg = make_config({**TINY, "negative_prompts": True, "contrastive_weight": 0.5,
                        "distill_min_score": 0.5, "rpn_post_nms_train": 50,
                        "box_batch_size_per_image": 16})
@@ -177,8 +177,8 @@ def test_forward_with_remedies_negatives_only_widen_the_training_softmax(monkeyp
     model.set_vocabulary(torch.randn(4, dim), is_base, negatives=torch.randn(2, dim))
     seen.clear()
     losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], _targets(dim))
-    # [bg, 3 base, 2 negatives]; the labels stay in [0, 3]: negatives are never a target
-    assert seen == [(1 + 3 + 2, 2)]
+    # [bg, 3 base, 2 negatives]; the labels stay in [0, 3], the 2 negatives are background
+    assert seen == [(1 + 3 + 2, 2, 2)]
     assert {"loss_text", "loss_image", "loss_contrastive"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -218,3 +218,27 @@ def test_detect_logit_bias(heads):
     assert len(biased.labels) > 0 and top not in biased.labels.tolist()
     with pytest.raises(ValueError, match="logit_bias has shape"):
         model.detect(images, logit_bias=torch.zeros(4))
+
+
+def test_detect_drops_the_background_aliases_share():
+    """A region sitting on a negative prompt: with negative_prompts its class scores lose that
+    share (it counts as background); without, the negatives are not in the softmax."""
+    dim = 4
+    torch.manual_seed(0)
+    scores = {}
+    for on in (False, True):
+        model = OpenVocabDetector(make_config({**TINY, "negative_prompts": on}), embed_dim=dim)
+        model.eval()
+        text = torch.eye(dim)[:2]
+        model.set_vocabulary(text, torch.tensor([True, False]), negatives=torch.eye(dim)[2:3])
+        # every region embeds to e3 = the negative prompt, far from bg
+        with torch.no_grad():
+            model.bg_embedding.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+            model.text_tower.proj.weight.zero_()
+            model.text_tower.proj.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+        det = model.detect([torch.rand(3, 64, 64)])[0]
+        scores[on] = float(det.scores.max()) if len(det.scores) else 0.0
+    # off: softmax over [bg, t0, t1] of cosines all 0 -> 1/3 each; on: the negative takes
+    # e^100 of the mass, so no class passes the score threshold
+    assert scores[False] == pytest.approx(1 / 3, abs=1e-4)
+    assert scores[True] == 0.0

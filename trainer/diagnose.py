@@ -124,7 +124,8 @@ def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tup
             with torch.no_grad():
                 students.append(student_embeddings(model, image, torch.from_numpy(boxes[idx])))
             emb = np.load(io.BytesIO(sample["emb.npy"]))[idx].astype(np.float32)
-            teachers.append(F.normalize(torch.from_numpy(emb), dim=-1))
+            # a center_targets model holds centred texts: centre the teacher the same way
+            teachers.append(model._center(F.normalize(torch.from_numpy(emb), dim=-1)))
             labels.append(torch.from_numpy(lab))
         n_images += 1
         if n_images >= max_images:

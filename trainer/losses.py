@@ -38,6 +38,22 @@ def vild_text_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def vild_text_loss_with_aliases(logits: Tensor, labels: Tensor, n_aliases: int) -> Tensor:
+    """ViLD-text where the last `n_aliases` columns are more names of background (generic
+    negative prompts): a background proposal's probability is the summed softmax of column 0
+    and those columns, a base proposal's is its class column.
+
+    logits: Tensor[N, 1 + B + K] ([bg, base classes, K aliases]); labels: Tensor[N] int64 in
+    [0, B], 0 = background. Mean over N. With K = 0 it equals `vild_text_loss`.
+    """
+    log_p = F.log_softmax(logits, dim=-1)
+    n_cls = logits.shape[1] - n_aliases
+    bg_cols = torch.cat([log_p[:, :1], log_p[:, n_cls:]], dim=1)
+    log_bg = torch.logsumexp(bg_cols, dim=1)
+    log_cls = log_p.gather(1, labels.clamp(max=n_cls - 1)[:, None])[:, 0]
+    return -torch.where(labels == 0, log_bg, log_cls).mean()
+
+
 def foreground_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Class-agnostic foreground / background cross-entropy (the ViLD-image-only ablation).
 

@@ -40,10 +40,12 @@ Remedies (`TrainConfig`, all off by default, then nothing below changes a paper 
 - center_targets: with the cache's mean region embedding (`set_vocabulary(...,
   region_mean=...)`), the teacher targets, the texts and the negatives are
   L2-normalize(x - mean), in training and at inference alike.
-- negative_prompts: in training the ViLD-text classifier is [bg, base texts, negative texts]
-  (`set_vocabulary(..., negatives=...)`); negatives are never a label, they only repel
-  regions; at inference they are not in the classifier. The image-mode foreground loss
-  keeps [bg, base].
+- negative_prompts: generic texts that name no category (`set_vocabulary(...,
+  negatives=...)`) are more names of background: the ViLD-text classifier is [bg, base
+  texts, negative texts] and a background proposal's target is bg or any negative
+  (`losses.vild_text_loss_with_aliases`); at inference they join the softmax and their
+  probability is dropped with the background's. The image-mode foreground loss keeps
+  [bg, base].
 - `detect(..., logit_bias=...)`: per-class calibration, subtracted from the class logits
   before the softmax (both heads' for the ensemble).
 """
@@ -72,7 +74,7 @@ from trainer.losses import (
     foreground_loss,
     region_logits,
     vild_image_loss,
-    vild_text_loss,
+    vild_text_loss_with_aliases,
 )
 
 
@@ -334,7 +336,8 @@ class OpenVocabDetector(nn.Module):
                 classifier = torch.cat([base, self.neg_emb])
             logits = region_logits(region_emb, self.bg_embedding.float(), classifier,
                                    cfg.temperature)
-            losses["loss_text"] = vild_text_loss(logits, labels)
+            losses["loss_text"] = vild_text_loss_with_aliases(
+                logits, labels, classifier.shape[0] - base.shape[0])
 
         if cfg.mode in ("image", "vild"):
             cached, teacher = self.cached_targets(targets)
@@ -376,11 +379,14 @@ class OpenVocabDetector(nn.Module):
         roi = self._roi_features(features, proposals, batch.image_sizes)
         hidden, emb = self.text_tower(roi)
         deltas = self.roi_heads.box_predictor(hidden).float()
-        logits = region_logits(emb, self.bg_embedding.float(), self.text_emb,
-                               self.cfg.temperature)
+        # background aliases (negative prompts) sit after the classes; their share is dropped
+        aliases = self.neg_emb if self.cfg.negative_prompts else self.neg_emb[:0]
+        logits = region_logits(emb, self.bg_embedding.float(),
+                               torch.cat([self.text_emb, aliases]), self.cfg.temperature)
         if logit_bias is not None:
-            logits = torch.cat([logits[:, :1], logits[:, 1:] - logit_bias], dim=1)
-        p_text = logits.softmax(-1)[:, 1:]
+            logits = torch.cat([logits[:, :1], logits[:, 1:n_classes + 1] - logit_bias,
+                                logits[:, n_classes + 1:]], dim=1)
+        p_text = logits.softmax(-1)[:, 1:n_classes + 1]
         if ensemble:
             _, emb_image = self.image_tower(roi)
             logits_image = emb_image @ self.text_emb.t() / self.cfg.temperature

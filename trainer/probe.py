@@ -78,6 +78,7 @@ from trainer.losses import (
     region_logits,
     vild_image_loss,
     vild_text_loss,
+    vild_text_loss_with_aliases,
 )
 from trainer.model import (
     CheckpointError,
@@ -405,7 +406,7 @@ def probe_losses(heads: Heads, cfg: ProbeConfig, live: Tensor, live_labels: Tens
 
     live: Tensor[S, C, 7, 7] with live_labels Tensor[S] in [0, B]; cached: Tensor[M, C, 7, 7]
     with target Tensor[M, D] (the teacher embeddings, centred if the run centres);
-    base_text: Tensor[B, D]; negatives: Tensor[K, D] extra never-target columns of the
+    base_text: Tensor[B, D]; negatives: Tensor[K, D] background aliases in the
     ViLD-text classifier (not of the image-mode foreground loss), or None.
     """
     losses = {}
@@ -416,7 +417,8 @@ def probe_losses(heads: Heads, cfg: ProbeConfig, live: Tensor, live_labels: Tens
     else:
         classifier = base_text if negatives is None else torch.cat([base_text, negatives])
         logits = region_logits(region, heads.bg_embedding, classifier, cfg.temperature)
-        losses["loss_text"] = vild_text_loss(logits, live_labels)
+        losses["loss_text"] = vild_text_loss_with_aliases(
+            logits, live_labels, classifier.shape[0] - base_text.shape[0])
     if cfg.distils:
         emb = heads.image(cached)
         losses["loss_image"] = vild_image_loss(emb, target, cfg.image_loss_weight)
