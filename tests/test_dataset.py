@@ -98,7 +98,7 @@ def test_colour_shape_categories_draw_in_their_colour_and_are_named_with_it():
         sc = synthetic.random_scene(np.random.default_rng(i), spec, cats)
         pixels = np.asarray(sc.image, np.float32)
         for o in sc.objects:
-            shape, colour = synthetic.category_parts(o.category)
+            _, colour = synthetic.category_parts(o.category)
             assert o.colour == colour
             # the visible pixels carry that colour (fill noise and shading are small)
             mean = pixels[o.mask].mean(0)

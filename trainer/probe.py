@@ -77,7 +77,6 @@ from trainer.losses import (
     mean_direction_baseline,
     region_logits,
     vild_image_loss,
-    vild_text_loss,
     vild_text_loss_with_aliases,
 )
 from trainer.model import (
