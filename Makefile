@@ -49,7 +49,7 @@ bench: setup
 	$(PY) -m bench.run_all --manifest $(MANIFEST) --cache $(CACHE)
 
 query: setup
-	$(PY) -m pipeline query "a photo of a star" --cache $(CACHE) --k 24 --out results.png
+	$(PY) -m pipeline query "a photo of a red star" --cache $(CACHE) --k 24 --out results.png
 
 clean:
 	rm -rf $(CACHE) $(RUN)
