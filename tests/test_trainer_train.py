@@ -172,3 +172,24 @@ def test_two_process_ddp_on_cpu(tiny, tmp_path):
     # 2 processes x batch 2 images per step
     assert all(r["images_per_sec"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
                for r in rows)
+
+
+def test_a_run_with_remedies_evaluates_with_them(tiny, tmp_path):
+    """The evaluation model holds what the run trained with: the centred texts and the
+    negative prompts as background aliases (without them, regions trained to sit on a
+    negative would be scored as the class nearest it)."""
+    from pipeline.manifests import load_manifest
+    from trainer.evaluate import load_run
+    from trainer.inputs import load_negatives
+
+    run = tmp_path / "remedies"
+    assert _train(tiny, run, "--steps", "1", "--set", "negative_prompts=true",
+                  "--set", "center_targets=true") == 0
+    dataset = load_manifest(tiny.manifest, cache_root=tiny.cache)
+    cache_dir = Path(tiny.cache) / dataset.name
+    model, _, vocab = load_run(run / "latest.pt", dataset, cache_dir, torch.device("cpu"))
+    negatives = load_negatives(cache_dir, vocab.dim)
+    assert model.neg_emb.shape == negatives.shape and model.region_mean.numel() == vocab.dim
+    # the texts are centred: not the raw normalised text embeddings any more
+    raw = torch.nn.functional.normalize(vocab.embeddings.float(), dim=-1)
+    assert not torch.allclose(model.text_emb, raw, atol=1e-3)
