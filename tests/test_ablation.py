@@ -197,6 +197,9 @@ def test_calibrated_reuses_the_vild_checkpoint(setup):
     assert _flag(cal, "--checkpoint") == str(setup.out / "vild" / "latest.pt")
     assert _flag(cal, "--calibration") == "mean_logit"
     assert (setup.out / "calibrated" / "detections_val_mean_logit.json").is_file()
+    # every row folder holds its detections under the plain name too
+    assert ((setup.out / "calibrated" / "detections_val.json").read_bytes()
+            == (setup.out / "calibrated" / "detections_val_mean_logit.json").read_bytes())
     assert (setup.out / "calibrated" / "eval_mean_logit.json").is_file()
     assert not (setup.out / "calibrated" / "latest.pt").exists()
     doc = json.loads((setup.out / "ablation.json").read_text())

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -179,7 +180,17 @@ def run_row(row: Row, args, log=print) -> Path:
     cmd = eval_command(row, args)
     log(f"[{row.name}] {' '.join(cmd)}")
     subprocess.run(cmd, check=True)
+    keep_detections(run, row)
     return result_file
+
+
+def keep_detections(run: Path, row: Row) -> None:
+    """Every row folder holds its val detections as detections_val.json: an ensemble or
+    calibrated evaluation names its file with a suffix, so it is copied to that name too."""
+    suffix = result_suffix(row.ensemble, False, row.calibration)
+    written = Path(run) / f"detections_val{suffix}.json"
+    if suffix and written.is_file():
+        shutil.copyfile(written, Path(run) / "detections_val.json")
 
 
 def run_oracle(args, log=print) -> Path:
