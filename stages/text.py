@@ -9,8 +9,8 @@ Outputs, in `text/`:
   (base | novel), embedding fixed_size_list<float32>[D].
 - `negatives.parquet`, one row per generic negative prompt (`Config.negatives`, none of them a
   category name or synonym), embedded with the same ensemble: name string, embedding
-  fixed_size_list<float32>[D]. The trainer's `negative_prompts` puts them in the training
-  softmax so that they repel regions.
+  fixed_size_list<float32>[D]. The trainer's `negative_prompts` makes them background
+  aliases (a background proposal's target is the learned background or any of them).
 - `region_mean.npy`, float32[D]: the L2-normalised mean of every cached region embedding
   (`regions/part-*.parquet`, streamed), for the trainer's `center_targets`. So this stage
   runs after `regions`, and its inputs include the regions fingerprint.
