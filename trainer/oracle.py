@@ -44,10 +44,14 @@ from trainer.evaluate import (
     restrict_gt,
     top_class,
 )
-from trainer.inputs import CacheMismatch, load_vocabulary, text_parquet_path
+from trainer.inputs import (
+    REGION_MEAN_FILE,
+    CacheMismatch,
+    load_region_mean,
+    load_vocabulary,
+    text_parquet_path,
+)
 from trainer.model import postprocess
-
-REGION_MEAN = "region_mean.npy"  # in <cache>/<ds>/text/: float32[D], the regions' mean
 
 
 def parquet_mean_embedding(files: list[Path], batch_rows: int = 65536) -> np.ndarray | None:
@@ -73,9 +77,9 @@ def mean_region_embedding(cache_dir: Path) -> tuple[np.ndarray | None, str | Non
     """The cache's mean region embedding and where it came from: text/region_mean.npy when
     the text stage wrote it, else the mean over regions/part-*.parquet; (None, None) when
     neither exists."""
-    path = Path(cache_dir) / "text" / REGION_MEAN
+    path = Path(cache_dir) / "text" / REGION_MEAN_FILE
     if path.is_file():
-        return np.load(path, allow_pickle=False).astype(np.float32).reshape(-1), str(path)
+        return load_region_mean(cache_dir).numpy(), str(path)
     files = sorted((Path(cache_dir) / "regions").glob("part-*.parquet"))
     mean = parquet_mean_embedding(files) if files else None
     return (mean, str(Path(cache_dir) / "regions")) if mean is not None else (None, None)
