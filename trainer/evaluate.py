@@ -45,10 +45,9 @@ from trainer.data import resize_for_test
 from trainer.inputs import (
     CacheMismatch,
     Vocabulary,
-    load_negatives,
-    load_region_mean,
     load_vocabulary,
     text_parquet_path,
+    vocabulary_extras,
 )
 from trainer.model import OpenVocabDetector
 from trainer.train import CHECKPOINT, load_checkpoint
@@ -170,11 +169,9 @@ def load_run(checkpoint: Path, dataset: DatasetManifest, cache_dir: Path,
     model = OpenVocabDetector(cfg, vocab.dim, detections_per_image(cfg, dataset.format))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    model.set_vocabulary(
-        vocab.embeddings, vocab.is_base,
-        region_mean=load_region_mean(cache_dir, vocab.dim) if cfg.center_targets else None,
-        # negative prompts are background aliases at inference too (OpenVocabDetector.detect)
-        negatives=load_negatives(cache_dir, vocab.dim) if cfg.negative_prompts else None)
+    # negative prompts are background aliases at inference too (OpenVocabDetector.detect)
+    model.set_vocabulary(vocab.embeddings, vocab.is_base,
+                         **vocabulary_extras(cfg, cache_dir, vocab.dim))
     return model, ckpt, vocab
 
 

@@ -183,3 +183,12 @@ def teacher_identity(cache_dir: Path) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f).get("teacher")
+
+
+def vocabulary_extras(cfg, cache_dir: str | Path, dim: int) -> dict[str, Tensor | None]:
+    """What `OpenVocabDetector.set_vocabulary` needs beside the texts for a run trained with
+    `cfg` (a TrainConfig): the region mean for center_targets, the negative texts for
+    negative_prompts (None when off). Training and evaluation both call this, so a run is
+    evaluated with what it trained with."""
+    return {"region_mean": load_region_mean(cache_dir, dim) if cfg.center_targets else None,
+            "negatives": load_negatives(cache_dir, dim) if cfg.negative_prompts else None}

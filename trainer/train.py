@@ -42,13 +42,12 @@ from trainer.data import train_loader
 from trainer.inputs import (
     CacheMismatch,
     check_shard_dim,
-    load_negatives,
-    load_region_mean,
     load_vocabulary,
     shard_has_scores,
     shard_urls,
     teacher_identity,
     text_parquet_path,
+    vocabulary_extras,
 )
 from trainer.losses import mean_direction_baseline
 from trainer.model import (
@@ -245,10 +244,8 @@ def train(args) -> int:
         if info.is_main:
             print(f"initialised {loaded} from {cfg.init_from}")
     model.to(info.device)
-    model.set_vocabulary(
-        vocab.embeddings, vocab.is_base,
-        region_mean=load_region_mean(cache_dir, vocab.dim) if cfg.center_targets else None,
-        negatives=load_negatives(cache_dir, vocab.dim) if cfg.negative_prompts else None)
+    model.set_vocabulary(vocab.embeddings, vocab.is_base,
+                         **vocabulary_extras(cfg, cache_dir, vocab.dim))
     optimizer, scheduler = build_optimizer(model, cfg)
     step = 0
     if resumed is not None:
