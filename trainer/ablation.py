@@ -18,6 +18,10 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
                  ensemble + centered + contrastive: the image head made to carry the
                  region-specific residual of the teacher (the ensemble's image head reaches
                  cosine 0.84 to its teacher but names only 0.26 of the objects right)
+    ensemble_confident
+                 ensemble_residual + confident: the ensemble never reads the image head's
+                 background (its softmax is over the classes), so the image head is
+                 distilled on object-like proposals only
 
 `--rows text,vild` (make ablation ROWS=text,vild) runs a subset; the default is every row.
 A row whose eval file exists is finished and skipped; a row whose training stopped resumes
@@ -96,6 +100,8 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("calibrated", "vild", calibration=CALIBRATION, reuses="vild"),
     Row("ensemble_residual", "vild", "separate", ensemble=True,
         options={**REMEDIES["centered"], **REMEDIES["contrastive"]}),
+    Row("ensemble_confident", "vild", "separate", ensemble=True,
+        options={**REMEDIES["centered"], **REMEDIES["contrastive"], **REMEDIES["confident"]}),
 )}
 
 
