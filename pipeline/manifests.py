@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import yaml
 
@@ -32,6 +32,7 @@ from pipeline.cache import sha256_file
 
 FORMATS = ("coco", "lvis")
 LVIS_FREQUENCIES = ("f", "c", "r")  # frequent, common, rare
+NAME_RE = re.compile(r"[A-Za-z0-9._-]+")  # a manifest name: one folder under the cache root
 
 
 class ManifestError(ValueError):
@@ -87,7 +88,7 @@ class DatasetManifest:
 
     def image_path(self, split: str, image: dict) -> Path:
         """Where the image of annotation record `image` lives (see `image_file`)."""
-        return self.split(split).images / image_file(image)
+        return image_path(self.split(split).images, image)
 
     def categories(self) -> list[Category]:
         """Base and novel categories with their annotation-file ids, sorted by id.
@@ -108,12 +109,46 @@ def image_file(image: dict) -> str:
     COCO records carry `file_name`. LVIS v1 records carry only `coco_url`
     (".../train2017/000000391895.jpg"); its last two parts are used, because LVIS val holds
     images of both COCO train2017 and val2017 (so an LVIS split's image folder is the root
-    holding train2017/ and val2017/)."""
+    holding train2017/ and val2017/). The name is not checked here: make paths with
+    `image_path` / `contained_path`, which refuse names that leave the folder."""
     if image.get("file_name"):
-        return str(image["file_name"])
-    if image.get("coco_url"):
-        return "/".join(str(image["coco_url"]).rstrip("/").split("/")[-2:])
-    raise ManifestError(f"image record {image.get('id')!r} has neither file_name nor coco_url")
+        name = str(image["file_name"])
+    elif image.get("coco_url"):
+        name = "/".join(str(image["coco_url"]).rstrip("/").split("/")[-2:])
+    else:
+        raise ManifestError(f"image record {image.get('id')!r} has neither file_name nor coco_url")
+    return name
+
+
+def is_plain_relative(name: str) -> bool:
+    """True for a non-empty relative path without '..' parts (POSIX or Windows spelling)."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return bool(name) and not (posix.is_absolute() or windows.is_absolute() or windows.drive
+                               or windows.root or ".." in posix.parts or ".." in windows.parts)
+
+
+def contained_path(folder: str | Path, name: str) -> Path:
+    """folder / name for a file named by received data (an annotation, a caption row).
+
+    Raises ManifestError when `name` is absolute, has '..' parts, or resolves (through
+    symbolic links) outside the resolved `folder`."""
+    folder = Path(folder)
+    if not is_plain_relative(name):
+        raise ManifestError(f"file name {name!r} is absolute or has '..' parts; refused "
+                            f"(files must stay inside {folder})")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ManifestError(f"{path}: resolves outside {folder}; refused")
+    return path
+
+
+def image_path(folder: str | Path, image: dict) -> Path:
+    """Where the image of a COCO/LVIS record lives under its split's image folder; refused
+    (ManifestError naming the record) when its name would leave the folder."""
+    try:
+        return contained_path(folder, image_file(image))
+    except ManifestError as e:
+        raise ManifestError(f"image record {image.get('id')!r}: {e}") from None
 
 
 def _freeze(d: dict | None):
@@ -208,6 +243,10 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
     for key in ("name", "format", "splits", "vocabulary"):
         if key not in doc:
             raise ManifestError(f"{path}: missing required key '{key}'")
+    name = str(doc["name"])
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ManifestError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' "
+                            f"(it names the dataset's folder under the cache root)")
     if doc["format"] not in FORMATS:
         raise ManifestError(f"{path}: format must be one of {FORMATS}, got {doc['format']!r}")
     if data_root is not None:

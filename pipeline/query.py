@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.cache import read_json
-from pipeline.manifests import ManifestError, image_file, load_manifest
+from pipeline.manifests import ManifestError, image_path, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from stages.dataset import TRAIN_FULL
 
@@ -71,8 +71,11 @@ def image_records(ann_files: list[tuple[Path, Path]],
             doc = read_json(ann)
         except (OSError, json.JSONDecodeError) as e:
             raise StageError(f"{ann}: cannot read annotations ({e})") from None
-        paths = {int(im["id"]): folder / image_file(im) for im in doc.get("images", [])
-                 if int(im["id"]) in wanted}
+        try:
+            paths = {int(im["id"]): image_path(folder, im) for im in doc.get("images", [])
+                     if int(im["id"]) in wanted}
+        except ManifestError as e:
+            raise ManifestError(f"{ann}: {e}") from None
         boxes: dict[int, list] = {}
         cats: set[int] = set()
         for a in doc.get("annotations", []):

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.cache import atomic_write_json, read_json
-from pipeline.manifests import ManifestError, image_file
+from pipeline.manifests import ManifestError, image_file, image_path
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "pack"
@@ -285,7 +285,7 @@ def sample_sizes(ctx: StageContext, cfg: Config) -> dict[int, int]:
             sizes[i] = 0
             continue
         try:
-            file = split.image_dir / image_file(image)
+            file = image_path(split.image_dir, image)
         except ManifestError:
             sizes[i] = 0
             continue
@@ -320,7 +320,7 @@ class Worker:
                           "reason": f"image id {image_id} is in regions but not in the "
                                     f"{self.cfg.split} annotations"}
         try:
-            file = self.split.image_dir / image_file(image)
+            file = image_path(self.split.image_dir, image)
             jpg, (w, h) = jpeg_payload(file, self.cfg.jpeg_quality)
         except ManifestError as e:
             return None, {"item": image_id, "file": str(self.split.annotations), "reason": str(e)}

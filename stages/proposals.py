@@ -29,6 +29,7 @@ from pipeline.runner import (
     chunk_parts,
 )
 from stages.boxes import ImageRecord, read_annotations, recall_at
+from pipeline.manifests import ManifestError, contained_path
 from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
 from stages.rpn import load_rpn, recorded_checkpoint
 
@@ -126,10 +127,12 @@ class Worker:
 
     def _decode(self, iid: int, rejects: list[dict]) -> torch.Tensor | None:
         split, rec = self.images[iid]
-        path = self.ctx.dataset.split(split).images / rec.file_name
+        folder = self.ctx.dataset.split(split).images
+        path = folder / rec.file_name
         try:
+            path = contained_path(folder, rec.file_name)
             return to_float_tensor(load_rgb(path, self.cfg.max_pixels))
-        except ImageError as e:
+        except (ImageError, ManifestError) as e:
             rejects.append({"item": iid, "file": str(path), "reason": str(e)})
             return None
 

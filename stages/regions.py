@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.manifests import image_file
+from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.crops import combine_views, region_crops
 from stages.images import ImageError, load_rgb, to_uint8_tensor
@@ -247,12 +247,18 @@ class Worker:
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         start = time.time()
-        files = [(iid, self.images_dir / name) for iid, name in part.items]
+        files, refused = [], []
+        for iid, name in part.items:
+            try:
+                files.append((iid, contained_path(self.images_dir, name)))
+            except ManifestError as e:
+                refused.append({"item": iid, "file": str(self.images_dir),
+                                "reason": f"image {iid}: {e}"})
         proposals = pq.read_table(proposals_file(self.ctx, part.index))
         table, rejects = embed_proposals(self.teacher, proposals, files, self.cfg)
         pq.write_table(table, out.tmp(f"{part.stem}.parquet"))
         seconds = time.time() - start
-        return PartResult(rows=len(table), rejects=rejects,
+        return PartResult(rows=len(table), rejects=refused + rejects,
                           extra={"images": len(files) - len(rejects), "crops": 2 * len(table),
                                  "embed_dim": self.teacher.embed_dim,
                                  "crops_per_s": round(2 * len(table) / max(seconds, 1e-9), 1)})

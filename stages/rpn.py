@@ -33,6 +33,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import nms, remove_small_boxes
 
 from pipeline.cache import canonical_hash, sha256_file
+from pipeline.manifests import ManifestError, contained_path
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.boxes import ImageRecord, keep_categories, read_annotations, to_original
 from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
@@ -240,8 +241,9 @@ class BaseBoxImages(torch.utils.data.Dataset):
         rec = self.records[i]
         path = self.image_dir / rec.file_name
         try:
+            path = contained_path(self.image_dir, rec.file_name)
             img = to_float_tensor(load_rgb(path, self.max_pixels))
-        except ImageError as e:
+        except (ImageError, ManifestError) as e:
             return {"item": rec.image_id, "file": str(path), "reason": str(e)}
         boxes = rec.boxes.clone()
         h, w = img.shape[-2:]

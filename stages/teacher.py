@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import sha256_file, tmp_path
+from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "teacher"
@@ -359,7 +360,7 @@ def gt_boxes(ann_file: Path, category_ids: Sequence[int], max_crops: int | None,
         anns = random.Random(seed).sample(anns, max_crops)
     anns.sort(key=lambda a: (a["image_id"], a["id"]))
     for a in anns:
-        a["file_name"] = coco.imgs[a["image_id"]]["file_name"]
+        a["file_name"] = image_file(coco.imgs[a["image_id"]])
     return anns
 
 
@@ -398,8 +399,8 @@ def zero_shot_report(teacher: Teacher, ann_file: Path, images_dir: Path, categor
         if a["image_id"] != image_id:
             image_id = a["image_id"]
             try:
-                image = load_rgb(Path(images_dir) / a["file_name"])
-            except ImageError as e:
+                image = load_rgb(contained_path(images_dir, a["file_name"]))
+            except (ImageError, ManifestError) as e:
                 image = None
                 rejects.append({"item": image_id, "file": a["file_name"], "reason": str(e)})
         if image is None:
@@ -444,17 +445,17 @@ def read_captions(csv_file: Path, root: Path) -> tuple[list[tuple[str, str]], li
             raise TeacherError(f"{csv_file}: missing column(s) {sorted(missing)} "
                                f"(have {reader.fieldnames})")
         for line, row in enumerate(reader, start=2):
-            path = (root / row["filepath"]).resolve()
             title = " ".join((row["title"] or "").split())
-            reason = None
-            if not title:
-                reason = "empty caption"
-            else:
-                try:
+            reason = None if title else "empty caption"
+            try:
+                path = contained_path(root, row["filepath"] or "").resolve()
+                if not reason:
                     with Image.open(path) as im:
                         im.verify()
-                except (OSError, UnidentifiedImageError, SyntaxError) as e:
-                    reason = f"unreadable image ({type(e).__name__}: {e})"
+            except ManifestError as e:
+                reason = f"{csv_file}: {e}"
+            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                reason = f"unreadable image ({type(e).__name__}: {e})"
             if reason:
                 rejects.append({"item": line, "file": row["filepath"], "reason": reason})
             else:

@@ -37,7 +37,7 @@ def _metrics(out):
 @pytest.mark.slow
 def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
     assert _train(tiny, tmp_path / "cut", "--steps", "4", "--stop-at", "2") == 0
-    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["step"] == 2
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # logged, then killed
         f.write(json.dumps({"step": 3, "lr": 0.0}) + "\n")
     assert _train(tiny, tmp_path / "cut", "--resume", "latest") == 0
@@ -47,7 +47,7 @@ def test_resume_continues_with_same_steps_and_lr(tiny, tmp_path, capsys):
     assert [r["step"] for r in cut] == [1, 2, 3, 4]
     assert [r["lr"] for r in cut] == pytest.approx([2e-4 * warmup_cosine(i, 2, 4)
                                                     for i in range(4)])
-    ckpt = torch.load(tmp_path / "cut" / "latest.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["scheduler"]["last_epoch"] == 4
     assert float(ckpt["optimizer"]["state"][0]["step"]) == 4  # AdamW moments carried over
     assert not list((tmp_path / "cut").glob(".latest.pt.tmp-*"))
@@ -165,7 +165,7 @@ def test_two_process_ddp_on_cpu(tiny, tmp_path):
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 x cpu" in proc.stdout
-    ckpt = torch.load(out / "latest.pt", weights_only=False)
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["world_size"] == 2
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]

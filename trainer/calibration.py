@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.manifests import DatasetManifest, image_file
+from pipeline.manifests import DatasetManifest, ManifestError, image_path
 from trainer.data import resize_for_test
 from trainer.model import OpenVocabDetector, batch_images
 
@@ -105,10 +105,11 @@ def calibration_images(dataset: DatasetManifest, n: int, test_size: int, max_siz
         records = pick_images(json.load(f)["images"], n)
     images, ids, rejects = [], [], []
     for rec in records:
-        path = s.images / image_file(rec)
+        path = s.images  # until the record's file is known to stay inside it
         try:
+            path = image_path(s.images, rec)
             pixels = to_uint8_tensor(load_rgb(path))
-        except ImageError as e:
+        except (ImageError, ManifestError) as e:
             rejects.append({"item": rec["id"], "file": str(path), "reason": str(e)})
             continue
         resized, _ = resize_for_test(pixels, test_size, max_size)

@@ -33,6 +33,12 @@ from trainer.config import TrainConfig
 from trainer.inputs import CacheMismatch
 
 
+# the members of a shard sample (stages/pack.py writes them); .scores.npy is absent in shards
+# packed before it existed
+REQUIRED_MEMBERS = ("jpg", "boxes.npy", "emb.npy", "json")
+SAMPLE_MEMBERS = (*REQUIRED_MEMBERS, "scores.npy")
+
+
 class SampleError(ValueError):
     """One bad sample; the stream logs it as a reject and goes on."""
 
@@ -85,14 +91,18 @@ def decode_sample(sample: dict, embed_dim: int, labels: dict[int, int],
     "cached_emb" Tensor[M, D] float16, "cached_scores" Tensor[M] float32 (their RPN scores;
     ones when the shard has no `.scores.npy`)."""
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    missing = [k for k in ("jpg", "boxes.npy", "emb.npy", "json") if k not in sample]
+    missing = [k for k in REQUIRED_MEMBERS if k not in sample]
     if missing:
         raise SampleError(f"{where}: missing {missing}")
+    extra = sorted(k for k in sample if not k.startswith("__") and k not in SAMPLE_MEMBERS)
+    if extra:  # never decoded: a shard is data a team receives
+        raise SampleError(f"{where}: unexpected member(s) {extra}; a sample holds only "
+                          f"{list(SAMPLE_MEMBERS)}")
     try:
         meta = json.loads(sample["json"])
         image = to_uint8_tensor(decode_rgb(sample["jpg"], f"{where}.jpg"))
-        boxes = np.load(io.BytesIO(sample["boxes.npy"]))
-        emb = np.load(io.BytesIO(sample["emb.npy"]))
+        boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
+        emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
     except ImageError as e:
         raise SampleError(str(e)) from None
     except (ValueError, OSError) as e:  # json / npy
@@ -105,7 +115,7 @@ def decode_sample(sample: dict, embed_dim: int, labels: dict[int, int],
                           f"{emb.shape}")
     if "scores.npy" in sample:
         try:
-            scores = np.load(io.BytesIO(sample["scores.npy"]))
+            scores = np.load(io.BytesIO(sample["scores.npy"]), allow_pickle=False)
         except (ValueError, OSError) as e:
             raise SampleError(f"{where}: cannot decode .scores.npy "
                               f"({str(e).splitlines()[0]})") from None

@@ -117,13 +117,14 @@ def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tup
         meta = json.loads(sample["json"])
         if meta["image_id"] not in gt:
             continue
-        boxes = np.load(io.BytesIO(sample["boxes.npy"])).astype(np.float32)
+        boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False).astype(np.float32)
         idx, lab = matched_regions(boxes, *gt[meta["image_id"]], iou)
         if len(idx):
             image = to_uint8_tensor(decode_rgb(sample["jpg"], sample["__key__"]))
             with torch.no_grad():
                 students.append(student_embeddings(model, image, torch.from_numpy(boxes[idx])))
-            emb = np.load(io.BytesIO(sample["emb.npy"]))[idx].astype(np.float32)
+            emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)[idx].astype(
+                np.float32)
             # a center_targets model holds centred texts: centre the teacher the same way
             teachers.append(model._center(F.normalize(torch.from_numpy(emb), dim=-1)))
             labels.append(torch.from_numpy(lab))

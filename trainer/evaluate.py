@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.manifests import DatasetManifest, ManifestError, image_file, load_manifest
+from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
 from trainer.calibration import METHODS as CALIBRATIONS
 from trainer.config import ConfigError, config_from_dict, detections_per_image
 from trainer.data import resize_for_test
@@ -49,7 +49,7 @@ from trainer.inputs import (
     text_parquet_path,
     vocabulary_extras,
 )
-from trainer.model import OpenVocabDetector
+from trainer.model import CheckpointError, OpenVocabDetector
 from trainer.train import CHECKPOINT, load_checkpoint
 
 TABLE_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP_novel", "AP_base", "AP_all")
@@ -206,10 +206,12 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
     for start in range(0, len(images), batch_size):
         batch, records, scales = [], [], []
         for rec in images[start:start + batch_size]:
-            path = dataset.split(split).images / image_file(rec)
+            folder = dataset.split(split).images
+            path = folder  # until the record's file is known to stay inside it
             try:
+                path = image_path(folder, rec)
                 pixels = to_uint8_tensor(load_rgb(path))
-            except ImageError as e:
+            except (ImageError, ManifestError) as e:
                 rejects.append({"item": rec["id"], "file": str(path), "reason": str(e)})
                 continue
             resized, scale = resize_for_test(pixels, cfg.test_size, cfg.max_size)
@@ -382,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate(args)
-    except (ManifestError, ConfigError, CacheMismatch, FileNotFoundError) as e:
+    except (ManifestError, ConfigError, CacheMismatch, CheckpointError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_row(result))

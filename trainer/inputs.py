@@ -161,7 +161,7 @@ def shard_embedding_dim(url: str) -> int:
     sample = first_sample(url)
     if "emb.npy" not in sample:
         raise CacheMismatch(f"{url}: sample {sample['__key__']} has no .emb.npy")
-    emb = np.load(io.BytesIO(sample["emb.npy"]))
+    emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
     if emb.ndim != 2:
         raise CacheMismatch(f"{url}: sample {sample['__key__']}: .emb.npy has shape "
                             f"{emb.shape}, expected [M, D]")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -405,14 +406,32 @@ class OpenVocabDetector(nn.Module):
         return out
 
 
+def load_weights(path: str | Path, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only.
+
+    A checkpoint is data a team receives; one that holds any other Python object (which
+    unpickling would construct, and could run code) is refused with a CheckpointError naming
+    the file and the object, as is an unreadable one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if named:  # torch's weights-only unpickler met an object it will not construct
+            raise CheckpointError(f"{path}: {what} refused: it holds objects beyond tensors "
+                                  f"and plain containers ({named[0]})") from None
+        detail = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln]
+        reason = detail[0] if detail else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load {what}: not a torch checkpoint "
+                              f"({reason})") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load {what} ({reason})") from None
+
+
 def read_init_checkpoint(path: str) -> dict:
     """A checkpoint to initialise from: a state dict, or a dict holding one under "model" /
     "state_dict" (and, for the RPN stage's rpn.pt, its "arch")."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load init checkpoint ({reason})") from None
+    return load_weights(path, "init checkpoint")
 
 
 def arch_overrides(blob: dict) -> dict:

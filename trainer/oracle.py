@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache import read_json
-from pipeline.manifests import ManifestError, image_file, load_manifest
+from pipeline.manifests import ManifestError, image_path, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from trainer.config import TrainConfig
 from trainer.evaluate import (
@@ -157,7 +157,10 @@ def run(args) -> dict:
     split = dataset.split(args.split)
     with open(split.annotations) as f:
         images = sorted(json.load(f)["images"], key=lambda im: im["id"])[:args.max_images]
-    files = [(int(im["id"]), split.images / image_file(im)) for im in images]
+    try:
+        files = [(int(im["id"]), image_path(split.images, im)) for im in images]
+    except ManifestError as e:
+        raise ManifestError(f"{split.annotations}: {e}") from None
     sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
     proposal_files = sorted(ctx.stage_dir(PROPOSALS).glob("part-*.parquet"))
     if not proposal_files:

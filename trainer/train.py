@@ -55,6 +55,7 @@ from trainer.model import (
     OpenVocabDetector,
     arch_overrides,
     load_init_weights,
+    load_weights,
     read_init_checkpoint,
 )
 
@@ -129,7 +130,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_weights(path)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
