@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.cache import sha256_file
+from pipeline.manifests import ManifestError, contained_path
 from pipeline.runner import (
     Part,
     PartOutput,
@@ -29,7 +30,6 @@ from pipeline.runner import (
     chunk_parts,
 )
 from stages.boxes import ImageRecord, read_annotations, recall_at
-from pipeline.manifests import ManifestError, contained_path
 from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
 from stages.rpn import load_rpn, recorded_checkpoint
 

@@ -197,7 +197,7 @@ def test_a_shard_sample_with_a_foreign_member_is_a_reject_never_unpickled(monkey
     monkeypatch.setattr("pickle.loads", no_pickle)
     monkeypatch.setattr("pickle.load", no_pickle)
     with pytest.raises(SampleError) as e:
-        decode_sample(_sample(**{"pyd": b"\x80\x04K\x01.", "txt": b"x"}), 8, {3: 0}, 10)
+        decode_sample(_sample(pyd=b"\x80\x04K\x01.", txt=b"x"), 8, {3: 0}, 10)
     assert str(e.value) == ("train-000000.tar: sample img1: unexpected member(s) ['pyd', "
                             "'txt']; a sample holds only ['jpg', 'boxes.npy', 'emb.npy', "
                             "'json', 'scores.npy']")

@@ -32,7 +32,6 @@ from stages.images import ImageError, decode_rgb, to_uint8_tensor
 from trainer.config import TrainConfig
 from trainer.inputs import CacheMismatch
 
-
 # the members of a shard sample (stages/pack.py writes them); .scores.npy is absent in shards
 # packed before it existed
 REQUIRED_MEMBERS = ("jpg", "boxes.npy", "emb.npy", "json")
