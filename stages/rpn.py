@@ -8,7 +8,8 @@ weights=None; optionally initialised from a local ResNet state dict), `AnchorGen
 same architecture loads as a `checkpoint` too.
 
 Output: `<cache>/<ds>/rpn/rpn.pt` = {"arch": RPNArch fields, "model": state_dict, "train":
-{...}}; the manifest records its path and sha256 (`proposals` refuses a changed file).
+{...}}; the manifest records its path and sha256 (`proposals` refuses a changed file), and
+"fed": the distinct images and their GT boxes per category id that training handed the model.
 """
 from __future__ import annotations
 
@@ -227,7 +228,8 @@ def load_backbone_weights(model: ProposalNet, path: str | Path) -> None:
 
 
 class BaseBoxImages(torch.utils.data.Dataset):
-    """Train images with their base-category boxes; a bad image yields a reject dict."""
+    """Train images with their base-category boxes: (image, boxes, image id, category id of
+    each box row); a bad image yields a reject dict."""
 
     def __init__(self, records: list[ImageRecord], image_dir: Path, hflip: bool,
                  max_pixels: int):
@@ -253,7 +255,7 @@ class BaseBoxImages(torch.utils.data.Dataset):
         if self.hflip and random.random() < 0.5:
             img = img.flip(-1)
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
-        return img, boxes
+        return img, boxes, rec.image_id, rec.category_ids
 
 
 def base_train_records(ctx: StageContext) -> tuple[list[ImageRecord], Path]:
@@ -278,11 +280,33 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def record_fed(fed: dict[int, dict[int, int]], targets: list[dict[str, Tensor]],
+               good: list[tuple]) -> None:
+    """Note, for each image fed for the first time, its GT boxes per category id: the rows of
+    the `boxes` tensor handed to the model, labelled by the category ids that came with them."""
+    for t, (_, _, image_id, cats) in zip(targets, good):
+        if len(cats) != len(t["boxes"]):
+            raise StageError(f"rpn: image {image_id} has {len(t['boxes'])} boxes but "
+                             f"{len(cats)} category ids")
+        if image_id not in fed:
+            ids, counts = torch.unique(cats, return_counts=True)
+            fed[image_id] = dict(zip(ids.tolist(), counts.tolist()))
+
+
+def fed_summary(fed: dict[int, dict[int, int]]) -> dict:
+    """{"images": distinct images fed, "gt_boxes": {category id: their GT boxes}}."""
+    total: dict[int, int] = {}
+    for counts in fed.values():
+        for c, n in counts.items():
+            total[c] = total.get(c, 0) + n
+    return {"images": len(fed), "gt_boxes": {str(c): total[c] for c in sorted(total)}}
+
+
 def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
               log=print) -> dict:
     """The training loop: AdamW, warmup + cosine, bf16 autocast on CUDA. Returns a summary
-    (loss history, rejects, seconds). Seed the RNGs (`seed_everything`) before building the
-    model for a reproducible run."""
+    (loss history, rejects, seconds, and "fed": what the model was given, `fed_summary`).
+    Seed the RNGs (`seed_everything`) before building the model for a reproducible run."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = torch.utils.data.DataLoader(
@@ -290,6 +314,7 @@ def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
         collate_fn=list, drop_last=len(data) > cfg.batch_size,
         generator=torch.Generator().manual_seed(cfg.seed))
     rejects: dict[int, dict] = {}
+    fed: dict[int, dict[int, int]] = {}
     history, running, start, step = [], [], time.time(), 0
     while step < cfg.steps:
         got_any = False
@@ -303,8 +328,9 @@ def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
             if not good:
                 continue
             got_any = True
-            images = [im.to(device, non_blocking=True) for im, _ in good]
-            targets = [{"boxes": b.to(device)} for _, b in good]
+            images = [im.to(device, non_blocking=True) for im, *_ in good]
+            targets = [{"boxes": b.to(device)} for _, b, *_ in good]
+            record_fed(fed, targets, good)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
@@ -333,7 +359,7 @@ def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
     model.eval()
     return {"history": history, "rejects": list(rejects.values()),
             "seconds": round(time.time() - start, 1), "steps": step,
-            "images": len(data)}
+            "images": len(data), "fed": fed_summary(fed)}
 
 
 # ----------------------------------------------------------------------------- stage
@@ -375,9 +401,10 @@ class Worker:
         records, image_dir = base_train_records(self.ctx)
         data = BaseBoxImages(records, image_dir, cfg.hflip, cfg.max_pixels)
         summary = train_rpn(model, data, cfg, self.ctx.resolve_device())
-        rejects = summary.pop("rejects")
+        rejects, fed = summary.pop("rejects"), summary.pop("fed")  # rpn.pt as before
         save_checkpoint(model.cpu(), out.tmp(CHECKPOINT_FILE), summary)
-        return PartResult(rows=1, rejects=rejects, extra={"trained": True, "train": summary})
+        return PartResult(rows=1, rejects=rejects,
+                          extra={"trained": True, "train": summary, "fed": fed})
 
 
 def checkpoint_path(ctx: StageContext, cfg: Config) -> Path:
@@ -400,4 +427,6 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
              "trained": bool(stats[0].get("trained"))}
     if "train" in stats[0]:
         extra["train"] = stats[0]["train"]
+    if "fed" in stats[0]:  # what training was given: GT boxes per category id
+        extra["fed"] = stats[0]["fed"]
     return extra

@@ -2,6 +2,7 @@
 the Parquet contract, rejects, batching across images, and refusal of another teacher."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext, StageMismatch, make_config, run_stage
 from stages import regions
 from stages.crops import (
+    combine_views,
     crop_boxes,
     enlarge_boxes,
     pixel_boxes,
@@ -168,17 +170,50 @@ def write_proposals(ctx: StageContext, per_image: int = 9) -> dict[int, np.ndarr
     return boxes
 
 
-def reference_embedding(teacher, image: Image.Image, box) -> torch.Tensor:
-    """The peers' way: PIL crop -> the teacher's own preprocess -> encode, for the 1x and the
-    1.5x box; sum; L2-normalise. -> Tensor[D]"""
+def view_features(teacher, image: Image.Image, box) -> torch.Tensor:
+    """PIL crop -> the teacher's own preprocess -> encode, for the 1x and the 1.5x box.
+    -> Tensor[2, D] (1x, 1.5x), not normalised"""
     x1, y1, x2, y2 = (float(v) for v in box)
     cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
     big = (max(0.0, cx - 0.75 * w), max(0.0, cy - 0.75 * h),
            min(image.width, cx + 0.75 * w), min(image.height, cy + 0.75 * h))
     crops = torch.stack([teacher.preprocess(image.crop((x1, y1, x2, y2))),
                          teacher.preprocess(image.crop(big))])
-    feats = teacher.encode_images(crops)
+    return teacher.encode_images(crops)
+
+
+def reference_embedding(teacher, image: Image.Image, box) -> torch.Tensor:
+    """The peers' way: `view_features`, summed, L2-normalised. -> Tensor[D]"""
+    feats = view_features(teacher, image, box)
     return F.normalize(feats[0] + feats[1], dim=0)
+
+
+PIXEL_DIM = 3 * 8 * 8
+
+
+class PixelEncoder(torch.nn.Module):
+    """A planted image encoder: the crop's 8x8 average-pooled normalised pixels minus their
+    mean (D = PIXEL_DIM). Unlike a random-weight CLIP it maps different pixels to different
+    directions, so a box's 1x and 1.5x crops get clearly different embeddings."""
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
+        return f - f.mean(dim=1, keepdim=True)
+
+
+def block_noise(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Random colour blocks of 4x4 pixels: content that changes within a few pixels."""
+    small = rng.integers(0, 256, (-(-height // 4), -(-width // 4), 3), dtype=np.uint8)
+    return Image.fromarray(small.repeat(4, 0).repeat(4, 1)[:height, :width])
+
+
+def sized_boxes(rng: np.random.Generator, n: int, width: int, height: int) -> np.ndarray:
+    """float32[n, 4] boxes inside the image, sides from 8 px to 70% of the image's."""
+    w = rng.uniform(8, 0.7 * width, n)
+    h = rng.uniform(8, 0.7 * height, n)
+    x1 = rng.uniform(0, width - w)
+    y1 = rng.uniform(0, height - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -207,6 +242,34 @@ def built(tmp_path_factory, teacher_files):
     manifest = run_stage(regions, ctx, cfg, distributor="local", progress=False,
                          log=lambda _: None)
     return ctx, cfg, boxes, manifest
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, teacher_files, teacher):
+    """A regions stage run whose teacher is `PixelEncoder`, over block-noise train images
+    with 20 proposals each. -> (ctx, planted teacher, table of all rows)"""
+    tmp = tmp_path_factory.mktemp("planted")
+    ctx = make_dataset(tmp)
+    pixel_teacher = dataclasses.replace(teacher, model=PixelEncoder(),
+                                        embed_dim=PIXEL_DIM)
+    rng = np.random.default_rng(5)
+    rows = []
+    for im in json.loads(ctx.dataset.split("train").annotations.read_text())["images"]:
+        w, h = im["width"], im["height"]
+        block_noise(rng, w, h).save(ctx.dataset.root / "train" / im["file_name"], quality=95)
+        rows.append((im["id"], sized_boxes(rng, 20, w, h)))
+    out = ctx.stage_dir("proposals")
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(proposals_table(rows), out / "part-00000.parquet")
+    atomic_write_json(out / "_MANIFEST.json", {"stage": "proposals", "n_parts": 1,
+                                               "fingerprint": "proposals-planted"})
+    write_teacher_manifest(ctx.cache, teacher_files[0])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(regions, "teacher_from_cache", lambda ctx, device="cpu": pixel_teacher)
+        run_stage(regions, ctx, make_config(regions, {"batch_size": 16}), distributor="local",
+                  progress=False, log=lambda _: None)
+    table = pq.read_table(ctx.stage_dir("regions") / "part-00000.parquet")
+    return ctx, pixel_teacher, table
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -268,6 +331,15 @@ def test_region_crops_orders_1x_then_context(teacher):
     assert torch.equal(both[:2], crop_boxes(image, boxes, 32, teacher.mean, teacher.std))
     big = enlarge_boxes(boxes, 1.5, 80, 50)
     assert torch.equal(both[2:], crop_boxes(image, big, 32, teacher.mean, teacher.std))
+
+
+def test_combine_views_sums_each_box_with_its_own_context_crop():
+    # rows: box 0 at 1x, box 1 at 1x, box 0 at 1.5x, box 1 at 1.5x
+    feats = torch.tensor([[1.0, 0, 0], [2, 0, 0], [0, 3, 0], [0, 0, -6]], dtype=torch.bfloat16)
+    got = combine_views(feats)
+    want = torch.tensor([[1.0, 3, 0], [1, 0, -3]]) / 10 ** 0.5
+    assert got.dtype == torch.float32 and got.shape == (2, 3)
+    assert torch.allclose(got, want, atol=1e-7)
 
 
 def test_rebatch_cuts_full_batches_in_order():
@@ -346,6 +418,36 @@ def test_agreement_with_per_crop_pil_reference(built, teacher):
     assert cos.min() >= 0.99, cos.min()
     sim = F.normalize(stored, dim=1) @ ref.T
     assert (sim.argmax(dim=1) == torch.arange(len(ref))).float().mean() > 0.9
+
+
+def test_context_crop_counts_with_a_pixel_dependent_teacher(planted):
+    """With `PixelEncoder` a box's 1x and 1.5x crops point elsewhere, so every stored row must
+    be clearly closer to the reference normalize(V(1x) + V(1.5x)) than to normalize(V(1x))
+    (the context crop dropped or replaced by the 1x one) or normalize(V(1.5x))."""
+    ctx, teacher, table = planted
+    stored = torch.from_numpy(np.asarray(table.column("embedding").combine_chunks().flatten())
+                              .reshape(-1, PIXEL_DIM).astype(np.float32))
+    assert len(stored) == 5 * 20
+    records = json.loads(ctx.dataset.split("train").annotations.read_text())["images"]
+    images = {im["id"]: load_rgb(ctx.dataset.root / "train" / im["file_name"])
+              for im in records}
+    views = torch.stack([view_features(teacher, images[iid], box) for iid, box in
+                         zip(table.column("image_id").to_pylist(),
+                             table.column("box").to_pylist())])
+    ref = F.normalize(views[:, 0] + views[:, 1], dim=1)
+    only_1x, only_context = F.normalize(views[:, 0], dim=1), F.normalize(views[:, 1], dim=1)
+    between = F.cosine_similarity(views[:, 0], views[:, 1])
+    cos = F.cosine_similarity(stored, ref)
+    print(f"planted teacher: cos(1x, 1.5x) max {between.max():.4f} mean {between.mean():.4f}; "
+          f"stored vs reference min {cos.min():.6f} mean {cos.mean():.6f}")
+    assert between.mean() < 0.5  # the teacher does tell the two crops apart
+    for wrong in (only_1x, only_context):
+        gap = 1 - F.cosine_similarity(ref, wrong)  # how far the wrong answer is from the right
+        assert gap.min() > 0.02
+        # nearer the reference than the wrong answer by at least half the gap, on every row
+        margin = (cos - F.cosine_similarity(stored, wrong)) / gap
+        assert margin.min() > 0.5, (margin.min(), margin.argmin())
+    assert cos.min() > 0.99, cos.min()
 
 
 def test_rerun_is_up_to_date_and_another_teacher_is_refused(built, teacher_files):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
 TOP_M = 20
 STAGES_BLOCK = {
-    "rpn": {"min_size": 64, "max_size": 96, "steps": 3, "batch_size": 2, "warmup_steps": 1,
+    "rpn": {"min_size": 64, "max_size": 96, "steps": 5, "batch_size": 2, "warmup_steps": 1,
             "log_every": 1, "anchor_sizes": [8, 16, 32, 64]},
     "proposals": {"top_m": TOP_M, "images_per_part": 3, "batch_size": 2, "max_pixels": 40_000},
 }
@@ -126,7 +126,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(one_thread, tmp_path_factory):
-    """Dataset, manifest, and a cache where rpn (3 training steps) and proposals ran."""
+    """Dataset, manifest, and a cache where rpn (5 training steps: each of the 10 train
+    images once) and proposals ran."""
     base = tmp_path_factory.mktemp("tiny")
     info = make_dataset(base / "data")
     manifest = write_manifest(base / "tiny.yaml", base / "data", STAGES_BLOCK)
@@ -157,13 +158,32 @@ def test_rpn_trains_on_base_boxes_only(tiny):
     path = rpn.recorded_checkpoint(ctx.stage_dir("rpn"), m)
     assert path == ctx.stage_dir("rpn") / "rpn.pt" and m["trained"] is True
     assert m["checkpoint_sha256"] == sha256_file(path)
-    assert [h["step"] for h in m["train"]["history"]] == [1, 2, 3]
+    assert [h["step"] for h in m["train"]["history"]] == [1, 2, 3, 4, 5]
     assert m["arch"]["anchor_sizes"] == [8, 16, 32, 64]
     # reloads into the same weights
     blob = torch.load(path, weights_only=True)
     model = rpn.load_rpn(path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, blob["model"][k]), k
+
+
+def test_rpn_stage_reports_the_boxes_it_trained_on(tiny):
+    """The manifest's "fed" counts, per category id, the GT boxes the training loop handed the
+    model: the base boxes of train.json counted here, and no novel one."""
+    ctx = tiny["ctx"]
+    doc = json.loads(ctx.dataset.split("train").annotations.read_text())
+    assert [a["image_id"] for a in doc["annotations"] if a["category_id"] == 3] == [100]
+    want: dict[str, int] = {}
+    for a in doc["annotations"]:
+        if a["category_id"] in (1, 2) and not a["iscrowd"]:
+            want[str(a["category_id"])] = want.get(str(a["category_id"]), 0) + 1
+    assert want == {"1": 10, "2": 9}
+    assert tiny["rpn"]["fed"] == {"images": 10, "gt_boxes": want}
+    stats = json.loads((ctx.stage_dir("rpn") / "part-00000.stats.json").read_text())
+    assert stats["fed"] == tiny["rpn"]["fed"]
+    # the checkpoint's training summary is as before: the count is not in rpn.pt
+    blob = torch.load(ctx.stage_dir("rpn") / "rpn.pt", weights_only=True)
+    assert sorted(blob["train"]) == ["history", "images", "seconds", "steps"]
 
 
 def trained_rpn(tiny) -> str:

@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.storage_bench import write_synthetic_cache
+from pipeline.runner import make_config as stage_config
+from pipeline.runner import run_stage
+from stages import pack
 from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer.config import make_config
 from trainer.data import Augmentation, SampleError, augment, decode_sample, train_pipeline
@@ -90,6 +94,53 @@ def test_decode_sample_and_its_rejects(tiny):
         decode_sample(short, vocab.dim, vocab.base_labels(), 5)
     with pytest.raises(CacheMismatch, match=r"expects \[M, 32\]"):
         decode_sample(raw, 32, vocab.base_labels(), 5)
+
+
+def _raw_samples(shards: list[str]) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()))
+
+
+def _member(raw: dict, name: str) -> np.ndarray:
+    return np.load(io.BytesIO(raw[name]), allow_pickle=False)
+
+
+@pytest.mark.parametrize("keep", [12, 5])
+def test_decode_sample_keeps_each_cached_row_with_its_box_and_score(tiny, keep):
+    """Row r of cached_boxes / cached_scores / cached_emb is row r of the members written."""
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    samples = _raw_samples(tiny.shards)
+    assert len(samples) == tiny.n_train
+    for raw in samples:
+        s = decode_sample(raw, vocab.dim, vocab.base_labels(), cached_per_image=keep)
+        boxes, scores, emb = (_member(raw, k) for k in ("boxes.npy", "scores.npy", "emb.npy"))
+        assert len(np.unique(boxes, axis=0)) == len(boxes) == 12  # rows tell apart
+        assert s["image_id"] == json.loads(raw["json"])["image_id"]
+        assert s["cached_boxes"].numpy().tolist() == boxes[:keep].tolist()
+        assert s["cached_scores"].numpy().tolist() == scores[:keep].tolist()
+        assert s["cached_emb"].dtype == torch.float16
+        assert s["cached_emb"].numpy().tobytes() == emb[:keep].tobytes()
+
+
+def test_decoded_cached_rows_equal_the_regions_rows(tmp_path):
+    """regions parquet -> pack -> decode_sample: each image's rows, by rank, stay together."""
+    import pyarrow.parquet as pq
+
+    ctx = write_synthetic_cache(tmp_path, n_images=6, m=10, dim=8)
+    run_stage(pack, ctx, stage_config(pack), distributor="local", progress=False,
+              log=lambda _: None)
+    table = pq.read_table(ctx.cache / "regions").sort_by([("image_id", "ascending"),
+                                                         ("rank", "ascending")])
+    samples = _raw_samples(sorted(str(p) for p in (ctx.cache / "wds").glob("train-*.tar")))
+    assert len(samples) == 5  # the last image has no regions rows
+    for raw in samples:
+        s = decode_sample(raw, 8, {1: 1, 2: 2}, cached_per_image=7)
+        rows = table.filter(table["image_id"].to_numpy() == s["image_id"]).slice(0, 7)
+        assert len(rows) == 7
+        assert s["cached_boxes"].tolist() == rows["box"].to_pylist()
+        assert s["cached_scores"].tolist() == rows["score"].to_pylist()
+        assert s["cached_emb"].tolist() == rows["embedding"].to_pylist()
 
 
 def test_decode_sample_reads_cached_scores_and_tolerates_old_shards(tiny):
