@@ -183,7 +183,7 @@ def test_lock_stops_a_second_run(tmp_path):
 
 @pytest.mark.slow
 def test_parts_run_on_both_nodes_of_a_two_node_ray_cluster(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
+    import ray  # a project dependency: a missing one fails here, it is not skipped
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # so the workers import tests.stage_fixture

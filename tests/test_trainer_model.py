@@ -1,5 +1,7 @@
 """The student model: init from the RPN stage's checkpoint, config validation, vocabulary, and
 the remedy options (confident proposals, contrastive term, centring, negatives, logit bias)."""
+import math
+
 import pytest
 import torch
 
@@ -242,3 +244,34 @@ def test_detect_drops_the_background_aliases_share():
     # e^100 of the mass, so no class passes the score threshold
     assert scores[False] == pytest.approx(1 / 3, abs=1e-4)
     assert scores[True] == 0.0
+
+
+def test_detect_ensemble_scores_by_hand():
+    """ViLD-ensemble on hand-set heads: every region embeds to e_t in the text head and e_i in
+    the image head, so each class's score is known: base p_text^(2/3) p_image^(1/3), novel
+    p_text^(1/3) p_image^(2/3) (text: softmax over [bg, classes]; image: over the classes)."""
+    dim = 4
+    torch.manual_seed(0)
+    cfg = make_config({**TINY, "heads": "separate", "temperature": 1.0, "rpn_post_nms_test": 20})
+    model = OpenVocabDetector(cfg, embed_dim=dim).eval()
+    model.set_vocabulary(torch.eye(dim)[:3], torch.tensor([True, True, False]))
+    with torch.no_grad():
+        model.bg_embedding.copy_(torch.eye(dim)[3])
+        for tower, emb in ((model.text_tower, [3.0, 1.0, 0.0, 2.0]),
+                           (model.image_tower, [0.0, 1.0, 2.0, 0.0])):
+            tower.proj.weight.zero_()
+            tower.proj.bias.copy_(torch.tensor(emb))
+    # cosines: text head [bg, c0, c1, c2] = [2, 3, 1, 0] / sqrt(14); image head [0, 1, 2] / sqrt(5)
+    e_t = [math.exp(v / math.sqrt(14)) for v in (2, 3, 1, 0)]
+    p_text = [v / sum(e_t) for v in e_t[1:]]
+    e_i = [math.exp(v / math.sqrt(5)) for v in (0, 1, 2)]
+    p_image = [v / sum(e_i) for v in e_i]
+    want = [p_text[0] ** (2 / 3) * p_image[0] ** (1 / 3),
+            p_text[1] ** (2 / 3) * p_image[1] ** (1 / 3),
+            p_text[2] ** (1 / 3) * p_image[2] ** (2 / 3)]
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))]
+    for ensemble, expected in ((False, p_text), (True, want)):
+        det = model.detect(images, ensemble=ensemble)[0]
+        assert set(det.labels.tolist()) == {0, 1, 2}
+        got = torch.tensor([expected[c] for c in det.labels.tolist()])
+        torch.testing.assert_close(det.scores, got, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 -m trainer.train ...      # DDP (gloo on CPU, nccl on CUDA)
 
 Writes to --out: config.json, metrics.jsonl (one line per logged step), tb/ (TensorBoard),
-latest.pt (model, optimizer, scheduler, step, config; replaced atomically).
+latest.pt (model, optimizer, scheduler, step, RNG state, config; replaced atomically).
 Config precedence: TrainConfig defaults < the manifest's `trainer:` block < --set <
 the dedicated flags. A resumed run keeps its checkpoint's config (only --steps may change).
 """
@@ -110,6 +110,21 @@ def train_step(ddp: torch.nn.Module, model: torch.nn.Module, optimizer, schedule
     optimizer.step()
     scheduler.step()
     return losses, loss.detach(), grad_norm, lr
+
+
+def rng_state(device: torch.device) -> dict:
+    """The torch RNG state this process draws on (CPU, and the device's on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Continue the random draws of the run that saved `state` (`rng_state`)."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -280,6 +295,10 @@ def train(args) -> int:
 
     model.train()
     batches = iter(loader)
+    if resumed is not None and "rng" in resumed:
+        # the RPN and RoI proposal samplers draw on it; restored after iter(loader), which
+        # takes a seed from it
+        set_rng_state(resumed["rng"], info.device)
     sums: dict[str, float] = {}
     last = time.time()
     while step < cfg.steps:
@@ -320,7 +339,7 @@ def train(args) -> int:
             save_checkpoint(out / CHECKPOINT, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "config": cfg.to_dict(),
-                **meta})
+                "rng": rng_state(info.device), **meta})
         if stop:
             break
     if info.is_main:
