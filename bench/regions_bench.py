@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.errors import reports_errors
 from stages.crops import enlarge_boxes, region_crops
 from stages.images import load_rgb, to_uint8_tensor
 from stages.regions import Config, embed_proposals, rebatch
@@ -197,6 +198,7 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
     ]
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.regions_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

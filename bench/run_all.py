@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bench import regions_bench, storage_bench, train_bench
+from pipeline.errors import reports_errors
 from pipeline.manifests import load_manifest
 
 
@@ -29,6 +30,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__)
     p.add_argument("--manifest", default="data_manifests/toy.yaml")
@@ -39,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}\n")
 
     print("== regions: end-to-end vs bare teacher forward; batched vs per-crop PIL crops")
-    regions_bench.main([])
+    if rc := regions_bench.main([]):
+        return rc
     print(f"\n== storage: bytes per image ({cache_dir if packed else 'synthetic cache'})")
-    storage_bench.main([str(cache_dir)] if packed else [])
+    if rc := storage_bench.main([str(cache_dir)] if packed else []):
+        return rc
     print(f"\n== training input pipeline ({cache_dir / 'wds' if packed else 'stand-in shards'})")
     with tempfile.TemporaryDirectory() as tmp:
-        train_bench.main(["--manifest", args.manifest, "--cache", args.cache] if packed
-                         else ["--fixture", tmp])
-    return 0
+        return train_bench.main(["--manifest", args.manifest, "--cache", args.cache] if packed
+                                else ["--fixture", tmp])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.cache import atomic_write_json
+from pipeline.errors import reports_errors
 from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext
 
@@ -203,6 +204,7 @@ def measure(cache: Path, max_pth_images: int) -> list[tuple[str, int, float]]:
     return rows
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.storage_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import reports_errors
 from pipeline.manifests import load_manifest
 from trainer.config import make_config, parse_set
 from trainer.data import train_loader
@@ -58,6 +59,7 @@ def _inputs(args):
             dict(dataset.trainer))
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device if args.device != "auto"

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
 
 import yaml
 
-from pipeline.manifests import ManifestError, load_manifest
+from pipeline.errors import OvdError, report
+from pipeline.manifests import load_manifest
 from pipeline.runner import (
     CacheLock,
     StageContext,
-    StageError,
     make_config,
     run_stage,
     stage_folder,
@@ -83,9 +82,8 @@ def cmd_run(args) -> int:
                 run_stage(stage, ctx, cfg, distributor=args.distributor,
                           workers=args.workers, rebuild=args.rebuild,
                           progress=not args.no_progress)
-    except (ManifestError, StageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OvdError as e:  # every project error: one line, exit status 2
+        return report(e)
     return 0
 
 
@@ -156,4 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OvdError as e:
+        return report(e)

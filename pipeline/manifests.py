@@ -29,13 +29,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import yaml
 
 from pipeline.cache import sha256_file
+from pipeline.errors import OvdError
 
 FORMATS = ("coco", "lvis")
 LVIS_FREQUENCIES = ("f", "c", "r")  # frequent, common, rare
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+")  # a manifest name: one folder under the cache root
 
 
-class ManifestError(ValueError):
+class ManifestError(OvdError, ValueError):
     """A manifest is invalid; the message names the file and the problem in one line."""
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.cache import read_json
+from pipeline.errors import OvdError, report
 from pipeline.manifests import ManifestError, image_path, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from stages.dataset import TRAIN_FULL
@@ -175,9 +175,8 @@ def query_embedding(ctx: StageContext, text: str, recorded_teacher: dict) -> np.
 def run(args) -> int:
     try:
         return _run(args)
-    except (StageError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OvdError as e:
+        return report(e)
 
 
 def _run(args) -> int:

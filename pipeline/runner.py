@@ -41,13 +41,14 @@ from pipeline.cache import (
     read_json,
     tmp_path,
 )
+from pipeline.errors import OvdError
 from pipeline.manifests import DatasetManifest
 
 PLAN_FILE = "_PLAN.json"
 MANIFEST_FILE = "_MANIFEST.json"
 
 
-class StageError(RuntimeError):
+class StageError(OvdError, RuntimeError):
     """A stage cannot run as asked; the message says why and what to do."""
 
 

@@ -4,14 +4,17 @@ Boxes are `Tensor[N, 4]` (x1, y1, x2, y2) in pixels of the ORIGINAL (EXIF-transp
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
 
-from pipeline.manifests import image_file
+from pipeline.annotations import AnnotationError, load_annotations
+from pipeline.manifests import ManifestError, image_file
+
+__all__ = ["AnnotationError", "ImageRecord", "keep_categories", "read_annotations",
+           "recall_at", "to_original"]
 
 
 @dataclass(frozen=True)
@@ -26,50 +29,27 @@ class ImageRecord:
     category_ids: torch.Tensor  # Tensor[G] int64
 
 
-class AnnotationError(ValueError):
-    """An annotation file is unreadable or inconsistent; one line naming file and row."""
-
-
 def read_annotations(path: str | Path) -> dict[int, ImageRecord]:
-    """Images of a COCO/LVIS-format file by id, with their non-crowd, non-empty GT boxes.
+    """Images of a COCO/LVIS-format file by id, with their kept, non-crowd GT boxes.
 
-    File names follow `pipeline.manifests.image_file` (LVIS v1 records have only coco_url)."""
-    path = Path(path)
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        images, anns = doc["images"], doc.get("annotations", [])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise AnnotationError(f"{path}: cannot read COCO-format annotations ({e})") from None
-    per_image: dict[int, tuple[list, list]] = {}
-    meta = {}
-    for i, im in enumerate(images):
-        try:
-            iid = int(im["id"])
-            meta[iid] = (image_file(im), int(im["width"]), int(im["height"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise AnnotationError(f"{path}: images[{i}] is malformed ({e!r})") from None
-        per_image[iid] = ([], [])
-    for i, a in enumerate(anns):
-        if a.get("iscrowd", 0):
-            continue
-        try:
-            iid, (x, y, w, h) = int(a["image_id"]), map(float, a["bbox"])
-            cid = int(a["category_id"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise AnnotationError(f"{path}: annotations[{i}] is malformed ({e!r})") from None
-        if iid not in per_image:
-            raise AnnotationError(f"{path}: annotations[{i}] refers to unknown image {iid}")
-        if w <= 0 or h <= 0:
-            continue
-        per_image[iid][0].append((x, y, w, h))
-        per_image[iid][1].append(cid)
+    The file is read and validated by `pipeline.annotations.load_annotations` (the rules the
+    dataset stage applies and reports): a structural problem raises AnnotationError,
+    degenerate boxes are dropped, overshooting ones clipped to the image. File names follow
+    `pipeline.manifests.image_file` (LVIS v1 records have only coco_url)."""
+    valid = load_annotations(path)
+    images = {im["id"]: im for im in valid.images}
     out = {}
-    for iid, (boxes, cids) in per_image.items():
-        name, w, h = meta[iid]
-        xywh = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        out[iid] = ImageRecord(iid, name, w, h, box_convert(xywh, "xywh", "xyxy"),
-                               torch.tensor(cids, dtype=torch.int64))
+    for iid, anns in valid.by_image().items():
+        anns = [a for a in anns if not a.get("iscrowd", 0)]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        im = images[iid]
+        try:
+            name = image_file(im)
+        except ManifestError as e:
+            raise AnnotationError(f"{path}: {e}") from None
+        out[iid] = ImageRecord(iid, name, int(im["width"]), int(im["height"]),
+                               box_convert(xywh, "xywh", "xyxy"),
+                               torch.tensor([a["category_id"] for a in anns], dtype=torch.int64))
     return out
 
 

@@ -9,11 +9,25 @@ stage folder, which is the manifest's root:
     captions/<n>.jpg,      captions.csv image-caption corpus for the teacher (filepath, title)
     part-NNNNN.json                     the generator's own full record of each part
 
-Without it (a real dataset) it generates nothing: it checks the files and the vocabulary and
-records the annotation files' sha256 and counts; downstream stages depend on its fingerprint.
+Without it (a real dataset) it generates nothing: it checks the files and the vocabulary,
+validates every split's annotation file with `pipeline.annotations` and records the files'
+sha256 and counts; downstream stages depend on its fingerprint. A structural problem (an
+unknown image or category id, a repeated image or annotation id, a bbox that is not a list
+of 4 numbers, ...) stops the run here, in one line naming the file, before any expensive
+stage. Degenerate boxes (width or height <= 0, NaN/inf, entirely outside the image) are
+dropped and boxes overshooting the image clipped, by the same rules every later stage's
+reader applies; `_MANIFEST.json` records them as
+
+    "dropped_annotations": {"count": N, "per_split": {split: n}, "examples": [
+        {"split", "id", "image_id", "reason"}, ...]}              (at most 100 examples)
+    "clipped_annotations": {"count": N, "per_split": {split: n}, "examples": [
+        {"split", "id", "image_id", "bbox": [x, y, w, h] as in the file, "clipped": [...]}]}
+
+and its counts are those of the kept annotations.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,9 +38,19 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline.annotations import MAX_EXAMPLES, load_annotations
 from pipeline.cache import atomic_write_bytes, canonical_hash, read_json, sha256_file
+from pipeline.errors import OvdError
 from pipeline.manifests import ManifestError
-from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError, chunk_parts
+from pipeline.runner import (
+    PLAN_FILE,
+    Part,
+    PartOutput,
+    PartResult,
+    StageContext,
+    StageError,
+    chunk_parts,
+)
 from stages import synthetic
 
 NAME = "dataset"
@@ -200,7 +224,16 @@ def _object_record(o: synthetic.SceneObject, names: list[str]) -> dict:
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     spec = synthetic_spec(ctx)
     if spec is None:
-        return _describe_real(ctx)
+        try:
+            return _describe_real(ctx)
+        except OvdError:
+            # Nothing was built (a real dataset has no parts): leave no plan behind, so the
+            # corrected files are checked anew instead of being refused as "other inputs".
+            stage_dir = ctx.stage_dir(NAME)
+            (stage_dir / PLAN_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                stage_dir.rmdir()  # only when empty
+            raise
     return _assemble_synthetic(ctx, spec, stats)
 
 
@@ -307,23 +340,22 @@ def _check_some_images(ctx: StageContext, split: str, images: list[dict], n: int
 
 
 def _describe_real(ctx: StageContext) -> dict:
+    """Validate every split's annotation file (`pipeline.annotations`: a structural problem
+    stops here, in one line; degenerate boxes are dropped and overshooting ones clipped, as
+    every later stage's reader does) and describe what the later stages will see."""
     ds = ctx.dataset
     ds.check_files()
     cats = ds.categories()
     split_of = {c.id: c.split for c in cats}
     counts: dict = {"images": {}, "boxes": {}, "per_category": {}}
     files = {}
+    dropped: dict = {"count": 0, "per_split": {}, "examples": []}
+    clipped: dict = {"count": 0, "per_split": {}, "examples": []}
     for s in ds.splits.values():
-        try:
-            with open(s.annotations) as f:
-                doc = json.load(f)
-            n_images, ann_list = len(doc["images"]), doc["annotations"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise StageError(f"{s.annotations}: not a {ds.format.upper()} annotation file "
-                             f"({type(e).__name__}: {e})") from None
-        _check_some_images(ctx, s.name, doc["images"])
-        by_cat = Counter(a["category_id"] for a in ann_list)
-        counts["images"][s.name] = n_images
+        valid = load_annotations(s.annotations)
+        _check_some_images(ctx, s.name, valid.images)
+        by_cat = Counter(a["category_id"] for a in valid.annotations)
+        counts["images"][s.name] = len(valid.images)
         counts["boxes"][s.name] = {
             "base": sum(n for c, n in by_cat.items() if split_of.get(c) == "base"),
             "novel": sum(n for c, n in by_cat.items() if split_of.get(c) == "novel"),
@@ -331,10 +363,17 @@ def _describe_real(ctx: StageContext) -> dict:
         }
         counts["per_category"][s.name] = {str(c.id): by_cat.get(c.id, 0) for c in cats}
         files[s.name] = {"annotations": str(s.annotations), "sha256": sha256_file(s.annotations)}
+        for total, rule in ((dropped, valid.dropped), (clipped, valid.clipped)):
+            total["count"] += rule.count
+            total["per_split"][s.name] = rule.count
+            room = MAX_EXAMPLES - len(total["examples"])
+            total["examples"] += [{"split": s.name, **e} for e in rule.examples[:room]]
     return {
         "counts": counts,
         "categories": [{"id": c.id, "name": c.name, "split": c.split} for c in cats],
         "n_base": sum(c.split == "base" for c in cats),
         "n_novel": sum(c.split == "novel" for c in cats),
         "files": files,
+        "dropped_annotations": dropped,
+        "clipped_annotations": clipped,
     }

@@ -22,6 +22,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
+from pipeline.errors import OvdError
+
 # Gray near the CLIP mean (0.481, 0.458, 0.408) * 255: transparent pixels normalise to ~0.
 BACKGROUND = (123, 117, 104)
 
@@ -32,7 +34,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-class ImageError(ValueError):
+class ImageError(OvdError, ValueError):
     """An image cannot be decoded; the message is one line naming the file and the reason."""
 
 

@@ -36,7 +36,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.cache import atomic_write_json, read_json
+from pipeline.annotations import load_annotations
+from pipeline.cache import atomic_write_json
 from pipeline.manifests import ManifestError, image_file, image_path
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
@@ -195,14 +196,9 @@ class SplitIndex:
 
 def load_split(ctx: StageContext, split: str) -> SplitIndex:
     s = ctx.dataset.split(split)
-    try:
-        doc = read_json(s.annotations)
-        images = {int(im["id"]): im for im in doc["images"]}
-        anns: dict[int, list] = {}
-        for a in doc.get("annotations", []):
-            anns.setdefault(int(a["image_id"]), []).append(a)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise StageError(f"{s.annotations}: cannot read images/annotations ({e})") from None
+    valid = load_annotations(s.annotations)  # the kept (and clipped) annotations
+    images = {im["id"]: im for im in valid.images}
+    anns = valid.by_image()
     base = frozenset(c.id for c in ctx.dataset.categories() if c.split == "base")
     return SplitIndex(images, anns, s.images, s.annotations, base)
 

@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from pipeline.annotations import load_annotations
 from pipeline.cache import sha256_file, tmp_path
 from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
@@ -346,21 +347,20 @@ def split_accuracy(pred: torch.Tensor, label: torch.Tensor, is_novel: torch.Tens
 
 def gt_boxes(ann_file: Path, category_ids: Sequence[int], max_crops: int | None,
              seed: int = 0) -> list[dict]:
-    """Non-crowd GT annotations of `category_ids` with a positive area, sorted by image then
-    id; a seeded sample of `max_crops` of them when there are more."""
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(None):
-        coco = COCO(str(ann_file))
+    """Non-crowd GT annotations of `category_ids` at least a pixel wide and high, sorted by
+    image then id; a seeded sample of `max_crops` of them when there are more. The file is
+    read through `pipeline.annotations.load_annotations` (the kept, clipped boxes)."""
+    valid = load_annotations(ann_file)
+    images = {im["id"]: im for im in valid.images}
     keep = set(category_ids)
-    anns = [a for a in coco.dataset.get("annotations", [])
+    anns = [dict(a) for a in valid.annotations
             if a["category_id"] in keep and not a.get("iscrowd", 0)
             and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
     if max_crops and len(anns) > max_crops:
         anns = random.Random(seed).sample(anns, max_crops)
     anns.sort(key=lambda a: (a["image_id"], a["id"]))
     for a in anns:
-        a["file_name"] = image_file(coco.imgs[a["image_id"]])
+        a["file_name"] = image_file(images[a["image_id"]])
     return anns
 
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cache import read_json
+from pipeline.errors import OvdError, report
 from pipeline.manifests import ManifestError, load_manifest
 from trainer.evaluate import result_suffix
 
@@ -437,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = parse_rows(args.rows)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     rc = 0
     try:
         for name in names:
@@ -448,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(map(str, e.cmd[:4]))} ... exited with {e.returncode}",
               file=sys.stderr)
         rc = 1
-    write_summary(Path(args.out), args.manifest, args.cache)
+    except OvdError as e:
+        rc = report(e)
+    try:
+        write_summary(Path(args.out), args.manifest, args.cache)
+    except OvdError as e:
+        return report(e)
     return rc
 
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import OvdError
+
 MODES = ("text", "image", "vild")
 HEADS = ("shared", "separate")
 NORMS = ("group", "batch")
 
 
-class ConfigError(ValueError):
+class ConfigError(OvdError, ValueError):
     """A config value is invalid; the message says which and why, in one line."""
 
 

@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.errors import OvdError
 from stages.images import ImageError, decode_rgb, to_uint8_tensor
 from trainer.config import TrainConfig
 from trainer.inputs import CacheMismatch
@@ -38,7 +39,7 @@ REQUIRED_MEMBERS = ("jpg", "boxes.npy", "emb.npy", "json")
 SAMPLE_MEMBERS = (*REQUIRED_MEMBERS, "scores.npy")
 
 
-class SampleError(ValueError):
+class SampleError(OvdError, ValueError):
     """One bad sample; the stream logs it as a reject and goes on."""
 
 

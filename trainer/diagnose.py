@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from pipeline.manifests import ManifestError, load_manifest
+from pipeline.errors import OvdError
+from pipeline.errors import report as report_error
+from pipeline.manifests import load_manifest
 from trainer.data import resize_for_test
-from trainer.inputs import CacheMismatch, shard_urls
-from trainer.model import CheckpointError, OpenVocabDetector, batch_images
+from trainer.inputs import shard_urls
+from trainer.model import OpenVocabDetector, batch_images
 
 
 def agreement(student: Tensor, teacher: Tensor, text: Tensor, labels: Tensor,
@@ -178,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         index = {c: i for i, c in enumerate(vocab.category_ids)}
         report = diagnose(model, vocab, shard_urls(args.shards, cache_dir),
                           gt_by_image(gt_path, index), args.iou, args.images)
-    except (ManifestError, CacheMismatch, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OvdError, FileNotFoundError, ValueError) as e:
+        return report_error(e)
     report.update(run=str(args.run), gt=str(gt_path))
     (Path(args.run) / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))

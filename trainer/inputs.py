@@ -18,8 +18,10 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from pipeline.errors import OvdError
 
-class CacheMismatch(ValueError):
+
+class CacheMismatch(OvdError, ValueError):
     """The cache does not fit this run (dimension, vocabulary); one line naming the file."""
 
 

@@ -66,6 +66,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 
+from pipeline.errors import OvdError
 from trainer.config import TrainConfig
 from trainer.losses import (
     box_regression_loss,
@@ -79,7 +80,7 @@ from trainer.losses import (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OvdError, ValueError):
     """An init checkpoint cannot be used; one line naming the file."""
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache import read_json
+from pipeline.errors import OvdError, report
 from pipeline.manifests import ManifestError, image_path, load_manifest
 from pipeline.runner import MANIFEST_FILE, StageContext, StageError
 from trainer.config import TrainConfig
@@ -208,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         result = run(args)
-    except (ManifestError, StageError, CacheMismatch, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OvdError, FileNotFoundError) as e:
+        return report(e)
     print(format_row(result))
     print(format_per_class(result))
     if result["hub_cosine"] is None:

@@ -54,7 +54,9 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from pipeline.cache import atomic_write_bytes, sha256_file, tmp_path
-from pipeline.manifests import ManifestError, load_manifest
+from pipeline.errors import OvdError
+from pipeline.errors import report as report_error
+from pipeline.manifests import load_manifest
 from trainer.config import HEADS, MODES, ConfigError, TrainConfig, make_config, parse_set
 from trainer.data import SampleError, decode_sample, resize_for_test
 from trainer.diagnose import gt_by_image
@@ -80,7 +82,6 @@ from trainer.losses import (
     vild_text_loss_with_aliases,
 )
 from trainer.model import (
-    CheckpointError,
     EmbeddingTower,
     OpenVocabDetector,
     batch_images,
@@ -821,10 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = run(args)
-    except (ManifestError, ConfigError, CacheMismatch, CheckpointError, FileNotFoundError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OvdError, FileNotFoundError, ValueError) as e:
+        return report_error(e)
     print(format_entry(result["entry"]))
     if len(result["history"]) > 1:
         print(f"\nall runs in {Path(args.out) / RESULTS_FILE}:")

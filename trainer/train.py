@@ -27,7 +27,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache import tmp_path
-from pipeline.manifests import DatasetManifest, ManifestError, load_manifest
+from pipeline.errors import OvdError, report
+from pipeline.manifests import DatasetManifest, load_manifest
 from stages.rpn import recorded_checkpoint
 from trainer import distributed
 from trainer.config import (
@@ -40,7 +41,6 @@ from trainer.config import (
 )
 from trainer.data import train_loader
 from trainer.inputs import (
-    CacheMismatch,
     check_shard_dim,
     load_vocabulary,
     shard_has_scores,
@@ -51,7 +51,6 @@ from trainer.inputs import (
 )
 from trainer.losses import mean_direction_baseline
 from trainer.model import (
-    CheckpointError,
     OpenVocabDetector,
     arch_overrides,
     load_init_weights,
@@ -354,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ManifestError, ConfigError, CacheMismatch, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OvdError, FileNotFoundError) as e:
         distributed.cleanup()
-        return 2
+        return report(e)
 
 
 if __name__ == "__main__":
