@@ -8,7 +8,7 @@ RUN ?= runs/toy
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup stages test status train eval ablation bench query clean
+.PHONY: setup stages test status train eval ablation bench query mutate clean
 
 # torchvision's compiled ops (nms, roi_align) need the registry's CUDA build of torch, about 7 GB
 # installed and more while pip unpacks it: say so in one line rather than fail half-way with ENOSPC.
@@ -41,8 +41,10 @@ EVAL_FLAGS ?= --ensemble
 train: setup
 	$(PY) -m trainer.train --manifest $(MANIFEST) --cache $(CACHE) --out $(RUN) $(TRAIN_FLAGS)
 
+# --pictures: also <run>/val_detections*.png (GT | predictions) and val_pr*.png (PR curves)
 eval: setup
-	$(PY) -m trainer.evaluate --manifest $(MANIFEST) --cache $(CACHE) --run $(RUN) $(EVAL_FLAGS)
+	$(PY) -m trainer.evaluate --manifest $(MANIFEST) --cache $(CACHE) --run $(RUN) $(EVAL_FLAGS) \
+		--pictures
 
 # text, image, vild, ensemble and the remedies' rows, same steps and seed (ROWS=text,vild: a
 # subset; empty: all). Finished rows are skipped; the summary holds every finished row.
@@ -53,6 +55,16 @@ ablation: setup
 
 bench: setup
 	$(PY) -m bench.run_all --manifest $(MANIFEST) --cache $(CACHE)
+
+# Mutation testing ([tool.mutmut] in pyproject.toml: crops, boxes, losses, data, runner, regions),
+# on demand and never in CI. Resumable: mutmut keeps its results in mutants/. MUTATE="trainer.losses*"
+# restricts it to matching mutants; the survivors are listed at the end (BENCHMARKS.md has the
+# last run's).
+MUTATE ?=
+mutate: setup
+	$(PY) -m pip install -q "mutmut>=3.2,<4"
+	$(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	$(VENV)/bin/mutmut results
 
 query: setup
 	$(PY) -m pipeline query "a photo of a red star" --cache $(CACHE) --k 24 --out results.png

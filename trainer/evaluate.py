@@ -20,6 +20,12 @@ records "calibration" and the subtracted "logit_bias" per class.
 the base texts and only base categories are scored (files *_base_vocab.json). Set beside the
 full-vocabulary AP50_base it tells a student that cannot classify base objects from one whose
 base classification is intact but whose regions some novel text outscores.
+
+`--pictures` (`make eval` passes it) also writes <run>/<split>_detections<suffix>.png, ground
+truth beside predictions for the first 8 evaluated images by id (base and novel categories in
+two colours), and <run>/<split>_pr<suffix>.png, the base and novel precision-recall curves at
+IoU 0.5 from the evaluator's precision array (`trainer/pictures.py`); the JSON files are the
+same with or without it.
 """
 from __future__ import annotations
 
@@ -38,18 +44,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.errors import OvdError, report
 from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
 from trainer.calibration import METHODS as CALIBRATIONS
 from trainer.config import ConfigError, config_from_dict, detections_per_image
 from trainer.data import resize_for_test
 from trainer.inputs import (
-    CacheMismatch,
     Vocabulary,
     load_vocabulary,
     text_parquet_path,
     vocabulary_extras,
 )
-from trainer.model import CheckpointError, OpenVocabDetector
+from trainer.model import OpenVocabDetector
 from trainer.train import CHECKPOINT, load_checkpoint
 
 TABLE_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP_novel", "AP_base", "AP_all")
@@ -84,8 +90,10 @@ def precision_summary(precision: np.ndarray, cat_ids: list[int], names: dict[int
 
 
 def coco_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int],
-                 novel_ids: set[int]) -> dict:
-    """pycocotools bbox evaluation of COCO-format `detections` against `gt_json`."""
+                 novel_ids: set[int], arrays: dict | None = None) -> dict:
+    """pycocotools bbox evaluation of COCO-format `detections` against `gt_json`.
+    `arrays`, when given, receives the reduced precision array [T, R, K] and its "cat_ids"
+    (for the PR plot of `--pictures`)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -95,6 +103,9 @@ def coco_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int]
     names = {c["id"]: c["name"] for c in gt.loadCats(cat_ids)}
     if not detections:
         precision = np.where(_has_gt(gt, cat_ids)[None, None, :], 0.0, -1.0)
+        if arrays is not None:  # the shape COCOeval's would have: [T, R, K]
+            arrays.update(precision=np.broadcast_to(precision, (10, 101, len(cat_ids))),
+                          cat_ids=cat_ids)
         return precision_summary(precision, cat_ids, names, base_ids, novel_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(detections)
@@ -103,6 +114,8 @@ def coco_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int]
         ev.evaluate()
         ev.accumulate()
     precision = ev.eval["precision"][:, :, :, 0, -1]  # area all, maxDets 100
+    if arrays is not None:
+        arrays.update(precision=precision, cat_ids=cat_ids)
     return precision_summary(precision, cat_ids, names, base_ids, novel_ids)
 
 
@@ -135,14 +148,17 @@ def _numpy_float_alias():
 
 
 def lvis_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int],
-                 novel_ids: set[int], max_dets: int = 300) -> dict:
-    """lvis-api (federated) bbox evaluation; adds APr / APc / APf to the subset metrics."""
+                 novel_ids: set[int], max_dets: int = 300, arrays: dict | None = None) -> dict:
+    """lvis-api (federated) bbox evaluation; adds APr / APc / APf to the subset metrics.
+    `arrays` as for `coco_metrics`."""
     from lvis import LVIS, LVISEval, LVISResults
 
     gt = LVIS(str(gt_json))
     cat_ids = sorted(gt.get_cat_ids())
     names = {c["id"]: c["name"] for c in gt.load_cats(cat_ids)}
     if not detections:
+        if arrays is not None:
+            arrays.update(precision=-np.ones((10, 101, len(cat_ids))), cat_ids=cat_ids)
         out = precision_summary(-np.ones((10, 101, len(cat_ids))), cat_ids, names, base_ids,
                                 novel_ids)
         return {**out, "APr": 0.0, "APc": 0.0, "APf": 0.0}
@@ -150,6 +166,8 @@ def lvis_metrics(gt_json: str | Path, detections: list[dict], base_ids: set[int]
     with _numpy_float_alias():
         ev.run()
     precision = ev.eval["precision"][:, :, :, 0]  # area all
+    if arrays is not None:
+        arrays.update(precision=precision, cat_ids=cat_ids)
     out = precision_summary(precision, cat_ids, names, base_ids, novel_ids)
     res = ev.get_results()
     out.update({k: float(res[k]) for k in ("APr", "APc", "APf")})
@@ -303,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--pictures", action="store_true",
+                   help="also write <split>_detections*.png (GT | predictions) and "
+                        "<split>_pr*.png (base / novel PR curves)")
     return p
 
 
@@ -360,11 +381,12 @@ def evaluate(args) -> dict:
     gt = restrict_gt(dataset.split(args.split).annotations, image_ids,
                      run / f"gt_{args.split}_subset{suffix}.json",
                      vocab.category_ids if base_vocab else None)
+    arrays: dict = {}
     if dataset.format == "lvis":
         metrics = lvis_metrics(gt, detections, base_ids, novel_ids,
-                               max_dets=model.detections_per_image)
+                               max_dets=model.detections_per_image, arrays=arrays)
     else:
-        metrics = coco_metrics(gt, detections, base_ids, novel_ids)
+        metrics = coco_metrics(gt, detections, base_ids, novel_ids, arrays=arrays)
     result = {"mode": "ensemble" if args.ensemble else ckpt["config"]["mode"],
               "train_mode": ckpt["config"]["mode"], "heads": ckpt["config"]["heads"],
               "vocabulary": args.vocabulary, "calibration": calibration, **calibration_info,
@@ -377,6 +399,14 @@ def evaluate(args) -> dict:
               "checkpoint": str(args.checkpoint or run / CHECKPOINT),
               "teacher": ckpt.get("teacher")}
     (run / f"eval{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if getattr(args, "pictures", False):
+        from trainer.pictures import eval_pictures
+
+        paths = eval_pictures(run, args.split, suffix, gt, dataset.split(args.split).images,
+                              detections, dict(zip(vocab.category_ids, vocab.names)),
+                              base_ids, arrays["precision"], arrays["cat_ids"], metrics,
+                              f"{run.name} ({result['mode']})")
+        print("pictures: " + ", ".join(str(p) for p in paths))
     return result
 
 
@@ -384,10 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate(args)
-    except (ManifestError, ConfigError, CacheMismatch, CheckpointError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OvdError, FileNotFoundError) as e:
+        return report(e)
     print(format_row(result))
     print(format_per_class(result))
     return 0
