@@ -85,6 +85,19 @@ def test_box_regression_loss_smooth_l1_on_foreground_over_all_samples():
                                                                                 rel=1e-5)
     ref = F.smooth_l1_loss(deltas[:2], targets[:2], beta=beta, reduction="sum") / 3
     assert box_regression_loss(deltas, targets, labels).item() == pytest.approx(ref.item())
+    # one sampled proposal: divided by 1 (a mutation run found max(2, n) unnoticed)
+    one = box_regression_loss(deltas[1:2], targets[1:2], labels[1:2]).item()
+    assert one == pytest.approx((1.0 - 0.5 * beta) + 0.5 * 0.05 ** 2 / beta, rel=1e-5)
+
+
+def test_image_loss_weight_defaults_to_the_papers_half_and_scales_linearly():
+    teacher = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    student = F.normalize(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    l1 = (student - teacher).abs().sum(-1).mean().item()
+    assert vild_image_loss(student, teacher).item() == pytest.approx(0.5 * l1, rel=1e-6)
+    assert vild_image_loss(student, teacher, 2.0).item() == pytest.approx(2.0 * l1, rel=1e-6)
+    base = mean_direction_baseline(teacher).item()
+    assert mean_direction_baseline(teacher, 2.0).item() == pytest.approx(4 * base, rel=1e-6)
 
 
 def test_ensemble_weights_base_toward_text_and_novel_toward_image():
