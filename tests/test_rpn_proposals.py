@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pipeline.cache import sha256_file
 from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext, StageError, make_config, run_stage
 from stages import proposals, rpn
-from stages.boxes import read_annotations, recall_at, to_original
+from stages.boxes import AnnotationError, keep_categories, read_annotations, recall_at, to_original
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
@@ -324,6 +325,33 @@ def test_recall_at_hand_computed():
     assert recall_at(gt, props, [1, 2, 3]) == {1: 1 / 3, 2: 2 / 3, 3: 3 / 3}
     assert recall_at(gt, props, [3], iou_thresh=0.82) == {3: 1 / 3}
     assert recall_at([torch.zeros(0, 4)], [torch.zeros(0, 4)], [10]) == {10: None}
+    # an image with GT but no proposals counts as misses, and the images after it still count
+    # (a mutation run found `break` for `continue` and `and` for `or` unnoticed)
+    assert recall_at([gt[1], gt[0]], [torch.zeros(0, 4), props[0]], [3]) == {3: 2 / 3}
+    with pytest.raises(ValueError, match=r"^recall_at: 2 GT lists but 1 proposal lists$"):
+        recall_at(gt[:2], props[:1], [1])
+
+
+def test_read_annotations_keeps_ids_and_annotations_without_iscrowd(tmp_path):
+    """Records keep their image id, and an annotation with no `iscrowd` key is not a crowd."""
+    doc = {"images": [{"id": 7, "file_name": "a.jpg", "width": 50, "height": 40}],
+           "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "star"}],
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [1, 2, 10, 20]},
+                           {"id": 2, "image_id": 7, "category_id": 1, "bbox": [5, 5, 4, 4],
+                            "iscrowd": 1}]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc))
+    rec = read_annotations(path)[7]
+    assert (rec.image_id, rec.file_name, rec.width, rec.height) == (7, "a.jpg", 50, 40)
+    assert rec.boxes.tolist() == [[1.0, 2.0, 11.0, 22.0]] and rec.category_ids.tolist() == [2]
+    assert rec.boxes.dtype == torch.float32 and rec.category_ids.dtype == torch.int64
+    kept = keep_categories(rec, {2})
+    assert kept.image_id == 7 and kept.category_ids.tolist() == [2]
+    assert keep_categories(rec, {1}).boxes.shape == (0, 4)
+    doc["images"][0].pop("file_name")
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AnnotationError, match=rf"^{re.escape(str(path))}: image record 7 has "):
+        read_annotations(path)
 
 
 def test_recall_report_hand_computed(tiny, tmp_path):
