@@ -98,21 +98,29 @@ def _list(doc: dict, key: str, source: str, required: bool) -> list:
     return value
 
 
+def _record_id(rec, key: str, what: str, first: dict[int, int], i: int, source: str) -> int:
+    """The integer id of record `i` of the list `key` ("images", ...), noted in `first`;
+    raises when `rec` is not a record, its id is not an integer, or another record has it."""
+    where = f"{source}: {key}[{i}]"
+    if not isinstance(rec, dict):
+        raise AnnotationError(f"{where} is not a record ({type(rec).__name__})")
+    rid = rec.get("id")
+    if not _is_int(rid):
+        raise AnnotationError(f"{where}: id must be an integer, got {rid!r}")
+    if rid in first:
+        raise AnnotationError(f"{where}: duplicate {what} id {rid} "
+                              f"(also {key}[{first[rid]}])")
+    first[rid] = i
+    return rid
+
+
 def _check_images(images: list, source: str) -> dict[int, tuple]:
     """{image id: (width, height)}; raises on the first malformed or repeated image."""
     sizes: dict[int, tuple] = {}
     first: dict[int, int] = {}
     for i, im in enumerate(images):
         where = f"{source}: images[{i}]"
-        if not isinstance(im, dict):
-            raise AnnotationError(f"{where} is not a record ({type(im).__name__})")
-        iid = im.get("id")
-        if not _is_int(iid):
-            raise AnnotationError(f"{where}: id must be an integer, got {iid!r}")
-        if iid in first:
-            raise AnnotationError(f"{where}: duplicate image id {iid} "
-                                  f"(also images[{first[iid]}])")
-        first[iid] = i
+        iid = _record_id(im, "images", "image", first, i, source)
         w, h = im.get("width"), im.get("height")
         if not (_is_number(w) and _is_number(h) and w > 0 and h > 0
                 and math.isfinite(w) and math.isfinite(h)):
@@ -125,16 +133,7 @@ def _check_images(images: list, source: str) -> dict[int, tuple]:
 def _check_categories(categories: list, source: str) -> set[int]:
     ids: dict[int, int] = {}
     for i, c in enumerate(categories):
-        where = f"{source}: categories[{i}]"
-        if not isinstance(c, dict):
-            raise AnnotationError(f"{where} is not a record ({type(c).__name__})")
-        cid = c.get("id")
-        if not _is_int(cid):
-            raise AnnotationError(f"{where}: id must be an integer, got {cid!r}")
-        if cid in ids:
-            raise AnnotationError(f"{where}: duplicate category id {cid} "
-                                  f"(also categories[{ids[cid]}])")
-        ids[cid] = i
+        _record_id(c, "categories", "category", ids, i, source)
     return set(ids)
 
 
@@ -155,17 +154,8 @@ def validate_annotations(doc, source: str | Path) -> Annotations:
     dropped, clipped = Report(), Report()
     seen: dict[int, int] = {}
     for i, a in enumerate(anns):
-        where = f"{source}: annotations[{i}]"
-        if not isinstance(a, dict):
-            raise AnnotationError(f"{where} is not a record ({type(a).__name__})")
-        aid = a.get("id")
-        if not _is_int(aid):
-            raise AnnotationError(f"{where}: id must be an integer, got {aid!r}")
-        if aid in seen:
-            raise AnnotationError(f"{where}: duplicate annotation id {aid} "
-                                  f"(also annotations[{seen[aid]}])")
-        seen[aid] = i
-        where = f"{where} (id {aid})"
+        aid = _record_id(a, "annotations", "annotation", seen, i, source)
+        where = f"{source}: annotations[{i}] (id {aid})"
         iid, cid, bbox = a.get("image_id"), a.get("category_id"), a.get("bbox")
         if not _is_int(iid):
             raise AnnotationError(f"{where}: image_id must be an integer, got {iid!r}")

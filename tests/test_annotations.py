@@ -36,20 +36,10 @@ from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext
 from stages import pack, rpn
 from stages.boxes import read_annotations
+from tests.test_dataset import REAL  # the same real-format manifest
 
 W, H = 32, 24  # every image's size
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 5, "name": "cow"}]
-REAL = """
-name: real
-format: coco
-root: {root}
-splits:
-  train: {{images: train2017, annotations: annotations/train.json}}
-  val: {{images: val2017, annotations: annotations/val.json}}
-vocabulary:
-  base: [cat, dog]
-  novel: [cow]
-"""
 
 
 def ann(aid: int, image_id: int, category_id: int, bbox, **extra) -> dict:
