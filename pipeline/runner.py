@@ -279,23 +279,36 @@ def ensure_ray() -> None:
              log_to_driver=True, logging_level="WARNING")
 
 
-def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int) -> tuple[dict, int]:
-    import ray
+def plan_workers(want: dict, workers: int | None, n_parts: int, max_cpus: float,
+                 total_cpus: float, gpus: float, log=print) -> tuple[dict, int]:
+    """(per-actor resources, actor count) for a stage asking `want` per worker on a cluster
+    with `total_cpus` CPUs (at most `max_cpus` on one node) and `gpus` GPUs.
 
-    want = dict(getattr(stage, "RESOURCES", {"num_cpus": 1}))
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
-    total_cpus = ray.cluster_resources().get("CPU", 1)
-    gpus = ray.cluster_resources().get("GPU", 0)
+    The count never exceeds what the cluster can place at once: an actor Ray cannot place
+    never starts, and the parts handed to it would wait forever (`--workers 4` on a one-GPU
+    node asked for four GPUs). A larger `workers` is capped, with one line saying so."""
+    want = dict(want)
     want["num_cpus"] = max(1, min(want.get("num_cpus", 1), int(max_cpus)))
     if not gpus:
         want["num_gpus"] = 0
-    per_worker = want["num_cpus"]
-    fit = max(1, int(total_cpus // per_worker))
+    fit = max(1, int(total_cpus // want["num_cpus"]))
     if want.get("num_gpus"):
         fit = min(fit, max(1, int(gpus // want["num_gpus"])))
-    n = min(n_parts, workers or fit)
+    if workers and workers > fit:
+        log(f"--workers {workers}: the cluster places {fit} such worker(s) at once "
+            f"({want}); using {fit}")
+    n = min(n_parts, min(workers, fit) if workers else fit)
     return want, max(1, n)
+
+
+def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int) -> tuple[dict, int]:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
+    resources = ray.cluster_resources()
+    return plan_workers(getattr(stage, "RESOURCES", {"num_cpus": 1}), workers, n_parts,
+                        max_cpus, resources.get("CPU", 1), resources.get("GPU", 0))
 
 
 class _RayDistributor:

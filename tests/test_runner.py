@@ -216,3 +216,24 @@ def test_status_command_reports_done_total_and_rows(tmp_path):
     line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["squares"])
     assert line.split() == ["squares", "1/2", "3", "1", "in", "progress"]
     assert any(ln.split()[:2] == ["dataset", "-"] for ln in out.splitlines())
+
+
+def test_worker_count_never_exceeds_what_the_cluster_places():
+    from pipeline.runner import plan_workers
+
+    said = []
+    gpu = {"num_cpus": 1, "num_gpus": 1}
+    # --workers 4 on a one-GPU node: one actor (four would wait for GPUs that never come)
+    assert plan_workers(gpu, 4, 12, 16, 16, 1, log=said.append) == (gpu, 1)
+    assert said == [("--workers 4: the cluster places 1 such worker(s) at once "
+                     "({'num_cpus': 1, 'num_gpus': 1}); using 1")]
+    assert plan_workers(gpu, None, 12, 16, 16, 2, log=said.append) == (gpu, 2)
+    assert plan_workers(gpu, 1, 12, 16, 16, 2, log=said.append) == (gpu, 1)
+    # no GPU in the cluster: the stage runs on CPU actors, as many as the CPUs hold
+    assert plan_workers(gpu, None, 12, 8, 16, 0) == ({"num_cpus": 1, "num_gpus": 0}, 12)
+    cpu = {"num_gpus": 0}
+    assert plan_workers({"num_cpus": 4}, None, 12, 8, 16, 0) == ({"num_cpus": 4, **cpu}, 4)
+    assert plan_workers({"num_cpus": 32}, 3, 12, 8, 16, 0, log=said.append) == (
+        {"num_cpus": 8, **cpu}, 2)
+    assert plan_workers({"num_cpus": 1}, None, 3, 8, 16, 0) == ({"num_cpus": 1, **cpu}, 3)
+    assert len(said) == 2

@@ -296,3 +296,34 @@ def test_a_run_with_remedies_evaluates_with_them(tiny, tmp_path):
     # the texts are centred: not the raw normalised text embeddings any more
     raw = torch.nn.functional.normalize(vocab.embeddings.float(), dim=-1)
     assert not torch.allclose(model.text_emb, raw, atol=1e-3)
+
+
+def test_processes_beyond_the_gpus_stop_with_one_clear_line():
+    from trainer.distributed import DistributedError, process_device
+
+    assert process_device("cpu", 4, 3, 0) == torch.device("cpu")
+    assert process_device("cuda", 2, 1, 2) == torch.device("cuda", 1)
+    assert process_device("cuda:1", 1, 0, 2) == torch.device("cuda", 1)
+    with pytest.raises(DistributedError) as e:
+        process_device("cuda", 2, 1, 1)
+    assert str(e.value) == ("torchrun started process 1 of 2 on this node, which has 1 GPU(s): "
+                            "use --nproc_per_node 1, or --device cpu for gloo on the CPU")
+    with pytest.raises(DistributedError, match=r"^--device cuda:0 puts all 2 processes on one"):
+        process_device("cuda:0", 2, 0, 2)
+    with pytest.raises(DistributedError, match=r"^--device cuda:3: this node has 2 GPU\(s\)$"):
+        process_device("cuda:3", 1, 0, 2)
+
+
+def test_train_cli_reports_too_many_processes_in_one_line(monkeypatch, capsys):
+    from trainer import train as T
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    rc = T.main(["--manifest", "data_manifests/toy.yaml", "--cache", "/nonexistent",
+                 "--out", "/tmp/unused-run", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == ("error: torchrun started process 1 of 2 on this node, which has "
+                               "1 GPU(s): use --nproc_per_node 1, or --device cpu for gloo on "
+                               "the CPU\n")

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
     p.add_argument("--resume", default=None, help="'latest' (= <out>/latest.pt) or a path")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (one process)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="checkpoint and exit after this step (the schedule still ends at --steps)")
     return p
