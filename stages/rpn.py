@@ -34,6 +34,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import nms, remove_small_boxes
 
 from pipeline.cache import canonical_hash, sha256_file
+from pipeline.checkpoints import CheckpointError, load_weights
 from pipeline.manifests import ManifestError, contained_path
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.boxes import ImageRecord, keep_categories, read_annotations, to_original
@@ -185,10 +186,9 @@ def load_rpn(path: str | Path, fallback: RPNArch | None = None,
     if not path.is_file():
         raise StageError(f"RPN checkpoint {path} not found")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise StageError(f"RPN checkpoint {path} cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        blob = load_weights(path, "RPN checkpoint")
+    except CheckpointError as e:
+        raise StageError(f"RPN checkpoint {path} cannot be read ({e})") from None
     if isinstance(blob, dict) and "model" in blob and "arch" in blob:
         arch, state = RPNArch.from_dict(blob["arch"]), blob["model"]
     elif isinstance(blob, dict):

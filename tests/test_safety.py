@@ -60,6 +60,17 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_the_rpn_stage_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
+    from pipeline.runner import StageError
+    from stages.rpn import load_rpn
+
+    path, marker = crafted_checkpoint(tmp_path)
+    with pytest.raises(StageError) as e:
+        load_rpn(path)
+    assert "\n" not in str(e.value) and "refused" in str(e.value)
+    assert "posix.system" in str(e.value) and not marker.exists()
+
+
 def test_a_plain_checkpoint_still_loads(tmp_path):
     state = {"model": {"w": torch.arange(3.0)}, "step": 7, "config": {"lr": 1e-3},
              "vocabulary": ["a", "b"], "world_size": 1}

@@ -51,9 +51,7 @@ Remedies (`TrainConfig`, all off by default, then nothing below changes a paper 
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +64,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 
-from pipeline.errors import OvdError
+from pipeline.checkpoints import CheckpointError, load_weights
 from trainer.config import TrainConfig
 from trainer.losses import (
     box_regression_loss,
@@ -78,11 +76,6 @@ from trainer.losses import (
     vild_image_loss,
     vild_text_loss_with_aliases,
 )
-
-
-class CheckpointError(OvdError, ValueError):
-    """An init checkpoint cannot be used; one line naming the file."""
-
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # the backbone's input normalisation (ImageNet statistics)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -405,28 +398,6 @@ class OpenVocabDetector(nn.Module):
                                self.detections_per_image)
             out.append(Detections(*kept))
         return out
-
-
-def load_weights(path: str | Path, what: str = "checkpoint") -> dict:
-    """torch.load with weights_only=True: tensors, numbers, strings and containers only.
-
-    A checkpoint is data a team receives; one that holds any other Python object (which
-    unpickling would construct, and could run code) is refused with a CheckpointError naming
-    the file and the object, as is an unreadable one."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        named = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
-        if named:  # torch's weights-only unpickler met an object it will not construct
-            raise CheckpointError(f"{path}: {what} refused: it holds objects beyond tensors "
-                                  f"and plain containers ({named[0]})") from None
-        detail = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln]
-        reason = detail[0] if detail else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load {what}: not a torch checkpoint "
-                              f"({reason})") from None
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load {what} ({reason})") from None
 
 
 def read_init_checkpoint(path: str) -> dict:

@@ -27,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache import tmp_path
+from pipeline.checkpoints import load_weights
 from pipeline.errors import OvdError, report
 from pipeline.manifests import DatasetManifest, load_manifest
 from stages.rpn import recorded_checkpoint
@@ -54,7 +55,6 @@ from trainer.model import (
     OpenVocabDetector,
     arch_overrides,
     load_init_weights,
-    load_weights,
     read_init_checkpoint,
 )
 
