@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import reports_errors
 from pipeline.manifests import load_manifest
+from trainer import distributed
 from trainer.config import make_config, parse_set
 from trainer.data import train_loader
 from trainer.inputs import check_shard_dim, load_vocabulary, shard_urls, text_parquet_path
@@ -62,8 +63,7 @@ def _inputs(args):
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device if args.device != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(distributed.resolve(args.device))
     cache_dir, text_path, overrides = _inputs(args)
     overrides.update(parse_set(args.set))
     overrides["mode"] = args.mode

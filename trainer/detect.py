@@ -43,6 +43,7 @@ from PIL import Image
 from pipeline.errors import OvdError, report
 from pipeline.manifests import Category, DatasetManifest, load_manifest
 from pipeline.runner import StageContext
+from trainer import distributed
 from trainer.data import resize_for_test
 from trainer.evaluate import coco_results, load_run
 from trainer.inputs import Vocabulary
@@ -257,8 +258,7 @@ def detect(args) -> dict:
     if not checkpoint.is_file():
         raise DetectError(f"{checkpoint}: no checkpoint (--run must be a trained run folder "
                           f"holding {CHECKPOINT}, or pass --checkpoint)")
-    device = torch.device(args.device if args.device != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(distributed.resolve(args.device))
     dataset: DatasetManifest = load_manifest(args.manifest, cache_root=args.cache,
                                              data_root=args.data_root)
     cache_dir = Path(args.cache) / dataset.name

@@ -26,6 +26,13 @@ class DistributedError(OvdError, ValueError):
     """The processes torchrun started cannot each get a device; one line saying what to run."""
 
 
+def resolve(device: str) -> str:
+    """`auto` -> cuda when torch sees a GPU, else cpu; any other name as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def process_device(device: str, world: int, local_rank: int, n_gpus: int) -> torch.device:
     """The device of process `local_rank` of `world` for `device` (cpu | cuda | cuda:N,
     already resolved from auto) on a node with `n_gpus` GPUs.
@@ -54,8 +61,7 @@ def setup(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK), if any.
 
     `device`: auto | cpu | cuda | cuda:N (see `process_device`)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

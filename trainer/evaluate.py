@@ -46,6 +46,7 @@ from torch import Tensor
 
 from pipeline.errors import OvdError, report
 from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
+from trainer import distributed
 from trainer.calibration import METHODS as CALIBRATIONS
 from trainer.config import ConfigError, config_from_dict, detections_per_image
 from trainer.data import resize_for_test
@@ -348,8 +349,7 @@ def calibrate(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManif
 
 
 def evaluate(args) -> dict:
-    device = torch.device(args.device if args.device != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(distributed.resolve(args.device))
     run = Path(args.run)
     dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
     cache_dir = Path(args.cache) / dataset.name
