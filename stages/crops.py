@@ -6,10 +6,10 @@ The teacher's (open_clip val) preprocess of a crop is: resize the shortest side 
 S x S square, normalise with mean / std. PIL resizes separably, one axis at a time: each output
 pixel is a normalised weighted sum of the crop pixels under the filter, the crop's edge cutting
 the filter off, rounded to 8 bit after each pass. Those weights depend only on the crop's length
-along the axis, its resized length and the centre-crop offset, so `axis_taps` computes them for
-all boxes at once, and `crop_boxes` applies them as matrices over each box's patch of image
-pixels: two batched matrix products (horizontal, then vertical), with PIL's 8-bit rounding and
-clipping after each. Every filter torchvision's `Resize` hands to PIL (nearest, bilinear,
+along the axis, its resized length and the centre-crop offset, so `axis_taps` finds them for all
+boxes at once, `tap_weights` makes them matrices over each box's patch of image pixels, and
+`crop_boxes` applies them as two batched matrix products (horizontal, then vertical), with
+PIL's 8-bit rounding and clipping after each. Every filter torchvision's `Resize` hands to PIL (nearest, bilinear,
 bicubic, box, hamming, lanczos) is reproduced, so the interpolation the teacher's preprocess
 names (`preprocess_resize`) is honoured, not assumed.
 
@@ -158,37 +158,30 @@ def centre_offsets(resized: Tensor, size: int) -> Tensor:
 
 
 def axis_taps(length: Tensor, resized: Tensor, offset: Tensor, size: int,
-              interpolation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """PIL's resampling taps of each kept output pixel along one axis of each crop.
+              interpolation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where PIL's filter reads for each kept output pixel along one axis of each crop.
 
     A crop of `length` pixels is resized to `resized`; output pixel j is resized pixel
-    offset + j, centred at (offset + j + 0.5) * length / resized in the crop. It reads the
-    crop pixels [lo_j, hi_j), PIL's filter support rounded to whole pixels, with the filter's
-    weights normalised to sum 1 (nearest: the one pixel under the centre, weight 1).
+    offset + j, centred at (offset + j + 0.5) * length / resized in the crop, and reads the
+    crop pixels [lo_j, hi_j): the filter's support, widened by the downscale factor, rounded
+    to whole pixels as PIL rounds it (nearest: the one pixel under the centre).
 
-    length, resized, offset: Tensor[N] -> (lo, hi Tensor[N, size] int64 (crop-relative),
-    weights Tensor[N, size, K] float32, zero past each pixel's hi_j - lo_j taps)
+    length, resized, offset: Tensor[N] -> (lo, hi Tensor[N, size] int64, crop-relative and
+    non-decreasing in j; centre Tensor[N, size] float64; filter scale Tensor[N] float64,
+    max(1, length / resized))
     """
+    length, resized = length.double(), resized.double()
+    scale = length / resized
     if interpolation in NEAREST:
         lo = nearest_taps(length, resized, offset, size)
-        return lo, lo + 1, torch.ones(len(length), size, 1, device=length.device)
-    length, resized = length.double(), resized.double()
-    scale = (length / resized)[:, None]
-    j = torch.arange(size, dtype=torch.float64, device=length.device)
-    centre = (offset.double()[:, None] + j + 0.5) * scale
-    support, kernel = FILTERS[interpolation]
+        return lo, lo + 1, lo.double() + 0.5, torch.ones_like(scale)
     filterscale = scale.clamp(min=1.0)
-    support = support * filterscale
+    j = torch.arange(size, dtype=torch.float64, device=length.device)
+    centre = (offset.double()[:, None] + j + 0.5) * scale[:, None]
+    support = FILTERS[interpolation][0] * filterscale[:, None]
     lo = torch.floor(centre - support + 0.5).clamp(min=0)
     hi = torch.minimum(torch.floor(centre + support + 0.5), length[:, None])
-    taps = int((hi - lo).max()) if lo.numel() else 1
-    v = lo[:, :, None] + torch.arange(taps, dtype=torch.float64, device=lo.device)
-    x = (v - centre[:, :, None] + 0.5) / filterscale[:, :, None]
-    if interpolation != "box":  # continuous filters: float32 is plenty (PIL rounds to 22 bits)
-        x = x.float()
-    w = kernel(x) * (v < hi[:, :, None])
-    total = w.sum(dim=2, keepdim=True)
-    return lo.long(), hi.long(), (w / torch.where(total == 0, 1.0, total)).float()
+    return lo.long(), hi.long(), centre, filterscale
 
 
 def nearest_taps(length: Tensor, resized: Tensor, offset: Tensor, size: int) -> Tensor:
@@ -211,16 +204,30 @@ def nearest_taps(length: Tensor, resized: Tensor, offset: Tensor, size: int) -> 
         length.device)
 
 
-def dense_weights(first: Tensor, weights: Tensor, span: int) -> Tensor:
-    """Taps as matrices over a patch of `span` pixels.
+def tap_weights(lo: Tensor, hi: Tensor, centre: Tensor, filterscale: Tensor, first: Tensor,
+                span: int, interpolation: str) -> Tensor:
+    """PIL's normalised filter weights of each kept output pixel, as matrices over a patch of
+    `span` crop pixels starting at crop pixel `first` (the `axis_taps` of n crops).
 
-    first: Tensor[n, size] the patch index of each output pixel's first tap
-    weights: Tensor[n, size, K] -> Tensor[n, size, span]
+    lo, hi, centre: Tensor[n, size]; filterscale, first: Tensor[n]
+    returns: Tensor[n, size, span] float32, zero outside each output's [lo_j, hi_j)
     """
-    k = torch.arange(weights.shape[2], device=first.device)
-    at = (first[:, :, None] + k).clamp(max=span - 1)  # padding taps (weight 0) may overhang
-    out = torch.zeros((*first.shape, span), dtype=weights.dtype, device=first.device)
-    return out.scatter_add_(2, at, weights)
+    at = lo - first[:, None]  # patch index of each output's first tap
+    out = torch.zeros((*lo.shape, span), device=lo.device)
+    if interpolation in NEAREST:
+        return out.scatter_(2, at[:, :, None], 1.0)
+    count = hi - lo
+    k = torch.arange(max(int(count.max()), 1) if count.numel() else 1, device=lo.device)
+    # tap positions relative to the centre in float64 (PIL's doubles); the smooth filters are
+    # evaluated in float32 (PIL keeps 22 bits of each weight), the box filter's edges in float64
+    offset = (lo - centre + 0.5)[:, :, None] + k
+    if interpolation != "box":
+        offset = offset.float()
+    w = FILTERS[interpolation][1](offset / filterscale.to(offset.dtype)[:, None, None])
+    w = (w * (k < count[:, :, None])).float()
+    total = w.sum(dim=2, keepdim=True)
+    w = w / torch.where(total == 0, 1.0, total)
+    return out.scatter_add_(2, (at[:, :, None] + k).clamp(max=span - 1), w)
 
 
 def size_classes(sides: Sequence[int], ratio: float = 1.2,
@@ -262,44 +269,45 @@ def crop_boxes(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float],
     pix = pixel_boxes(boxes.to(device))
     crop_w, crop_h = pix[:, 2] - pix[:, 0], pix[:, 3] - pix[:, 1]
     new_w, new_h = resized_sizes(crop_w, crop_h, size, mode)
-    (xlo, xhi, xw), (ylo, yhi, yw) = (
-        axis_taps(length, resized, centre_offsets(resized, size), size, interpolation)
-        for length, resized in ((crop_w, new_w), (crop_h, new_h)))
-    # each box's patch: the image pixels its kept outputs read (taps only move forward), from
-    # the first tap of output 0 to the last of output size - 1
-    x0, y0 = pix[:, 0].long() + xlo[:, 0], pix[:, 1].long() + ylo[:, 0]
-    xlen, ylen = xhi[:, -1] - xlo[:, 0], yhi[:, -1] - ylo[:, 0]
-    xlo, ylo = xlo - xlo[:, :1], ylo - ylo[:, :1]  # now relative to the patch
+    xtaps, ytaps = (axis_taps(length, resized, centre_offsets(resized, size), size,
+                              interpolation)
+                    for length, resized in ((crop_w, new_w), (crop_h, new_h)))
+    # each box's patch: the pixels its kept outputs read (taps only move forward), from the
+    # first tap of output 0 to the last of output size - 1
+    xlen, ylen = xtaps[1][:, -1] - xtaps[0][:, 0], ytaps[1][:, -1] - ytaps[0][:, 0]
     # boxes sorted by patch side, cut into classes padded to their largest patch
     order = torch.argsort(torch.maximum(xlen, ylen), stable=True)
-    xlo, xw, ylo, yw = xlo[order], xw[order], ylo[order], yw[order]
-    x0, y0, xlen, ylen = x0[order], y0[order], xlen[order], ylen[order]
-    xlen_, ylen_ = xlen.tolist(), ylen.tolist()
-    sides = [max(a, b) for a, b in zip(xlen_, ylen_)]
+    xtaps, ytaps = [t[order] for t in xtaps], [t[order] for t in ytaps]
+    x0, y0 = pix[order, 0].long(), pix[order, 1].long()  # the crops' origins in the image
+    xlen_, ylen_ = xlen[order].tolist(), ylen[order].tolist()
     pixels = (image if eight_bit else image * 255).float()
-    crops = torch.empty((len(pix), channels, size, size), dtype=torch.float32, device=device)
-    for start, end in size_classes(sides):
+    # Normalize(mean, std) of ToTensor's x / 255, applied to 0..255 levels: x * a + b
+    a = (1 / (255 * torch.tensor(std, device=device))).repeat_interleave(size * size)
+    b = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)
+         ).repeat_interleave(size * size)
+    crops = torch.empty((len(pix), channels * size * size), device=device)
+    for start, end in size_classes([max(u, v) for u, v in zip(xlen_, ylen_)]):
         n, lx, ly = end - start, max(xlen_[start:end]), max(ylen_[start:end])
-        # patch origins, moved back where a padded patch would overhang the image
-        px = x0[start:end].clamp(max=width - lx)
-        py = y0[start:end].clamp(max=height - ly)
-        wx = dense_weights(xlo[start:end] + (x0[start:end] - px)[:, None], xw[start:end], lx)
-        wy = dense_weights(ylo[start:end] + (y0[start:end] - py)[:, None], yw[start:end], ly)
+        xlo, xhi, xc, xs = (t[start:end] for t in xtaps)
+        ylo, yhi, yc, ys = (t[start:end] for t in ytaps)
+        # patch origins (crop-relative, then in the image), moved back where a padded patch
+        # would overhang the image
+        px = (x0[start:end] + xlo[:, 0]).clamp(max=width - lx)
+        py = (y0[start:end] + ylo[:, 0]).clamp(max=height - ly)
+        wx = tap_weights(xlo, xhi, xc, xs, px - x0[start:end], lx, interpolation)
+        wy = tap_weights(ylo, yhi, yc, ys, py - y0[start:end], ly, interpolation)
         windows = pixels.unfold(1, ly, 1).unfold(2, lx, 1)  # a view: [C, H', W', ly, lx]
         patch = windows[:, py, px].reshape(channels * n, ly, lx)
-        # horizontal pass, then vertical (PIL's order), both batched over channels x boxes
+        # horizontal pass, then vertical, batched over channels x boxes, 8-bit rounded
         t = torch.bmm(patch, wx.transpose(1, 2).repeat(channels, 1, 1))  # [C n, ly, size]
         if eight_bit:
             t = _round8(t)
         out = torch.bmm(wy.repeat(channels, 1, 1), t)  # [C n, size, size]
         if eight_bit:
             out = _round8(out)
-        crops[start:end] = out.view(channels, n, size, size).transpose(0, 1)
-    m = torch.tensor(mean, dtype=crops.dtype, device=device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, dtype=crops.dtype, device=device).view(1, -1, 1, 1) * 255
-    out = torch.empty_like(crops)
-    out[order] = (crops - m) / s
-    return out
+        out = out.view(channels, n, size * size).transpose(0, 1).reshape(n, -1)
+        crops[order[start:end]] = torch.addcmul(b, out, a)
+    return crops.view(len(pix), channels, size, size)
 
 
 def region_crops(image: Tensor, boxes: Tensor, size: int, mean: Sequence[float],
