@@ -466,6 +466,23 @@ def test_preprocess_resize_reads_the_teachers_own_transform():
         preprocess_resize(T.Compose([T.Resize(32), T.ToTensor()]), 32)
 
 
+def test_crops_do_not_depend_on_the_size_classes(monkeypatch):
+    """Padding a box's patch into a bigger class (CUDA cuts fewer classes) reads only weight-0
+    pixels: one class for all boxes, or one box per class, gives the default's crops."""
+    from stages import crops
+
+    rng = np.random.default_rng(8)
+    image = torch.from_numpy(np.array(block_noise(rng, 150, 110, block=2))).permute(2, 0, 1)
+    boxes = torch.from_numpy(varied_boxes(rng, 40, 150, 110))
+    default = crop_boxes(image, boxes, 32, (0, 0, 0), (1 / 255,) * 3)
+    for cut in (lambda sides, ratio=0: [(0, len(sides))],
+                lambda sides, ratio=0: [(i, i + 1) for i in range(len(sides))]):
+        monkeypatch.setattr(crops, "size_classes", cut)
+        got = crop_boxes(image, boxes, 32, (0, 0, 0), (1 / 255,) * 3)
+        assert (got - default).abs().max() <= 1.0 + 1e-4  # at most a rounding flip
+        assert (got != default).float().mean() < 1e-3
+
+
 def test_region_crops_orders_1x_then_context(teacher):
     image = torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8)
     boxes = torch.tensor([[10.0, 10.0, 30.0, 40.0], [50.0, 5.0, 79.0, 45.0]])
