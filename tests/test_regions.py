@@ -688,6 +688,18 @@ def test_rerun_is_up_to_date_and_another_teacher_is_refused(built, teacher_files
         manifest_path.write_bytes(original)
 
 
+def test_agreement_tool_reads_a_built_cache(built, capsys):
+    from bench import regions_agreement
+
+    ctx, _, _, _ = built
+    manifest = ctx.cache.parent.parent / "mini.yaml"
+    assert regions_agreement.main(["--manifest", str(manifest), "--cache",
+                                   str(ctx.cache.parent), "--rows", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "part-00000.parquet: 18 rows of 2 images" in out
+    assert "for the stored rows: met" in out
+
+
 def test_bench_runs_and_prints_its_table(capsys):
     from bench import regions_bench
 
