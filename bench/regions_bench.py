@@ -1,7 +1,8 @@
 """Regions throughput: the whole per-part path (decode, crops, encode, write) against the bare
 teacher forward pass on the same number of already-made crops, on the same device in the same
-run; and the batched `roi_align` crops against a per-crop PIL path (crop + the teacher's own
-preprocess per box, the peers' way). On CUDA it adds ViT-B-32 (random weights) with M = 300.
+run; and the batched crops (`stages/crops.py`: PIL's resampling as batched matrix products, a
+few ops per image) against a per-crop PIL path (crop + the teacher's own preprocess per box, the
+peers' way), which they reproduce. On CUDA it adds ViT-B-32 (random weights) with M = 300.
 
     python -m bench.regions_bench                      # small sizes, ~20 seconds on CPU
     python -m bench.regions_bench --images 32 --m 300 --model ViT-B-32 --device cuda
@@ -25,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline.errors import reports_errors
-from stages.crops import enlarge_boxes, region_crops
+from stages.crops import enlarge_boxes, preprocess_resize, region_crops
 from stages.images import load_rgb, to_uint8_tensor
 from stages.regions import Config, embed_proposals, rebatch
 from stages.teacher import DEFAULT_MODEL, Teacher, TeacherSpec, register_model_config
@@ -139,8 +140,10 @@ def per_crop_pil(teacher: Teacher, images: list[Image.Image], boxes: list[torch.
 
 def batched_crops(teacher: Teacher, images: list[Image.Image], boxes: list[torch.Tensor],
                   scale: float) -> torch.Tensor:
+    interpolation, mode = preprocess_resize(teacher.preprocess, teacher.image_size)
     return torch.cat([region_crops(to_uint8_tensor(im).to(teacher.device), b,
-                                   teacher.image_size, teacher.mean, teacher.std, scale)
+                                   teacher.image_size, teacher.mean, teacher.std, scale,
+                                   interpolation, mode)
                       for im, b in zip(images, boxes)])
 
 
@@ -192,7 +195,7 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
         (f"  ratio end-to-end / bare: wall {t['bare'][0] / t['e2e'][0]:.3f}, "
          f"cpu {t['bare'][1] / t['e2e'][1]:.3f}  (target >= 0.80)"),
         row("crops: per-crop PIL crop + preprocess", "pil", n_small),
-        row("crops: batched roi_align (1 op per image)", "roi", n_small),
+        row("crops: batched (a few ops per image)", "roi", n_small),
         (f"  crop speed-up batched / PIL: wall {t['pil'][0] / t['roi'][0]:.1f}x, "
          f"cpu {t['pil'][1] / t['roi'][1]:.1f}x"),
     ]

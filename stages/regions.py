@@ -1,10 +1,11 @@
 """The `regions` stage: the teacher's CLIP embedding of every train-split proposal,
 normalize(V(crop 1x) + V(crop 1.5x)) (ViLD).
 
-Per image: decode once (`load_rgb`) and make all 2M crops in one `roi_align` call on the
-compute device (`stages/crops.py`), both in a small thread pool so they overlap the encoder;
-the encoder gets full batches cut across images (`batch_size` crops). bf16 autocast on CUDA (the
-teacher's), fp32 on CPU.
+Per image: decode once (`load_rgb`) and make all 2M crops in a few batched ops on the compute
+device, resampled as the teacher's own preprocess (its interpolation, shortest-side resize and
+centre crop) resamples a PIL crop (`stages/crops.py`), both in a small thread pool so they
+overlap the encoder; the encoder gets full batches cut across images (`batch_size` crops).
+bf16 autocast on CUDA (the teacher's), fp32 on CPU.
 
 Parts follow the proposals parts: regions part i holds the train-split images of proposals
 part i (possibly none: then an empty file). Output `regions/part-NNNNN.parquet`, one row per
@@ -29,7 +30,7 @@ import torch
 
 from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
-from stages.crops import combine_views, region_crops
+from stages.crops import combine_views, preprocess_resize, region_crops
 from stages.images import ImageError, load_rgb, to_uint8_tensor
 from stages.teacher import Teacher, teacher_from_cache
 
@@ -74,13 +75,15 @@ def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
 
 def teacher_crops(teacher: Teacher, image: torch.Tensor, boxes: torch.Tensor,
                   scale: float = 1.5) -> torch.Tensor:
-    """The teacher-ready 1x and `scale`x crops of `boxes`, made on the teacher's device.
+    """The teacher-ready 1x and `scale`x crops of `boxes`, made on the teacher's device with
+    the interpolation and resize mode of the teacher's own preprocess.
 
     image: Tensor[3, H, W] uint8; boxes: Tensor[N, 4] (x1, y1, x2, y2) pixels
     returns: Tensor[2N, 3, S, S] (rows [0, N) 1x, rows [N, 2N) `scale`x)
     """
+    interpolation, mode = preprocess_resize(teacher.preprocess, teacher.image_size)
     return region_crops(image.to(teacher.device), boxes, teacher.image_size, teacher.mean,
-                        teacher.std, scale)
+                        teacher.std, scale, interpolation, mode)
 
 
 def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],

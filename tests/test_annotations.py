@@ -367,6 +367,7 @@ CLIS = [  # (module holding main, the name main reaches first, argv)
     ("bench.run_all", "bench.run_all.load_manifest", []),
     ("bench.storage_bench", "bench.storage_bench.measure", ["RUN"]),
     ("bench.regions_bench", "bench.regions_bench.run_one", ["--threads", "0"]),
+    ("bench.regions_agreement", "bench.regions_agreement.load_manifest", []),
 ]
 
 
