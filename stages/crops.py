@@ -29,6 +29,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+# Joins the regions stage's inputs: a cache whose crops were made another way (before this
+# resampler: roi_align's bilinear sampling) is refused on resume, not mixed. Bump it whenever
+# the crops' pixels change.
+CROPS_VERSION = "pil-separable-1"
+
 # PIL's resampling filters (libImaging/Resample.c): (support at scale 1, filter(x)).
 
 

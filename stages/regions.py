@@ -30,7 +30,7 @@ import torch
 
 from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
-from stages.crops import combine_views, preprocess_resize, region_crops
+from stages.crops import CROPS_VERSION, combine_views, preprocess_resize, region_crops
 from stages.images import ImageError, load_rgb, to_uint8_tensor
 from stages.teacher import Teacher, teacher_from_cache
 
@@ -174,7 +174,8 @@ def image_files(annotations: Path) -> dict[int, str]:
 
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
-    return {"teacher": ctx.fingerprint("teacher"), "proposals": ctx.fingerprint("proposals")}
+    return {"teacher": ctx.fingerprint("teacher"), "proposals": ctx.fingerprint("proposals"),
+            "crops": CROPS_VERSION}
 
 
 def plan(ctx: StageContext, cfg: Config) -> list[Part]:

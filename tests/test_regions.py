@@ -688,6 +688,13 @@ def test_rerun_is_up_to_date_and_another_teacher_is_refused(built, teacher_files
         manifest_path.write_bytes(original)
 
 
+def test_rows_made_with_other_crops_are_refused(built, monkeypatch):
+    ctx, cfg, _, _ = built
+    monkeypatch.setattr(regions, "CROPS_VERSION", "roi-align-bilinear")
+    with pytest.raises(StageMismatch, match="inputs.crops"):
+        run_stage(regions, ctx, cfg, distributor="local", progress=False, log=lambda _: None)
+
+
 def test_agreement_tool_reads_a_built_cache(built, capsys):
     from bench import regions_agreement
 
