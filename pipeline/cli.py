@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.errors import OvdError, report
 from pipeline.manifests import load_manifest
+from pipeline.precision import PRECISIONS
 from pipeline.runner import (
     CacheLock,
     StageContext,
@@ -70,7 +71,7 @@ def cmd_run(args) -> int:
         cache_root = Path(args.cache).resolve()
         dataset = load_manifest(args.manifest, cache_root=cache_root, data_root=args.data_root)
         ctx = StageContext(dataset=dataset, cache=cache_root / dataset.name,
-                           device=args.device)
+                           device=args.device, precision=args.precision)
         with CacheLock(ctx.cache):
             for module_name in STAGES:
                 name = stage_name(module_name)
@@ -130,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--distributor", choices=("ray", "local"), default="ray",
                    help="ray: parts run as Ray actor calls (RAY_ADDRESS or a local cluster)")
     r.add_argument("--workers", type=int, default=None, help="Ray actors per stage")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (local only)")
+    r.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast of the device stages: auto = bf16 on CUDA, fp32 on CPU")
     r.add_argument("--teacher-model", default=None, help="open_clip model name")
     r.add_argument("--teacher-pretrained", default=None,
                    help="open_clip pretrained tag or a local checkpoint path")

@@ -27,13 +27,14 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
 from tqdm import tqdm
 
+from pipeline import precision
 from pipeline.cache import (
     atomic_write_json,
     canonical_hash,
@@ -112,7 +113,8 @@ class StageContext:
 
     dataset: DatasetManifest
     cache: Path  # <cache root>/<dataset name>
-    device: str = "auto"  # "auto" picks cuda when the worker sees a GPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; run_stage resolves auto once
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
 
     def stage_dir(self, name: str) -> Path:
         return self.cache / name
@@ -131,11 +133,10 @@ class StageContext:
         return self.upstream(name)["fingerprint"]
 
     def resolve_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        return precision.resolve_device(self.device)
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    def resolve_precision(self) -> str:
+        return precision.resolve_precision(self.precision, self.resolve_device())
 
 
 def stage_folder(stage: ModuleType) -> str:
@@ -301,14 +302,75 @@ def plan_workers(want: dict, workers: int | None, n_parts: int, max_cpus: float,
     return want, max(1, n)
 
 
-def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int) -> tuple[dict, int]:
+def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int,
+                   cpu_only: bool = False) -> tuple[dict, int]:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
     resources = ray.cluster_resources()
     return plan_workers(getattr(stage, "RESOURCES", {"num_cpus": 1}), workers, n_parts,
-                        max_cpus, resources.get("CPU", 1), resources.get("GPU", 0))
+                        max_cpus, resources.get("CPU", 1),
+                        0 if cpu_only else resources.get("GPU", 0))
+
+
+def uses_device(stage: ModuleType) -> bool:
+    """A stage whose workers compute on the device (it asks for a GPU where there is one)."""
+    return bool(getattr(stage, "RESOURCES", {}).get("num_gpus"))
+
+
+def _visible_gpus(distributor: str) -> int:
+    """The GPUs the stage's workers will see: the Ray cluster's when connecting to one (or
+    already connected), else this machine's."""
+    if distributor == "ray" and (os.environ.get("RAY_ADDRESS") or _ray_initialized()):
+        import ray
+
+        ensure_ray()
+        return int(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def compute_context(stage: ModuleType, ctx: StageContext, distributor: str) -> StageContext:
+    """`ctx` with the device and precision resolved once, in the driver, for a stage that
+    computes on the device (others get `ctx` back). A device the workers cannot have is one
+    line: cuda on a cluster with no GPU, or cuda:N under Ray (each actor sees its own GPU as
+    cuda:0, so cuda:1 would fail inside it)."""
+    if not uses_device(stage):
+        return ctx
+    gpus = _visible_gpus(distributor)
+    device = precision.resolve_device(ctx.device, gpus)
+    if device.startswith("cuda") and not gpus:
+        raise StageError(f"stage '{stage.NAME}': --device {ctx.device} but no GPU is visible "
+                         f"({'the Ray cluster has none' if distributor == 'ray' else 'torch sees none'}); "
+                         f"use --device cpu")
+    if distributor == "ray" and ":" in device:
+        raise StageError(f"stage '{stage.NAME}': --device {device} under Ray: each worker is "
+                         f"given its own GPU and sees it as cuda:0; use --device cuda (or "
+                         f"--distributor local for one chosen GPU)")
+    return replace(ctx, device=device,
+                   precision=precision.resolve_precision(ctx.precision, device))
+
+
+def compute_inputs(stage: ModuleType, ctx: StageContext) -> dict:
+    """What joins a device stage's inputs so a cache is never mixed across devices or
+    precisions: {"device": cpu | cuda, "precision": fp32 | bf16} (ctx already resolved)."""
+    if not uses_device(stage):
+        return {}
+    return {"device": torch_device_type(ctx.device), "precision": ctx.precision}
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
 
 
 class _RayDistributor:
@@ -318,7 +380,8 @@ class _RayDistributor:
         from ray.util import ActorPool
 
         ensure_ray()
-        resources, n = _ray_resources(stage, workers, n_parts)
+        resources, n = _ray_resources(stage, workers, n_parts,
+                                      cpu_only=ctx.resolve_device() == "cpu")
         actor_cls = ray.remote(_StageActor).options(**resources)
         self.actors = [
             actor_cls.remote(stage.__name__, ctx, cfg, resources["num_cpus"]) for _ in range(n)
@@ -375,7 +438,8 @@ def run_stage(
     """Run (or resume, or skip) one stage and return its manifest."""
     stage_dir = ctx.stage_dir(stage_folder(stage))
     cdict = config_dict(cfg)
-    inputs = stage.inputs(ctx, cfg)
+    ctx = compute_context(stage, ctx, distributor)
+    inputs = {**stage.inputs(ctx, cfg), **compute_inputs(stage, ctx)}
     parts = stage.plan(ctx, cfg)
     if sorted(p.index for p in parts) != list(range(len(parts))):
         raise StageError(f"stage '{stage.NAME}' planned parts with non-contiguous indices")

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.cache import sha256_file
 from pipeline.manifests import ManifestError, contained_path
+from pipeline.precision import autocast
 from pipeline.runner import (
     Part,
     PartOutput,
@@ -123,6 +124,7 @@ class Worker:
             raise StageError(f"RPN checkpoint {path} is missing or changed since stage 'rpn' "
                              f"recorded it; re-run rpn with --rebuild")
         self.device = ctx.resolve_device()
+        self.precision = ctx.resolve_precision()
         self.model = load_rpn(path, device=self.device)
 
     def _decode(self, iid: int, rejects: list[dict]) -> torch.Tensor | None:
@@ -149,8 +151,7 @@ class Worker:
                     batch.append(img.to(self.device))
             if not batch:
                 continue
-            with torch.autocast("cuda", dtype=torch.bfloat16,
-                                enabled=self.device.startswith("cuda")):
+            with autocast(self.device, self.precision):
                 results += self.model.propose(
                     batch, pre_nms_top_n=cfg.pre_nms_top_n, nms_thresh=cfg.nms_thresh,
                     score_thresh=cfg.score_thresh, min_box_size=cfg.min_box_size,

@@ -36,6 +36,7 @@ from torchvision.ops import nms, remove_small_boxes
 from pipeline.cache import canonical_hash, sha256_file
 from pipeline.checkpoints import CheckpointError, load_weights
 from pipeline.manifests import ManifestError, contained_path
+from pipeline.precision import autocast
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.boxes import ImageRecord, keep_categories, read_annotations, to_original
 from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
@@ -303,8 +304,9 @@ def fed_summary(fed: dict[int, dict[int, int]]) -> dict:
 
 
 def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
-              log=print) -> dict:
-    """The training loop: AdamW, warmup + cosine, bf16 autocast on CUDA. Returns a summary
+              precision: str = "fp32", log=print) -> dict:
+    """The training loop: AdamW, warmup + cosine, autocast for `precision` (fp32 | bf16).
+    Returns a summary
     (loss history, rejects, seconds, and "fed": what the model was given, `fed_summary`).
     Seed the RNGs (`seed_everything`) before building the model for a reproducible run."""
     model.to(device).train()
@@ -333,7 +335,7 @@ def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
             record_fed(fed, targets, good)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            with autocast(device, precision):
                 losses = model(images, targets)
             loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
             if not torch.isfinite(loss):
@@ -400,7 +402,8 @@ class Worker:
             load_backbone_weights(model, cfg.backbone_checkpoint)
         records, image_dir = base_train_records(self.ctx)
         data = BaseBoxImages(records, image_dir, cfg.hflip, cfg.max_pixels)
-        summary = train_rpn(model, data, cfg, self.ctx.resolve_device())
+        summary = train_rpn(model, data, cfg, self.ctx.resolve_device(),
+                            self.ctx.resolve_precision())
         rejects, fed = summary.pop("rejects"), summary.pop("fed")  # rpn.pt as before
         save_checkpoint(model.cpu(), out.tmp(CHECKPOINT_FILE), summary)
         return PartResult(rows=1, rejects=rejects,

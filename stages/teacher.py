@@ -16,7 +16,6 @@ ViT (3 layers, patch 8) in our runs, and the whole training must fit a few minut
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from pipeline.annotations import load_annotations
 from pipeline.cache import sha256_file, tmp_path
 from pipeline.manifests import ManifestError, contained_path, image_file
+from pipeline.precision import autocast, resolve_precision
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "teacher"
@@ -205,11 +205,10 @@ class Teacher:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: str
+    precision: str = "fp32"  # resolved: fp32 | bf16 (autocast of the encoders)
 
     def autocast(self):
-        if torch.device(self.device).type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,8 +224,9 @@ class Teacher:
             return self.model.encode_text(tokens).float()
 
 
-def load_teacher(spec: TeacherSpec, device: str = "cpu") -> Teacher:
-    """Load `spec` with open_clip's own API (`create_model_and_transforms`) in eval mode."""
+def load_teacher(spec: TeacherSpec, device: str = "cpu", precision: str = "auto") -> Teacher:
+    """Load `spec` with open_clip's own API (`create_model_and_transforms`) in eval mode;
+    `precision` auto: bf16 autocast on CUDA, fp32 on CPU."""
     import open_clip
 
     if not spec.pretrained:
@@ -271,20 +271,22 @@ def load_teacher(spec: TeacherSpec, device: str = "cpu") -> Teacher:
         mean=tuple(float(v) for v in pp["mean"]),
         std=tuple(float(v) for v in pp["std"]),
         device=str(device),
+        precision=resolve_precision(precision, str(device)),
     )
 
 
-def teacher_from_cache(ctx: StageContext, device: str = "cpu") -> Teacher:
+def teacher_from_cache(ctx: StageContext, device: str = "cpu",
+                       precision: str | None = None) -> Teacher:
     """The teacher recorded in `<cache>/<ds>/teacher/_MANIFEST.json`, its sha256 checked.
 
     The returned `.identity` is exactly the recorded one, so downstream fingerprints do not
-    change when the cache is moved."""
+    change when the cache is moved. `precision` defaults to the context's."""
     recorded = ctx.upstream(NAME)["teacher"]
     spec = TeacherSpec(recorded["model"], recorded["pretrained"], recorded["model_config"])
     stage_copy = ctx.stage_dir(NAME) / Path(str(spec.pretrained)).name
     if not os.path.isfile(str(spec.pretrained)) and stage_copy.is_file():
         spec = replace(spec, pretrained=str(stage_copy))  # a cache moved since it was built
-    teacher = load_teacher(spec, device)
+    teacher = load_teacher(spec, device, ctx.precision if precision is None else precision)
     if teacher.identity["sha256"] != recorded["sha256"]:
         raise TeacherError(
             f"teacher weights {spec.pretrained} changed since {ctx.stage_dir(NAME)} was built "
@@ -476,7 +478,7 @@ sys.exit(main(sys.argv[2:]) or 0)
 
 
 def train_command(cfg: "Config", spec: TeacherSpec, train_tsv: Path, logs: Path,
-                  device: str) -> list[str]:
+                  device: str, precision: str = "fp32") -> list[str]:
     """The `open_clip_train.main` command line (run with the packaged model configs added)."""
     cuda = torch.device(device).type == "cuda"
     configs = [str(CONFIG_DIR)] + ([str(Path(spec.model_config).resolve())]
@@ -491,14 +493,14 @@ def train_command(cfg: "Config", spec: TeacherSpec, train_tsv: Path, logs: Path,
         "--workers", str(cfg.workers), "--seed", str(cfg.seed),
         "--aug-cfg", f"scale=({cfg.crop_scale_min},1.0)",
         "--device", "cuda" if cuda else "cpu",
-        "--precision", "amp_bf16" if cuda else "fp32",
+        "--precision", "amp_bf16" if precision == "bf16" else "fp32",
         "--save-frequency", "0", "--log-every-n-steps", "10",
         "--logs", str(logs), "--name", "run",
     ]
 
 
 def train_clip(cfg: "Config", spec: TeacherSpec, rows: list[tuple[str, str]], workdir: Path,
-               device: str) -> tuple[dict, str, float]:
+               device: str, precision: str = "fp32") -> tuple[dict, str, float]:
     """Train `spec.model` from scratch on `rows` with open_clip_train in a subprocess ->
     (state_dict, training log, CPU seconds the subprocess used)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -512,7 +514,8 @@ def train_clip(cfg: "Config", spec: TeacherSpec, rows: list[tuple[str, str]], wo
     log_file = workdir / "stdout.log"
     cpu_before = _children_cpu_seconds()
     with open(log_file, "w") as log:
-        proc = subprocess.run(train_command(cfg, spec, tsv, workdir / "logs", device),
+        proc = subprocess.run(train_command(cfg, spec, tsv, workdir / "logs", device,
+                                            precision),
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     cpu_seconds = _children_cpu_seconds() - cpu_before
     log_text = log_file.read_text(errors="replace")
@@ -586,6 +589,7 @@ class Worker:
     def __init__(self, ctx: StageContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
         self.device = ctx.resolve_device()
+        self.precision = ctx.resolve_precision()
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         cfg, ctx = self.cfg, self.ctx
@@ -593,7 +597,7 @@ class Worker:
         extra: dict = {}
         rejects: list[dict] = []
         if cfg.pretrained:
-            teacher = load_teacher(spec, self.device)
+            teacher = load_teacher(spec, self.device, self.precision)
         else:
             register_model_config(spec)
             rows, rejects = read_captions(ctx.dataset.root / cfg.captions, ctx.dataset.root)
@@ -605,14 +609,15 @@ class Worker:
             start = time.time()
             try:
                 state, log_text, cpu_seconds = train_clip(cfg, spec, rows, workdir,
-                                                          self.device)
+                                                          self.device, self.precision)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             name = f"{spec.model}.pt"
             weights = out.tmp(name)
             torch.save(state, weights)
             out.tmp("train.log").write_text(log_text)
-            teacher = load_teacher(replace(spec, pretrained=str(weights)), self.device)
+            teacher = load_teacher(replace(spec, pretrained=str(weights)), self.device,
+                                   self.precision)
             teacher.identity["pretrained"] = str((out.dir / name).resolve())
             extra["train"] = {"seconds": round(time.time() - start, 1),
                               "cpu_seconds": round(cpu_seconds, 1),
