@@ -242,3 +242,196 @@ def test_training_with_every_remedy_on_and_a_missing_region_mean(tiny, tmp_path,
                      "--device", "cpu", "--steps", "1", *sets, "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "region_mean.npy: not found" in err[0]
+
+
+# ---------------------------------------------------------------- what mutation testing found
+# (make mutate on trainer/data.py): each test below fails on a surviving mutant that matters.
+
+class _Planted:
+    """Unpickling this creates MARKER: a pickled .npy member must never get that far."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("member", ["boxes.npy", "emb.npy", "scores.npy"])
+def test_a_pickled_npy_member_is_a_reject_and_never_unpickled(tiny, tmp_path, member):
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    raw = _raw_sample(tiny)
+    _Planted.marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    np.save(buf, np.array([_Planted()], dtype=object), allow_pickle=True)
+    with pytest.raises(SampleError, match=rf"sample img\d+: cannot decode"):
+        decode_sample(dict(raw, **{member: buf.getvalue()}), vocab.dim, vocab.base_labels(), 5)
+    assert not _Planted.marker.exists()
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (12, 4, 1), (12,)])
+def test_boxes_of_the_wrong_shape_are_a_reject(tiny, shape):
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    raw = dict(_raw_sample(tiny), **{"boxes.npy": _npy(np.zeros(shape, np.float32))})
+    with pytest.raises(SampleError, match=r"\.boxes\.npy shape .* does not match \.emb\.npy"):
+        decode_sample(raw, vocab.dim, vocab.base_labels(), 5)
+
+
+def test_each_sample_reject_names_its_problem(tiny):
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    raw = _raw_sample(tiny)
+    meta = json.loads(raw["json"])
+    w, h = meta["width"], meta["height"]
+
+    def refused(sample, pattern):
+        with pytest.raises(SampleError, match=pattern):
+            decode_sample(sample, vocab.dim, vocab.base_labels(), 5)
+
+    refused(dict(raw, **{"scores.npy": b"not an npy"}),
+            r"train-000000\.tar: sample img\d+: cannot decode \.scores\.npy \(.+\)$")
+    refused(dict(raw, json=json.dumps({**meta, "width": w + 1}).encode()),
+            rf"json says {w + 1}x{h}, image is {w}x{h}$")
+    refused(dict(raw, json=json.dumps({**meta, "gt_category_ids": [1]}).encode()),
+            rf"{len(meta['gt_boxes'])} gt_boxes but 1 gt_category_ids$")
+    anonymous = {k: v for k, v in raw.items() if not k.startswith("__") and k != "jpg"}
+    refused(anonymous, r"^\?: sample \?: missing \['jpg'\]")
+
+
+def test_decoded_dtypes_do_not_follow_the_members(tiny):
+    """float64 boxes, integer GT and a shard without scores still give float32 / int64."""
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    raw = _raw_sample(tiny)
+    meta = json.loads(raw["json"])
+    boxes = np.load(io.BytesIO(raw["boxes.npy"])).astype(np.float64)
+    gt = [[int(v) for v in b] for b in meta["gt_boxes"]]
+    sample = {k: v for k, v in raw.items() if k != "scores.npy"}
+    sample.update({"boxes.npy": _npy(boxes),
+                   "json": json.dumps({**meta, "gt_boxes": gt}).encode()})
+    s = decode_sample(sample, vocab.dim, vocab.base_labels(), 5)
+    assert s["key"] == raw["__key__"]
+    assert s["cached_boxes"].dtype == s["gt_boxes"].dtype == torch.float32
+    assert s["cached_scores"].dtype == torch.float32 and s["labels"].dtype == torch.int64
+    assert s["gt_boxes"].tolist() == gt
+    # an image without GT: no gt fields at all
+    bare = {k: v for k, v in meta.items() if k not in ("gt_boxes", "gt_category_ids")}
+    s = decode_sample(dict(raw, json=json.dumps(bare).encode()), vocab.dim,
+                      vocab.base_labels(), 5)
+    assert s["gt_boxes"].shape == (0, 4) and s["labels"].shape == (0,)
+
+
+def _stream_sample(gt: list[list[float]], labels: list[int]) -> dict:
+    return {"key": "k", "image": torch.full((3, 40, 80), 255, dtype=torch.uint8),
+            "gt_boxes": torch.tensor(gt).reshape(-1, 4), "labels": torch.tensor(labels),
+            "cached_boxes": torch.tensor([[0.0, 0.0, 80.0, 40.0]])}
+
+
+def test_augment_stage_drops_boxes_degenerate_on_either_axis_only():
+    from trainer.data import augment_stage
+
+    cfg = make_config({"train_sizes": [40], "max_size": 1000, "flip_prob": 0.0})
+    gt = [[60.0, 5.0, 70.0, 30.0],   # kept: 10 x 25, far from the origin
+          [60.0, 5.0, 60.5, 30.0],   # 0.5 px wide
+          [10.0, 20.0, 50.0, 20.5],  # 0.5 px high
+          [10.0, 10.0, 11.0, 11.0]]  # exactly 1 x 1: kept
+    (out,) = augment_stage(iter([_stream_sample(gt, [1, 2, 3, 4])]), cfg, seed=0)
+    assert out["gt_boxes"].tolist() == [gt[0], gt[3]] and out["labels"].tolist() == [1, 4]
+    assert out["cached_boxes"].tolist() == [[0.0, 0.0, 80.0, 40.0]]
+    assert out["image"].dtype == torch.float32 and out["image"].min().item() == 1.0
+
+
+def test_augmentations_are_reproducible_and_both_flip_settings_are_honoured():
+    from trainer.data import augment_stage, choose_augmentation
+
+    cfg = make_config({"train_sizes": [32, 48, 64], "max_size": 70, "flip_prob": 0.5})
+    samples = [_stream_sample([[0.0, 0.0, 20.0, 10.0]], [1]) for _ in range(12)]
+
+    def shapes_and_boxes(seed):
+        return [(tuple(o["image"].shape), o["gt_boxes"].tolist())
+                for o in augment_stage(iter(samples), cfg, seed=seed)]
+
+    first = shapes_and_boxes(5)
+    assert first == shapes_and_boxes(5)  # the same seed: the same stream (resume)
+    assert first != shapes_and_boxes(6)
+    assert {shape[1] for shape, _ in first} == {32, 35}  # max_size 70 caps 48 and 64
+    assert {b[0][0] > 0 for _, b in first} == {True, False}  # flipped and not flipped seen
+    import random
+
+    never = make_config({"flip_prob": 0.0})
+    always = make_config({"flip_prob": 1.0})
+    rng = random.Random(0)
+    assert not any(choose_augmentation(rng, never).flip for _ in range(50))
+    assert all(choose_augmentation(rng, always).flip for _ in range(50))
+    assert choose_augmentation(rng, cfg).max_size == 70
+
+
+def test_downscaling_antialiases_and_white_stays_one():
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[:, :, ::2] = 255  # 1-px stripes: without antialiasing they alias to 0 or 1
+    out, _, _ = augment(image, torch.zeros(0, 4), torch.zeros(0, 4),
+                        Augmentation(size=16, max_size=1000, flip=False))
+    assert abs(out.mean().item() - 0.5) < 0.02 and out.std().item() < 0.05
+    white = torch.full((3, 10, 20), 255, dtype=torch.uint8)
+    out, _, _ = augment(white, torch.zeros(0, 4), torch.zeros(0, 4),
+                        Augmentation(size=10, max_size=1000, flip=False))
+    assert out.min().item() == out.max().item() == 1.0
+
+
+def test_resize_for_test_scales_to_the_short_side_under_the_cap():
+    from trainer.data import resize_for_test
+
+    white = torch.full((3, 50, 100), 255, dtype=torch.uint8)
+    out, scale = resize_for_test(white, 80, 1000)
+    assert out.shape == (3, 80, 160) and scale == 80 / 50
+    assert out.dtype == torch.float32 and out.min().item() == out.max().item() == 1.0
+    out, scale = resize_for_test(white, 80, 120)  # the long side caps it
+    assert out.shape == (3, 60, 120) and scale == 60 / 50
+
+
+def test_shard_order_changes_every_epoch_and_covers_every_shard():
+    from itertools import islice
+
+    from trainer.data import ShardCycle
+
+    urls = [f"s{i}" for i in range(8)]
+    order = [d["url"] for d in islice(iter(ShardCycle(urls, seed=1)), 32)]
+    epochs = [order[i:i + 8] for i in range(0, 32, 8)]
+    assert all(sorted(e) == urls for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4  # no epoch repeats another's order
+    assert epochs == [[d["url"] for d in islice(iter(ShardCycle(urls, seed=1)), 32)][i:i + 8]
+                      for i in range(0, 32, 8)]
+
+
+def test_stream_splits_shards_between_loader_workers(tiny, monkeypatch):
+    cfg = make_config({**TINY_SETTINGS, "shuffle_buffer": 1})
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    urls = shard_urls(None, tiny.dataset_dir)
+    seen = {}
+    for worker in (0, 1):
+        monkeypatch.setenv("WORKER", str(worker))
+        monkeypatch.setenv("NUM_WORKERS", "2")
+        stream = iter(train_pipeline(urls, cfg, vocab.dim, vocab.base_labels(), seed=3))
+        seen[worker] = {int(t["image_id"]) for _ in range(4) for t in next(stream)[1]}
+    assert len(seen[0]) == len(seen[1]) == 8 and not seen[0] & seen[1]
+
+
+def test_a_bad_sample_is_logged_and_the_stream_goes_on(tiny, tmp_path, capsys):
+    import webdataset as wds
+
+    from trainer.data import log_and_continue
+
+    raws = _raw_samples(tiny.shards[:1])
+    path = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i, raw in enumerate(raws):
+            members = {k: v for k, v in raw.items() if not k.startswith("__")}
+            if i == 1:
+                members["jpg"] = b"broken"
+            sink.write({"__key__": raw["__key__"], **members})
+    cfg = make_config({**TINY_SETTINGS, "shuffle_buffer": 1, "batch_size": 1})
+    vocab = load_vocabulary(tiny.dataset_dir / "text" / "tiny.parquet")
+    stream = iter(train_pipeline([str(path)], cfg, vocab.dim, vocab.base_labels(), seed=0))
+    got = [int(next(stream)[1][0]["image_id"]) for _ in range(len(raws) - 1)]
+    assert got == [json.loads(r["json"])["image_id"] for i, r in enumerate(raws) if i != 1]
+    assert f"reject: {path}: sample {raws[1]['__key__']}.jpg" in capsys.readouterr().err
+    assert log_and_continue(SampleError("x")) is True
+    with pytest.raises(CacheMismatch):
+        log_and_continue(CacheMismatch("other D"))
