@@ -5,7 +5,9 @@ Built from torchvision's detection pieces: a ResNet-FPN backbone (`resnet_fpn_ba
 weights=None; optionally initialised from a local ResNet state dict), `AnchorGenerator`,
 `RPNHead`, `RegionProposalNetwork` and `GeneralizedRCNNTransform`. The module names
 `backbone` / `rpn` match torchvision's Faster R-CNN, so a Faster R-CNN state dict with the
-same architecture loads as a `checkpoint` too.
+same architecture loads as a `checkpoint` too. Under bf16 autocast (`precision`) only the
+backbone and the RPN head's convolutions run in bf16: anchors, proposals, NMS, anchor matching
+and losses are float32 (`Float32Anchors`, `Float32RPNHead`).
 
 Output: `<cache>/<ds>/rpn/rpn.pt` = {"arch": RPNArch fields, "model": state_dict, "train":
 {...}}; the manifest records its path and sha256 (`proposals` refuses a changed file), and
@@ -97,6 +99,26 @@ class Config:
 # ----------------------------------------------------------------------------- model
 
 
+class Float32Anchors(AnchorGenerator):
+    """torchvision's AnchorGenerator with its anchors always float32. It makes them, and
+    caches `cell_anchors`, in the feature maps' dtype: bf16 under autocast, where a corner near
+    x = 1000 is rounded to a multiple of 4 px."""
+
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
+        super().set_cell_anchors(torch.float32, device)
+
+
+class Float32RPNHead(RPNHead):
+    """torchvision's RPNHead (its convs run under autocast) whose outputs are float32, so the
+    box decoding, NMS, anchor matching and losses after it are computed in float32."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """x: per level Tensor[B, C, H_l, W_l] -> (objectness per level Tensor[B, A, H_l, W_l],
+        box deltas per level Tensor[B, 4A, H_l, W_l]), float32."""
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 class ProposalNet(nn.Module):
     """Transform + ResNet-FPN backbone + RPN, named like torchvision's Faster R-CNN."""
 
@@ -115,9 +137,10 @@ class ProposalNet(nn.Module):
         self.backbone = resnet_fpn_backbone(
             backbone_name=arch.backbone, weights=None, norm_layer=nn.BatchNorm2d,
             trainable_layers=5, returned_layers=list(arch.returned_layers))
-        anchors = AnchorGenerator(sizes=tuple((int(s),) for s in arch.anchor_sizes),
-                                  aspect_ratios=(tuple(arch.aspect_ratios),) * levels)
-        head = RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0])
+        anchors = Float32Anchors(sizes=tuple((int(s),) for s in arch.anchor_sizes),
+                                 aspect_ratios=(tuple(arch.aspect_ratios),) * levels)
+        head = Float32RPNHead(self.backbone.out_channels,
+                              anchors.num_anchors_per_location()[0])
         # Proposals made during training feed no box head here, so their NMS is kept small;
         # `propose` sets the test-time counts it is asked for.
         self.rpn = RegionProposalNetwork(

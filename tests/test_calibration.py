@@ -30,7 +30,7 @@ class _StubModel:
     """What mean_logit_bias reads of a model: its vocabulary, tau and train/eval state."""
 
     def __init__(self):
-        self.text_emb, self.cfg, self.training = TEXT, SimpleNamespace(temperature=0.1), True
+        self.text_emb, self.cfg, self.training = TEXT, SimpleNamespace(temperature=0.1, precision="auto"), True
 
     def eval(self):
         self.training = False

@@ -14,7 +14,6 @@ subtracts it from every proposal's class logits before the softmax
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.manifests import DatasetManifest, ManifestError, image_path
+from pipeline.precision import autocast, resolve_precision
 from trainer.data import resize_for_test
 from trainer.model import OpenVocabDetector, batch_images
 
@@ -72,10 +72,9 @@ def mean_logit_bias(model: OpenVocabDetector, images: list[Tensor],
     was_training = model.training
     model.eval()
     device = images[0].device if images else torch.device("cpu")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    mixed = autocast(device, resolve_precision(model.cfg.precision, str(device)))
     try:
-        with autocast:
+        with mixed:
             embs = [proposal_embeddings(model, images[i:i + batch_size])
                     for i in range(0, len(images), batch_size)]
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import OvdError
+from pipeline.precision import PRECISIONS
 
 MODES = ("text", "image", "vild")
 HEADS = ("shared", "separate")
@@ -37,6 +38,9 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
+    # autocast of the network (backbone, heads); boxes, logits and losses stay float32.
+    # auto: bf16 on CUDA, fp32 on CPU; bf16 works on CPU too. Resolved against the device.
+    precision: str = "auto"
     # data and augmentation (sizes are the shortest image side in pixels)
     train_sizes: tuple[int, ...] = (192, 224, 256, 288, 320)  # scale jitter: one per image
     max_size: int = 512
@@ -92,6 +96,8 @@ class TrainConfig:
         if self.heads == "separate" and self.mode != "vild":
             raise ConfigError("heads=separate trains a text head and an image head; it needs "
                               f"mode=vild (got mode={self.mode!r})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"steps and batch_size must be >= 1 (got {self.steps}, "
                               f"{self.batch_size})")

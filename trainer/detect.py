@@ -31,7 +31,6 @@ image that cannot be decoded is one `error:` line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from PIL import Image
 
 from pipeline.errors import OvdError, report
 from pipeline.manifests import Category, DatasetManifest, load_manifest
+from pipeline.precision import autocast, resolve_precision
 from pipeline.runner import StageContext
 from trainer import distributed
 from trainer.data import resize_for_test
@@ -160,8 +160,7 @@ def detect_image(model: OpenVocabDetector, image: Image.Image, *, ensemble: bool
 
     cfg = model.cfg
     resized, scale = resize_for_test(to_uint8_tensor(image), cfg.test_size, cfg.max_size)
-    with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-          else contextlib.nullcontext()):
+    with autocast(device, resolve_precision(cfg.precision, device)):
         det = model.detect([resized.to(device)], ensemble=ensemble)[0]
     keep = det.scores.float() >= score
     return ((det.boxes.float() / scale)[keep].cpu(), det.scores.float()[keep].cpu(),

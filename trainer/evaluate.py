@@ -46,6 +46,7 @@ from torch import Tensor
 
 from pipeline.errors import OvdError, report
 from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
+from pipeline.precision import autocast, resolve_precision
 from trainer import distributed
 from trainer.calibration import METHODS as CALIBRATIONS
 from trainer.config import ConfigError, config_from_dict, detections_per_image
@@ -239,8 +240,7 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
             scales.append(scale)
         if not batch:
             continue
-        with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-              else contextlib.nullcontext()):
+        with autocast(device, resolve_precision(cfg.precision, device)):
             calibrated = {} if logit_bias is None else {"logit_bias": logit_bias}
             results = model.detect(batch, ensemble=ensemble, **calibrated)
         for rec, scale, det in zip(records, scales, results):

@@ -17,16 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.precision import float32_region
+
 
 def region_logits(region_emb: Tensor, bg_emb: Tensor, text_emb: Tensor, tau: float) -> Tensor:
     """Cosine-similarity logits against [background, classes].
 
     region_emb: Tensor[N, D] L2-normalized; bg_emb: Tensor[D] (normalized here);
     text_emb: Tensor[C, D] L2-normalized. Returns Tensor[N, 1 + C] = sim / tau,
-    column 0 = background.
+    column 0 = background, float32 (autocast off: in bf16 a logit near 100 at tau 0.01 is
+    only good to 0.5).
     """
-    classifier = torch.cat([F.normalize(bg_emb, dim=-1)[None], text_emb], dim=0)
-    return region_emb @ classifier.t() / tau
+    with float32_region(region_emb.device):
+        classifier = torch.cat([F.normalize(bg_emb.float(), dim=-1)[None], text_emb.float()],
+                               dim=0)
+        return region_emb.float() @ classifier.t() / tau
 
 
 def vild_text_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -126,7 +131,7 @@ def contrastive_distill_loss(student: Tensor, teacher: Tensor, tau: float) -> Te
                          f"{tuple(teacher.shape)} differ in shape")
     if student.shape[0] == 0:
         return student.sum() * 0.0
-    with torch.autocast(device_type=student.device.type, enabled=False):
+    with float32_region(student.device):
         logits = student.float() @ teacher.float().t() / tau
         target = torch.arange(student.shape[0], device=student.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2

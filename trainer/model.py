@@ -48,6 +48,10 @@ Remedies (`TrainConfig`, all off by default, then nothing below changes a paper 
   [bg, base].
 - `detect(..., logit_bias=...)`: per-class calibration, subtracted from the class logits
   before the softmax (both heads' for the ensemble).
+
+Precision (`TrainConfig.precision`): under bf16 autocast the backbone, the RPN head's convs,
+the towers and the box regressor run in bf16; anchors, proposals, the sampled proposals'
+matching and regression targets, the box decoding, the logits and the losses are float32.
 """
 from __future__ import annotations
 
@@ -56,15 +60,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from pipeline.checkpoints import CheckpointError, load_weights
+from pipeline.precision import float32_region
+from stages.rpn import Float32Anchors, Float32RPNHead
 from trainer.config import TrainConfig
 from trainer.losses import (
     box_regression_loss,
@@ -182,10 +187,12 @@ class OpenVocabDetector(nn.Module):
             trainable_layers=cfg.trainable_backbone_layers,
             returned_layers=list(cfg.returned_layers))
         channels = self.backbone.out_channels
-        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
-                                  ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+        # float32 anchors and RPN outputs: proposals, NMS and every box target stay float32
+        # under bf16 autocast (select_training_samples casts the GT to the proposals' dtype)
+        anchors = Float32Anchors(tuple((s,) for s in cfg.anchor_sizes),
+                                 ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
+            anchors, Float32RPNHead(channels, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
             positive_fraction=0.5,
             pre_nms_top_n={"training": cfg.rpn_pre_nms_train,
@@ -286,8 +293,8 @@ class OpenVocabDetector(nn.Module):
                                       cfg.distill_top_k)
                 b, e = b[keep], e[keep]
             boxes.append(b)
-            teacher.append(e)
-        emb = torch.cat(teacher).float() if teacher else torch.zeros(0, self.embed_dim)
+            teacher.append(e.float())  # float16 in the shards; bf16 autocast's cat refuses it
+        emb = torch.cat(teacher) if teacher else torch.zeros(0, self.embed_dim)
         return boxes, self._center(emb)
 
     # ------------------------------------------------------------------ training
@@ -384,7 +391,8 @@ class OpenVocabDetector(nn.Module):
         p_text = logits.softmax(-1)[:, 1:n_classes + 1]
         if ensemble:
             _, emb_image = self.image_tower(roi)
-            logits_image = emb_image @ self.text_emb.t() / self.cfg.temperature
+            with float32_region(emb_image.device):
+                logits_image = emb_image.float() @ self.text_emb.float().t() / self.cfg.temperature
             if logit_bias is not None:
                 logits_image = logits_image - logit_bias
             scores = ensemble_scores(p_text, logits_image.softmax(-1), self.is_base)

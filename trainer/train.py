@@ -10,6 +10,8 @@ Writes to --out: config.json, metrics.jsonl (one line per logged step), tb/ (Ten
 latest.pt (model, optimizer, scheduler, step, RNG state, config; replaced atomically).
 Config precedence: TrainConfig defaults < the manifest's `trainer:` block < --set <
 the dedicated flags. A resumed run keeps its checkpoint's config (only --steps may change).
+`--set precision=fp32|bf16` (default auto: bf16 on CUDA, fp32 on CPU) is the autocast of the
+network; anchors, proposals, box targets, logits and losses are float32 either way.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pipeline.cache import tmp_path
 from pipeline.checkpoints import load_weights
 from pipeline.errors import OvdError, report
 from pipeline.manifests import DatasetManifest, load_manifest
+from pipeline.precision import autocast, resolve_precision
 from stages.rpn import recorded_checkpoint
 from trainer import distributed
 from trainer.config import (
@@ -92,11 +94,10 @@ def to_device(images: list, targets: list[dict], device: torch.device):
 
 def train_step(ddp: torch.nn.Module, model: torch.nn.Module, optimizer, scheduler,
                images: list, targets: list[dict], cfg: TrainConfig, device: torch.device):
-    """One optimizer step (bf16 autocast on CUDA). `ddp` is the model, DDP-wrapped under
-    torchrun. Returns (losses, total loss, grad norm, the LR this step used)."""
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
-    with autocast:
+    """One optimizer step under the autocast of `cfg.precision` resolved for `device` (auto:
+    bf16 on CUDA, fp32 on CPU). `ddp` is the model, DDP-wrapped under torchrun. Returns
+    (losses, total loss, grad norm, the LR this step used)."""
+    with autocast(device, resolve_precision(cfg.precision, device)):
         losses = ddp(images, targets)
     loss = sum(losses.values())
     if not torch.isfinite(loss):
@@ -290,7 +291,9 @@ def train(args) -> int:
         keep_metrics_until(out / "metrics.jsonl", step)
         metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole loop
         print(f"training mode={cfg.mode} heads={cfg.heads} steps={step}->{cfg.steps} "
-              f"on {info.world_size} x {info.device}, {len(urls)} shards, D={vocab.dim}")
+              f"on {info.world_size} x {info.device} "
+              f"({resolve_precision(cfg.precision, info.device)}), {len(urls)} shards, "
+              f"D={vocab.dim}")
 
     model.train()
     batches = iter(loader)
