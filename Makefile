@@ -8,7 +8,7 @@ RUN ?= runs/toy
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup stages test status train eval ablation bench query mutate clean
+.PHONY: setup stages test status train eval ablation bench query mutate clean gpu-wheels
 
 # torchvision's compiled ops (nms, roi_align) need the registry's CUDA build of torch, about 7 GB
 # installed and more while pip unpacks it: say so in one line rather than fail half-way with ENOSPC.
@@ -69,6 +69,22 @@ mutate: setup
 
 query: setup
 	$(PY) -m pipeline query "a photo of a red star" --cache $(CACHE) --k 24 --out results.png
+
+# The wheels a lent GPU machine lacks (it has torch, torchvision, pyarrow, ... and no registry),
+# downloaded here for its Python into wheels/ (ignored; it travels with the working tree, <= 64
+# MiB). Ray is left out (too large): bench/gpu_smoke.sh uses --distributor local. GPU_PYTHON is
+# that machine's `python3 -c 'import sys; print(*sys.version_info[:2], sep=".")'` (3.12 there).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= wheels
+WHEELS_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(WHEELS_PY) -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(GPU_WHEELS) \
+		$$($(WHEELS_PY) -m bench.gpu_wheels --pins)
+	$(WHEELS_PY) -m bench.gpu_wheels --sizes $(GPU_WHEELS)
 
 clean:
 	rm -rf $(CACHE) $(RUN)

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     n, warm = args.steps, args.warmup
 
     def stream():
-        return iter(train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed))
+        return iter(train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed,
+                                 pin_memory=device.type == "cuda"))
 
     source = stream()
     memory = [next(source) for _ in range(warm + n)]

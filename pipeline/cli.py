@@ -53,6 +53,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def cmd_run(args) -> int:
     overrides = parse_overrides(args.set)
     if args.rpn_checkpoint:
@@ -81,7 +92,8 @@ def cmd_run(args) -> int:
                 cfg = make_config(stage, {**dataset.stages.get(name, {}),
                                           **overrides.get(name, {})})
                 run_stage(stage, ctx, cfg, distributor=args.distributor,
-                          workers=args.workers, rebuild=args.rebuild,
+                          workers=args.workers, cpus_per_gpu=args.cpus_per_gpu,
+                          rebuild=args.rebuild,
                           progress=not args.no_progress)
     except OvdError as e:  # every project error: one line, exit status 2
         return report(e)
@@ -131,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--distributor", choices=("ray", "local"), default="ray",
                    help="ray: parts run as Ray actor calls (RAY_ADDRESS or a local cluster)")
     r.add_argument("--workers", type=int, default=None, help="Ray actors per stage")
+    r.add_argument("--cpus-per-gpu", type=positive_int, default=None, metavar="N",
+                   help="CPUs (torch threads) of each GPU stage's Ray actor, per GPU (default: "
+                        "a node's CPUs // its GPUs; with --device cpu the stage's own count)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (local only)")
     r.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast of the device stages: auto = bf16 on CUDA, fp32 on CPU")

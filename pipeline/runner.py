@@ -280,18 +280,35 @@ def ensure_ray() -> None:
              log_to_driver=True, logging_level="WARNING")
 
 
+def gpu_cpu_share(nodes: list[dict]) -> int | None:
+    """The CPUs one GPU's actor gets by default: the fewest CPUs per GPU over the nodes that
+    have GPUs (so every GPU of every node can be given its actor), or None without GPUs.
+
+    nodes: each node's resources, {"CPU": 16.0, "GPU": 1.0, ...} (ray.nodes()' "Resources")"""
+    shares = [int(n.get("CPU", 0) // n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
+    return max(1, min(shares)) if shares else None
+
+
 def plan_workers(want: dict, workers: int | None, n_parts: int, max_cpus: float,
-                 total_cpus: float, gpus: float, log=print) -> tuple[dict, int]:
+                 total_cpus: float, gpus: float, log=print,
+                 cpus_per_gpu: int | None = None) -> tuple[dict, int]:
     """(per-actor resources, actor count) for a stage asking `want` per worker on a cluster
     with `total_cpus` CPUs (at most `max_cpus` on one node) and `gpus` GPUs.
+
+    An actor that gets GPUs gets `cpus_per_gpu` CPUs per GPU in place of the stage's own
+    `num_cpus` (which sizes a CPU worker), when given: its torch threads, decoding and loader
+    work run on them. Without GPUs (`gpus` 0: none in the cluster, or --device cpu) it asks
+    for none and keeps the stage's `num_cpus`.
 
     The count never exceeds what the cluster can place at once: an actor Ray cannot place
     never starts, and the parts handed to it would wait forever (`--workers 4` on a one-GPU
     node asked for four GPUs). A larger `workers` is capped, with one line saying so."""
     want = dict(want)
-    want["num_cpus"] = max(1, min(want.get("num_cpus", 1), int(max_cpus)))
     if not gpus:
         want["num_gpus"] = 0
+    if want.get("num_gpus") and cpus_per_gpu:
+        want["num_cpus"] = max(1, int(cpus_per_gpu * want["num_gpus"]))
+    want["num_cpus"] = max(1, min(want.get("num_cpus", 1), int(max_cpus)))
     fit = max(1, int(total_cpus // want["num_cpus"]))
     if want.get("num_gpus"):
         fit = min(fit, max(1, int(gpus // want["num_gpus"])))
@@ -303,15 +320,18 @@ def plan_workers(want: dict, workers: int | None, n_parts: int, max_cpus: float,
 
 
 def _ray_resources(stage: ModuleType, workers: int | None, n_parts: int,
-                   cpu_only: bool = False) -> tuple[dict, int]:
+                   cpu_only: bool = False, cpus_per_gpu: int | None = None
+                   ) -> tuple[dict, int]:
+    """`plan_workers` on the connected Ray cluster; `cpus_per_gpu` None: `gpu_cpu_share`."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=1)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    max_cpus = max((n.get("CPU", 0) for n in nodes), default=1)
     resources = ray.cluster_resources()
     return plan_workers(getattr(stage, "RESOURCES", {"num_cpus": 1}), workers, n_parts,
                         max_cpus, resources.get("CPU", 1),
-                        0 if cpu_only else resources.get("GPU", 0))
+                        0 if cpu_only else resources.get("GPU", 0),
+                        cpus_per_gpu=cpus_per_gpu or gpu_cpu_share(nodes))
 
 
 def uses_device(stage: ModuleType) -> bool:
@@ -375,13 +395,14 @@ def torch_device_type(device: str) -> str:
 
 class _RayDistributor:
     def __init__(self, stage: ModuleType, ctx: StageContext, cfg, n_parts: int,
-                 workers: int | None):
+                 workers: int | None, cpus_per_gpu: int | None = None):
         import ray
         from ray.util import ActorPool
 
         ensure_ray()
         resources, n = _ray_resources(stage, workers, n_parts,
-                                      cpu_only=ctx.resolve_device() == "cpu")
+                                      cpu_only=ctx.resolve_device() == "cpu",
+                                      cpus_per_gpu=cpus_per_gpu)
         actor_cls = ray.remote(_StageActor).options(**resources)
         self.actors = [
             actor_cls.remote(stage.__name__, ctx, cfg, resources["num_cpus"]) for _ in range(n)
@@ -431,11 +452,13 @@ def run_stage(
     *,
     distributor: str = "ray",
     workers: int | None = None,
+    cpus_per_gpu: int | None = None,
     rebuild: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run (or resume, or skip) one stage and return its manifest."""
+    """Run (or resume, or skip) one stage and return its manifest. `cpus_per_gpu`: the CPUs
+    each GPU actor of a Ray stage gets (None: a node's CPUs // its GPUs, `gpu_cpu_share`)."""
     stage_dir = ctx.stage_dir(stage_folder(stage))
     cdict = config_dict(cfg)
     ctx = compute_context(stage, ctx, distributor)
@@ -478,7 +501,7 @@ def run_stage(
         if distributor == "local":
             dist = _LocalDistributor(stage, ctx, cfg)
         elif distributor == "ray":
-            dist = _RayDistributor(stage, ctx, cfg, len(todo), workers)
+            dist = _RayDistributor(stage, ctx, cfg, len(todo), workers, cpus_per_gpu)
         else:
             raise StageError(f"unknown distributor {distributor!r} (use 'ray' or 'local')")
         bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc=stage.NAME,

@@ -7,6 +7,12 @@ centre crop) resamples a PIL crop (`stages/crops.py`), both in a small thread po
 overlap the encoder; the encoder gets full batches cut across images (`batch_size` crops).
 bf16 autocast on CUDA (the teacher's), fp32 on CPU.
 
+On CUDA the decode threads do not stall on the encoder: images and boxes go to the device from
+pinned memory without blocking, each thread makes its crops on a CUDA stream of its own (so
+the one read-back per image in `crops.py` waits only for that thread's kernels, not for the
+encoder batches queued on the default stream), and the embeddings stay on the device until
+one copy to the host per part. On the CPU the arithmetic is exactly the same.
+
 Parts follow the proposals parts: regions part i holds the train-split images of proposals
 part i (possibly none: then an empty file). Output `regions/part-NNNNN.parquet`, one row per
 proposal: the proposal columns (image_id, rank, box, score) + embedding
@@ -14,7 +20,9 @@ fixed_size_list<float16>[D], L2-normalised.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -73,6 +81,31 @@ def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
         yield torch.cat(buf)
 
 
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor going to CUDA is copied from pinned memory without
+    blocking the calling thread (a pageable copy waits for the whole stream first)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_streams = threading.local()
+
+
+def crop_stream(device: str | torch.device) -> torch.cuda.Stream | None:
+    """This thread's CUDA stream for making crops on `device`, or None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if device.index is None:  # "cuda": the current device (a stream's .device has an index)
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = getattr(_streams, "stream", None)
+    if stream is None or stream.device != device:
+        stream = _streams.stream = torch.cuda.Stream(device=device)
+    return stream
+
+
 def teacher_crops(teacher: Teacher, image: torch.Tensor, boxes: torch.Tensor,
                   scale: float = 1.5) -> torch.Tensor:
     """The teacher-ready 1x and `scale`x crops of `boxes`, made on the teacher's device with
@@ -82,8 +115,35 @@ def teacher_crops(teacher: Teacher, image: torch.Tensor, boxes: torch.Tensor,
     returns: Tensor[2N, 3, S, S] (rows [0, N) 1x, rows [N, 2N) `scale`x)
     """
     interpolation, mode = preprocess_resize(teacher.preprocess, teacher.image_size)
-    return region_crops(image.to(teacher.device), boxes, teacher.image_size, teacher.mean,
-                        teacher.std, scale, interpolation, mode)
+    return region_crops(to_device(image, teacher.device), to_device(boxes, teacher.device),
+                        teacher.image_size, teacher.mean, teacher.std, scale, interpolation,
+                        mode)
+
+
+def streamed_crops(teacher: Teacher, image: torch.Tensor, boxes: torch.Tensor,
+                   scale: float = 1.5) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """`teacher_crops` made on this thread's `crop_stream` -> (crops, the event the consumer
+    waits on before using them: `ready_on_current_stream`; None off CUDA)."""
+    stream = crop_stream(teacher.device)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        crops = teacher_crops(teacher, image, boxes, scale)
+    if stream is None:
+        return crops, None
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    return crops, ready
+
+
+def ready_on_current_stream(crops: torch.Tensor,
+                            ready: torch.cuda.Event | None) -> torch.Tensor:
+    """`crops` from `streamed_crops`, safe to use on this thread's current stream: it waits
+    (on the device, not the host) for their stream, and their memory is not reused before
+    this stream is done with them."""
+    if ready is not None:
+        current = torch.cuda.current_stream(crops.device)
+        current.wait_event(ready)
+        crops.record_stream(current)
+    return crops
 
 
 def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],
@@ -91,7 +151,8 @@ def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],
     """ViLD region embeddings from each image's `teacher_crops`, in input order.
 
     crops: per image Tensor[2N_i, 3, S, S] (N_i 1x crops, then their N_i context crops)
-    returns: Tensor[sum N_i, D] float32 on the CPU, L2-normalised
+    returns: Tensor[sum N_i, D] float32 on the CPU, L2-normalised (made on the teacher's
+    device, copied to the host once)
     """
     counts: list[int] = []
 
@@ -100,7 +161,7 @@ def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],
             counts.append(len(c) // 2)
             yield c
 
-    feats = [teacher.encode_images(batch).cpu() for batch in rebatch(counted(), batch_size)]
+    feats = [teacher.encode_images(batch) for batch in rebatch(counted(), batch_size)]
     if not feats:  # no boxes at all
         return torch.empty(0, teacher.embed_dim)
     feats = torch.cat(feats)
@@ -108,7 +169,7 @@ def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],
     for n in counts:
         out.append(combine_views(feats[start:start + 2 * n]))
         start += 2 * n
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def prefetch(fn: Callable, items: Iterable, threads: int) -> Iterator:
@@ -223,7 +284,7 @@ def embed_proposals(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple
             return iid, str(path), None, (f"{path}: proposal boxes reach beyond the {w}x{h} "
                                           f"image; it changed since the proposals were made")
         # Crops are made here, in the decoding threads, so they overlap the encoder.
-        return iid, str(path), teacher_crops(teacher, image, b, cfg.context_scale), None
+        return iid, str(path), streamed_crops(teacher, image, b, cfg.context_scale), None
 
     rejects: list[dict] = []
     kept: list[int] = []
@@ -234,7 +295,7 @@ def embed_proposals(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple
                 rejects.append({"item": iid, "file": path, "reason": reason})
                 continue
             kept.append(iid)
-            yield crops
+            yield ready_on_current_stream(*crops)
 
     emb = region_embeddings(teacher, decoded(), cfg.batch_size)
     if rejects:

@@ -45,7 +45,7 @@ def _replayable_stream(monkeypatch):
     (the real stream is reseeded on resume, not replayed)."""
     real, batches = trainer.train.train_loader, []
 
-    def loader(urls, cfg, embed_dim, labels, seed):
+    def loader(urls, cfg, embed_dim, labels, seed, **kwargs):
         if not batches:
             rng = torch.get_rng_state()  # drawing them must not move the trainer's RNG
             stream = iter(real(urls, cfg, embed_dim, labels, seed=cfg.seed))

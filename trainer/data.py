@@ -211,10 +211,22 @@ def train_pipeline(urls: list[str], cfg: TrainConfig, embed_dim: int, labels: di
     )
 
 
+def loader_workers(cpus: int, ranks: int = 1, cap: int = 8) -> int:
+    """DataLoader workers that pay for one CUDA training process: its share of the node's
+    `cpus` (over `ranks` processes on the node), less one core for the process itself
+    (the step's Python and kernel launches), at least 1 and at most `cap` (decoding a batch
+    of small JPEGs and augmenting it takes a few cores, not a node's)."""
+    return max(1, min(cap, cpus // max(1, ranks) - 1))
+
+
 def train_loader(urls: list[str], cfg: TrainConfig, embed_dim: int, labels: dict[int, int],
-                 seed: int) -> wds.WebLoader:
-    """`train_pipeline` behind a DataLoader with `cfg.num_workers` decoding processes."""
+                 seed: int, pin_memory: bool = False,
+                 num_workers: int | None = None) -> wds.WebLoader:
+    """`train_pipeline` behind a DataLoader with `num_workers` (default `cfg.num_workers`)
+    decoding processes. `pin_memory` (pass True when training on CUDA) hands out batches in
+    pinned host memory, so the trainer's `non_blocking` copies to the GPU really overlap."""
+    workers = cfg.num_workers if num_workers is None else num_workers
     pipeline = train_pipeline(urls, cfg, embed_dim, labels, seed)
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
-                         persistent_workers=cfg.num_workers > 0,
-                         prefetch_factor=4 if cfg.num_workers > 0 else None)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
+                         persistent_workers=workers > 0, pin_memory=pin_memory,
+                         prefetch_factor=4 if workers > 0 else None)

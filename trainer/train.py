@@ -275,7 +275,8 @@ def train(args) -> int:
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
     # a resumed stream is seeded by its start step, so it does not replay the first batches
-    loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step)
+    loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step,
+                          pin_memory=info.device.type == "cuda")
     meta = {"embed_dim": vocab.dim, "dataset": dataset.name, "format": dataset.format,
             "vocabulary": {"path": vocab.path, "category_ids": list(vocab.category_ids),
                            "names": list(vocab.names)},
@@ -301,7 +302,13 @@ def train(args) -> int:
         # the RPN and RoI proposal samplers draw on it; restored after iter(loader), which
         # takes a seed from it
         set_rng_state(resumed["rng"], info.device)
-    sums: dict[str, float] = {}
+    # logged sums stay on the device (float64) until a log step: no host sync per step
+    sums: dict[str, torch.Tensor | float] = {}
+
+    def add(key: str, value) -> None:
+        value = value.detach().double() if torch.is_tensor(value) else value
+        sums[key] = sums.get(key, 0.0) + value
+
     last = time.time()
     while step < cfg.steps:
         t_data = time.time()
@@ -312,18 +319,17 @@ def train(args) -> int:
         step += 1
 
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            add(k, v)
+        add("loss", loss)
         if "loss_image" in losses:  # what loss_image must beat to be more than the mean
             teacher = model.cached_targets(targets)[1]  # the (masked, centred) targets
-            sums["image_mean_baseline"] = sums.get("image_mean_baseline", 0.0) + float(
-                mean_direction_baseline(teacher, cfg.image_loss_weight))
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-        sums["data_sec"] = sums.get("data_sec", 0.0) + t_data
-        sums["n"] = sums.get("n", 0.0) + 1
+            add("image_mean_baseline", mean_direction_baseline(teacher, cfg.image_loss_weight))
+        add("grad_norm", grad_norm)
+        add("data_sec", t_data)
+        add("n", 1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             n = sums.pop("n")
-            row = distributed.mean_across({k: v / n for k, v in sums.items()}, info)
+            row = distributed.mean_across({k: float(v) / n for k, v in sums.items()}, info)
             now = time.time()
             row.update(step=step, lr=lr, sec_per_step=(now - last) / n,
                        images_per_sec=n * cfg.batch_size * info.world_size / (now - last))
