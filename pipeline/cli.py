@@ -17,6 +17,7 @@ from pipeline.precision import PRECISIONS
 from pipeline.runner import (
     CacheLock,
     StageContext,
+    dry_run_stage,
     make_config,
     run_stage,
     stage_folder,
@@ -83,6 +84,8 @@ def cmd_run(args) -> int:
         dataset = load_manifest(args.manifest, cache_root=cache_root, data_root=args.data_root)
         ctx = StageContext(dataset=dataset, cache=cache_root / dataset.name,
                            device=args.device, precision=args.precision)
+        if args.dry_run:
+            return dry_run(ctx, dataset, wanted, overrides, rebuild=args.rebuild)
         with CacheLock(ctx.cache):
             for module_name in STAGES:
                 name = stage_name(module_name)
@@ -97,6 +100,25 @@ def cmd_run(args) -> int:
                           progress=not args.no_progress)
     except OvdError as e:  # every project error: one line, exit status 2
         return report(e)
+    return 0
+
+
+def dry_run(ctx: StageContext, dataset, wanted, overrides: dict, *, rebuild: bool) -> int:
+    """One line per selected stage: what `run` would do (`runner.dry_run_stage`). No lock is
+    taken and nothing is written, so it may run beside a run in flight. A stage after one
+    that would run is judged against the cache as it is now (the upstream's old manifest)."""
+    pending = None
+    for module_name in STAGES:
+        name = stage_name(module_name)
+        if wanted is not None and name not in wanted:
+            continue
+        stage = importlib.import_module(module_name)
+        cfg = make_config(stage, {**dataset.stages.get(name, {}), **overrides.get(name, {})})
+        line = dry_run_stage(stage, ctx, cfg, rebuild=rebuild)
+        after = f" (judged before '{pending}' reruns)" if pending else ""
+        print(f"[{stage.NAME}] {line}{after}", flush=True)
+        if pending is None and not line.startswith("up to date"):
+            pending = stage.NAME
     return 0
 
 
@@ -155,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher-model-config", default=None, help="custom model-config JSON")
     r.add_argument("--rpn-checkpoint", default=None, help="use this RPN, skip its training")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print what each stage would do (up to date / would resume / would "
+                        "run / would refuse: why); writes nothing, starts no Ray")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="done / total parts and rows of every stage")

@@ -445,6 +445,54 @@ def clean_stray_tmp(stage_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def stage_record(stage: ModuleType, ctx: StageContext, cfg, distributor: str
+                 ) -> tuple[StageContext, dict, list[Part]]:
+    """(resolved ctx, plan record, parts) of one stage: what a run hashes and compares with
+    the `_PLAN.json` it finds. Reads the cache, writes nothing."""
+    cdict = config_dict(cfg)
+    ctx = compute_context(stage, ctx, distributor)
+    inputs = {**stage.inputs(ctx, cfg), **compute_inputs(stage, ctx)}
+    parts = stage.plan(ctx, cfg)
+    if sorted(p.index for p in parts) != list(range(len(parts))):
+        raise StageError(f"stage '{stage.NAME}' planned parts with non-contiguous indices")
+    record = {
+        "stage": stage.NAME,
+        "config": cdict,
+        "config_hash": canonical_hash(cdict),
+        "inputs": inputs,
+        "n_parts": len(parts),
+        "plan_hash": canonical_hash([list(p.items) for p in parts]),
+    }
+    return ctx, record, parts
+
+
+def _same_record(old: dict, record: dict) -> bool:
+    return all(old.get(k) == record[k] for k in ("config_hash", "inputs", "plan_hash"))
+
+
+def dry_run_stage(stage: ModuleType, ctx: StageContext, cfg, *, rebuild: bool = False) -> str:
+    """What `run_stage` would do with this stage, as one line, computed exactly as a run
+    computes it (config, inputs, plan; the device resolved as the local distributor resolves
+    it, so no Ray starts) and writing nothing: `up to date`, `would resume k/n parts`
+    (k finished), `would run`, `would refuse: <the mismatch>` (`would rebuild: ...` with
+    `rebuild`). A stage whose upstream has not finished is `would run after its upstream`."""
+    stage_dir = ctx.stage_dir(stage_folder(stage))
+    try:
+        _, record, parts = stage_record(stage, ctx, cfg, "local")
+    except StageError as e:
+        return f"would run after its upstream ({e})"
+    plan_path = stage_dir / PLAN_FILE
+    if not plan_path.exists():
+        return "would run"
+    old = read_json(plan_path)
+    if not _same_record(old, record):
+        return f"would {'rebuild' if rebuild else 'refuse'}: {_describe_mismatch(old, record)}"
+    if (stage_dir / MANIFEST_FILE).exists():
+        return f"up to date ({len(parts)} parts)"
+    done = sum((stage_dir / f"{p.stem}.stats.json").exists() for p in parts)
+    return f"would resume {done}/{len(parts)} parts" if done else "would run"
+
+
 def run_stage(
     stage: ModuleType,
     ctx: StageContext,
@@ -460,24 +508,12 @@ def run_stage(
     """Run (or resume, or skip) one stage and return its manifest. `cpus_per_gpu`: the CPUs
     each GPU actor of a Ray stage gets (None: a node's CPUs // its GPUs, `gpu_cpu_share`)."""
     stage_dir = ctx.stage_dir(stage_folder(stage))
-    cdict = config_dict(cfg)
-    ctx = compute_context(stage, ctx, distributor)
-    inputs = {**stage.inputs(ctx, cfg), **compute_inputs(stage, ctx)}
-    parts = stage.plan(ctx, cfg)
-    if sorted(p.index for p in parts) != list(range(len(parts))):
-        raise StageError(f"stage '{stage.NAME}' planned parts with non-contiguous indices")
-    record = {
-        "stage": stage.NAME,
-        "config": cdict,
-        "config_hash": canonical_hash(cdict),
-        "inputs": inputs,
-        "n_parts": len(parts),
-        "plan_hash": canonical_hash([list(p.items) for p in parts]),
-    }
+    ctx, record, parts = stage_record(stage, ctx, cfg, distributor)
+    inputs = record["inputs"]
     plan_path = stage_dir / PLAN_FILE
     if plan_path.exists():
         old = read_json(plan_path)
-        same = all(old.get(k) == record[k] for k in ("config_hash", "inputs", "plan_hash"))
+        same = _same_record(old, record)
         if not same:
             if not rebuild:
                 raise StageMismatch(
