@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import OvdError, reports_errors
+from pipeline.layout import INDEX, REGIONS, STAGE_FOLDERS, DatasetCache, part_file
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_FOLDERS = ("dataset", "teacher", "rpn", "proposals", "regions", "text", "wds", "index")
 AP_KEYS = ("AP50_novel", "AP50_base", "AP50_all")
 
 
@@ -79,21 +79,21 @@ def regions_agreement(manifest: str, cache: str, images: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.cache import read_json
     from pipeline.manifests import image_path, load_manifest
-    from pipeline.runner import MANIFEST_FILE, StageContext
+    from pipeline.runner import StageContext
     from stages.regions import Config, embed_proposals, proposals_file
     from stages.teacher import teacher_from_cache
 
     dataset = load_manifest(manifest, cache_root=cache)
     ctx = StageContext(dataset=dataset, cache=Path(cache).resolve() / dataset.name,
                        device="cpu", precision="fp32")
-    made = read_json(ctx.stage_dir("regions") / MANIFEST_FILE)
+    made = ctx.upstream(REGIONS)
     cfg = Config(**made["config"])
-    stored = pq.read_table(ctx.stage_dir("regions") / "part-00000.parquet")
+    first = part_file(ctx.stage_dir(REGIONS), 0)
+    stored = pq.read_table(first)
     ids = list(dict.fromkeys(stored.column("image_id").to_pylist()))[:images]
     if not ids:
-        raise SmokeError(f"{ctx.stage_dir('regions')}/part-00000.parquet has no rows")
+        raise SmokeError(f"{first} has no rows")
     split = dataset.split(cfg.split)
     with open(split.annotations) as f:
         records = {int(im["id"]): im for im in json.load(f)["images"]}
@@ -203,14 +203,14 @@ def pipeline_figures(cache_dir: Path) -> dict:
     """Seconds (summed over parts) of each finished stage, regions crops/s, the index line."""
     out: dict = {"stage_seconds": {}}
     for name in STAGE_FOLDERS:
-        path = cache_dir / name / "_MANIFEST.json"
+        path = DatasetCache(cache_dir).manifest_path(name)
         if path.is_file():
             m = json.loads(path.read_text())
             out["stage_seconds"][name] = m.get("seconds")
-            if name == "regions":
+            if name == REGIONS:
                 out["regions_crops_per_s"] = m.get("crops_per_s")
                 out["regions_inputs"] = {k: m["inputs"].get(k) for k in ("device", "precision")}
-            if name == "index":
+            if name == INDEX:
                 out["index"] = m.get("index", {}).get("placement")
     return out
 

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import read_json
 from pipeline.errors import reports_errors
+from pipeline.layout import REGIONS, part_file
 from pipeline.manifests import image_path, load_manifest
-from pipeline.runner import MANIFEST_FILE, StageContext, StageError
+from pipeline.runner import StageContext, StageError
 from stages.crops import enlarge_boxes, preprocess_resize
 from stages.images import load_rgb, to_uint8_tensor
 from stages.regions import Config, boxes_array, region_embeddings, teacher_crops
@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load_manifest(args.manifest, cache_root=args.cache)
     ctx = StageContext(dataset=dataset, cache=Path(args.cache) / dataset.name, device="cpu")
-    part = ctx.stage_dir("regions") / f"part-{args.part:05d}.parquet"
+    part = part_file(ctx.stage_dir(REGIONS), args.part)
     if not part.is_file():
         raise StageError(f"{part} not found; build the regions stage first")
-    recorded = ctx.stage_dir("regions") / MANIFEST_FILE
-    cfg = Config(**read_json(recorded)["config"]) if recorded.is_file() else Config()
+    recorded = ctx.files.read_manifest(REGIONS, required=False)
+    cfg = Config(**recorded["config"]) if recorded is not None else Config()
     table = pq.read_table(part)
     if args.rows and args.rows < len(table):
         if args.sample is None:

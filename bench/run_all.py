@@ -16,6 +16,7 @@ import torch
 
 from bench import regions_bench, storage_bench, train_bench
 from pipeline.errors import reports_errors
+from pipeline.layout import WDS, DatasetCache
 from pipeline.manifests import load_manifest
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="cache")
     args = p.parse_args(argv)
     cache_dir = Path(args.cache) / load_manifest(args.manifest, cache_root=args.cache).name
-    packed = (cache_dir / "wds" / "_MANIFEST.json").exists()
+    packed = DatasetCache(cache_dir).manifest_path(WDS).exists()
     print(f"machine: {machine()}\n")
 
     print("== regions: end-to-end vs bare teacher forward; batched vs per-crop PIL crops")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== storage: bytes per image ({cache_dir if packed else 'synthetic cache'})")
     if rc := storage_bench.main([str(cache_dir)] if packed else []):
         return rc
-    print(f"\n== training input pipeline ({cache_dir / 'wds' if packed else 'stand-in shards'})")
+    print(f"\n== training input pipeline ({cache_dir / WDS if packed else 'stand-in shards'})")
     with tempfile.TemporaryDirectory() as tmp:
         return train_bench.main(["--manifest", args.manifest, "--cache", args.cache] if packed
                                 else ["--fixture", tmp])

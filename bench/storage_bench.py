@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.cache import atomic_write_json
 from pipeline.errors import reports_errors
+from pipeline.layout import DATASET, PART_GLOB, REGIONS, TEACHER, DatasetCache, part_file
 from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext
 
@@ -67,7 +68,7 @@ def write_synthetic_cache(root: Path, *, n_images: int = 12, m: int = 20, dim: i
     rng = np.random.default_rng(seed)
     root = Path(root)
     cache = root / "cache" / name
-    data = cache / "dataset"
+    data = cache / DATASET
     (data / "train").mkdir(parents=True, exist_ok=True)
     (data / "val").mkdir(parents=True, exist_ok=True)
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(BASE + NOVEL)]
@@ -105,8 +106,8 @@ def write_synthetic_cache(root: Path, *, n_images: int = 12, m: int = 20, dim: i
         "splits:\n  train: {images: train, annotations: train.json}\n"
         "  val: {images: val, annotations: val.json}\n"
         f"vocabulary:\n  base: [{', '.join(BASE)}]\n  novel: [{', '.join(NOVEL)}]\n")
-    for stage in ("dataset", "teacher"):
-        atomic_write_json(cache / stage / "_MANIFEST.json",
+    for stage in (DATASET, TEACHER):
+        atomic_write_json(DatasetCache(cache).manifest_path(stage),
                           {"stage": stage, "fingerprint": f"{stage}-{seed}",
                            "teacher": TEACHER_IDENTITY})
 
@@ -128,12 +129,12 @@ def write_synthetic_cache(root: Path, *, n_images: int = 12, m: int = 20, dim: i
             boxes.append(np.concatenate([xy, xy + wh], 1).astype(np.float32))
             scores.append(np.sort(rng.uniform(0, 1, mi))[::-1].astype(np.float32))
             embs.append(e.astype(np.float16))
-        (cache / "regions").mkdir(parents=True, exist_ok=True)
+        (cache / REGIONS).mkdir(parents=True, exist_ok=True)
         pq.write_table(regions_table(np.concatenate(ids), np.concatenate(ranks),
                                      np.concatenate(boxes), np.concatenate(scores),
                                      np.concatenate(embs)),
-                       cache / "regions" / f"part-{part:05d}.parquet")
-    atomic_write_json(cache / "regions" / "_MANIFEST.json",
+                       part_file(cache / REGIONS, part))
+    atomic_write_json(DatasetCache(cache).manifest_path(REGIONS),
                       {"stage": "regions", "fingerprint": f"regions-{seed}-{dim}",
                        "teacher": TEACHER_IDENTITY})
     return StageContext(dataset=load_manifest(manifest), cache=cache, device="cpu")
@@ -182,14 +183,14 @@ def pth_bytes(regions: list[Path], out_dir: Path, max_images: int) -> tuple[int,
 
 def measure(cache: Path, max_pth_images: int) -> list[tuple[str, int, float]]:
     """(what, images, bytes per image) rows for one dataset cache `<cache root>/<ds>`."""
-    regions = sorted((cache / "regions").glob("part-*.parquet"))
+    regions = DatasetCache(cache).parts(REGIONS)
     if not regions:
-        raise SystemExit(f"{cache / 'regions'}: no part-*.parquet (run the regions stage)")
+        raise SystemExit(f"{cache / REGIONS}: no {PART_GLOB} (run the regions stage)")
     n_regions = len({i for f in regions for i in np.unique(
         pq.read_table(f, columns=["image_id"])["image_id"].to_numpy()).tolist()})
     regions_bytes = sum(f.stat().st_size for f in regions)
     rows = [("regions/*.parquet (boxes, scores, f16 emb)", n_regions, regions_bytes / n_regions)]
-    shards = sorted((cache / "wds").glob("train-*.tar"))
+    shards = DatasetCache(cache).shards()
     if shards:
         total, per_ext, ids = wds_breakdown(shards)
         n = max(1, len(ids))

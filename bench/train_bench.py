@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import reports_errors
+from pipeline.layout import DatasetCache
 from pipeline.manifests import load_manifest
 from trainer import distributed
 from trainer.config import make_config, parse_set
@@ -53,7 +54,7 @@ def _inputs(args):
 
         tiny = write_tiny_cache(args.fixture, n_train=64, n_val=2, size=256, dim=64, m=300,
                                 n_shards=4)
-        return tiny.dataset_dir, tiny.dataset_dir / "text" / "tiny.parquet", {}
+        return tiny.dataset_dir, DatasetCache(tiny.dataset_dir).text_parquet("tiny"), {}
     dataset = load_manifest(args.manifest, cache_root=args.cache)
     cache_dir = Path(args.cache) / dataset.name
     return (cache_dir, text_parquet_path(cache_dir, dataset.name),

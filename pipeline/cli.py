@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import layout
 from pipeline.errors import OvdError, report
 from pipeline.manifests import load_manifest
 from pipeline.precision import PRECISIONS
@@ -131,7 +132,7 @@ def cmd_status(args) -> int:
         return 1
     for ds in datasets:
         order = [stage_folder(importlib.import_module(m)) for m in STAGES]
-        order += sorted(p.parent.name for p in ds.glob("*/_PLAN.json")
+        order += sorted(p.parent.name for p in ds.glob(f"*/{layout.PLAN_FILE}")
                         if p.parent.name not in order)
         print(f"{ds}")
         print(f"  {'stage':<10} {'parts':>11} {'rows':>10} {'rejects':>8}  state")

@@ -24,6 +24,14 @@ class OvdError(Exception):
     """An error the project raises on purpose; the message says what and where in one line."""
 
 
+class StageError(OvdError, RuntimeError):
+    """A stage cannot run as asked; the message says why and what to do."""
+
+
+class StageMismatch(StageError):
+    """Existing outputs were made with another config or other inputs."""
+
+
 def report(error: BaseException, file=None) -> int:
     """Print `error: <message>` (to stderr by default) and return the CLI exit status."""
     print(f"error: {error}", file=file or sys.stderr)

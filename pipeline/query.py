@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
+from pipeline.layout import INDEX, DatasetCache
 from pipeline.manifests import ManifestError, image_path, load_manifest
-from pipeline.runner import MANIFEST_FILE, StageContext, StageError
-from stages.dataset import TRAIN_FULL
+from pipeline.runner import StageContext, StageError
 
 IOU_MATCH = 0.5  # a hit counts for precision@k when its best GT box overlaps this much
 
@@ -152,7 +152,7 @@ def contact_sheet(tiles: list[Image.Image], cols: int, tile: int) -> Image.Image
 
 
 def index_record(cache_dir: Path) -> dict:
-    path = cache_dir / "index" / MANIFEST_FILE
+    path = DatasetCache(cache_dir).manifest_path(INDEX)
     if not path.exists():
         raise StageError(f"the index stage has not finished: {path} is missing; run "
                          f"`python -m pipeline run --stages index` first")
@@ -165,7 +165,7 @@ def query_embedding(ctx: StageContext, text: str, recorded_teacher: dict) -> np.
 
     teacher = teacher_from_cache(ctx, ctx.resolve_device())
     if teacher.identity != recorded_teacher:
-        raise StageError(f"{ctx.stage_dir('index')} was built with teacher "
+        raise StageError(f"{ctx.stage_dir(INDEX)} was built with teacher "
                          f"{recorded_teacher} but the cache's teacher is {teacher.identity}; "
                          f"rebuild the index (`--stages index --rebuild`)")
     emb = teacher.encode_texts([text]).detach().float().cpu().numpy()
@@ -195,14 +195,14 @@ def _run(args) -> int:
     query = query_embedding(ctx, args.text, rec["teacher"])
     if query.shape[1] != rec["index"]["dim"]:
         raise StageError(f"text embedding dim {query.shape[1]} != index dim "
-                         f"{rec['index']['dim']} ({cache_dir / 'index'})")
-    index, ids = load_index(ctx.stage_dir("index"), args.nprobe or rec["index"].get("nprobe"))
+                         f"{rec['index']['dim']} ({ctx.stage_dir(INDEX)})")
+    index, ids = load_index(ctx.stage_dir(INDEX), args.nprobe or rec["index"].get("nprobe"))
     hits = search(index, ids, query, args.k, args.min_score)[0]
 
     names = {c.id: c.name for c in dataset.categories()}
     ann_files = [(s.annotations, s.images) for s in dataset.splits.values()]
     gt_files = [Path(g) for g in args.gt]
-    full = ctx.stage_dir("dataset") / TRAIN_FULL
+    full = ctx.files.train_full()
     if not gt_files and "train" in dataset.splits and full.is_file():
         gt_files = [full]  # a synthetic dataset's answer key: train images, novel boxes too
     ann_files += [(g, dataset.split("train").images) for g in gt_files]

@@ -42,19 +42,19 @@ from pipeline.cache import (
     read_json,
     tmp_path,
 )
-from pipeline.errors import OvdError
+from pipeline.errors import StageError, StageMismatch
+from pipeline.layout import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    PLAN_FILE,
+    STATS_GLOB,
+    DatasetCache,
+    part_stem,
+    stats_file,
+)
 from pipeline.manifests import DatasetManifest
 
-PLAN_FILE = "_PLAN.json"
-MANIFEST_FILE = "_MANIFEST.json"
-
-
-class StageError(OvdError, RuntimeError):
-    """A stage cannot run as asked; the message says why and what to do."""
-
-
-class StageMismatch(StageError):
-    """Existing outputs were made with another config or other inputs."""
+__all__ = ["MANIFEST_FILE", "PLAN_FILE", "StageError", "StageMismatch"]  # re-exported
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Part:
 
     @property
     def stem(self) -> str:
-        return f"part-{self.index:05d}"
+        return part_stem(self.index)
 
 
 @dataclass
@@ -116,18 +116,17 @@ class StageContext:
     device: str = "auto"  # auto | cpu | cuda | cuda:N; run_stage resolves auto once
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
 
+    @property
+    def files(self) -> DatasetCache:
+        """This dataset's cache folders and files (pipeline/layout.py)."""
+        return DatasetCache(self.cache)
+
     def stage_dir(self, name: str) -> Path:
-        return self.cache / name
+        return self.files.stage_dir(name)
 
     def upstream(self, name: str) -> dict:
         """The finished `_MANIFEST.json` of stage `name`, or a clear error."""
-        path = self.stage_dir(name) / MANIFEST_FILE
-        if not path.exists():
-            raise StageError(
-                f"stage '{name}' has not finished: {path} is missing; "
-                f"run `python -m pipeline run --stages {name}` first"
-            )
-        return read_json(path)
+        return self.files.read_manifest(name)
 
     def fingerprint(self, name: str) -> str:
         return self.upstream(name)["fingerprint"]
@@ -180,7 +179,7 @@ class CacheLock:
     """An exclusive lock on `<cache>/<dataset>/.lock`: stops two runs writing one cache."""
 
     def __init__(self, cache_dir: Path):
-        self.path = Path(cache_dir) / ".lock"
+        self.path = Path(cache_dir) / LOCK_FILE
         self._fd: int | None = None
 
     def __enter__(self) -> "CacheLock":
@@ -230,7 +229,7 @@ def run_one_part(worker, part: Part, stage_dir: Path) -> dict:
         "node_id": _ray_node_id(),
         **result.extra,
     }
-    atomic_write_json(Path(stage_dir) / f"{part.stem}.stats.json", stats)
+    atomic_write_json(stats_file(stage_dir, part.stem), stats)
     return stats
 
 
@@ -489,7 +488,7 @@ def dry_run_stage(stage: ModuleType, ctx: StageContext, cfg, *, rebuild: bool = 
         return f"would {'rebuild' if rebuild else 'refuse'}: {_describe_mismatch(old, record)}"
     if (stage_dir / MANIFEST_FILE).exists():
         return f"up to date ({len(parts)} parts)"
-    done = sum((stage_dir / f"{p.stem}.stats.json").exists() for p in parts)
+    done = sum(stats_file(stage_dir, p.stem).exists() for p in parts)
     return f"would resume {done}/{len(parts)} parts" if done else "would run"
 
 
@@ -530,7 +529,7 @@ def run_stage(
         atomic_write_json(plan_path, record)
     clean_stray_tmp(stage_dir)
 
-    todo = [p for p in parts if not (stage_dir / f"{p.stem}.stats.json").exists()]
+    todo = [p for p in parts if not stats_file(stage_dir, p.stem).exists()]
     if len(todo) < len(parts):
         log(f"[{stage.NAME}] resuming: {len(parts) - len(todo)}/{len(parts)} parts already done")
     if todo:
@@ -551,7 +550,7 @@ def run_stage(
             if hasattr(dist, "close"):
                 dist.close()
 
-    stats = [read_json(stage_dir / f"{p.stem}.stats.json") for p in parts]
+    stats = [read_json(stats_file(stage_dir, p.stem)) for p in parts]
     extra = stage.finalize(ctx, cfg, stats) or {}
     rows = sum(s["rows"] for s in stats)
     rejects = sum(s["n_rejects"] for s in stats)
@@ -576,7 +575,7 @@ def run_stage(
 def stage_status(stage_dir: Path) -> dict:
     """done / total parts and rows of one stage folder (works while a run is in flight)."""
     plan = read_json(stage_dir / PLAN_FILE) if (stage_dir / PLAN_FILE).exists() else {}
-    stats = [read_json(p) for p in sorted(stage_dir.glob("part-*.stats.json"))]
+    stats = [read_json(p) for p in sorted(stage_dir.glob(STATS_GLOB))]
     return {
         "stage": stage_dir.name,
         "done": len(stats),

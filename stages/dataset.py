@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline import layout
 from pipeline.annotations import MAX_EXAMPLES, load_annotations
 from pipeline.cache import atomic_write_bytes, canonical_hash, read_json, sha256_file
 from pipeline.errors import OvdError
@@ -57,7 +58,7 @@ NAME = "dataset"
 RESOURCES = {"num_cpus": 1}
 # Bump when the drawing code changes what a seed produces, so old caches are refused.
 GENERATOR_VERSION = "3"
-TRAIN_FULL = "train_full.json"  # synthetic only: train images with novel boxes too
+TRAIN_FULL = layout.TRAIN_FULL  # synthetic only: train images with novel boxes too
 SPLIT_CODES = {"train": 0, "val": 1, "captions": 2}  # part of every image's RNG seed
 
 
@@ -254,7 +255,7 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
     unlabelled_novel = 0
     per_category = {"train": Counter(), "val": Counter()}
     for s in sorted(stats, key=lambda s: s["part"]):
-        for r in read_json(stage_dir / f"part-{s['part']:05d}.json"):
+        for r in read_json(layout.part_file(stage_dir, s["part"], ".json")):
             if r["split"] == "captions":
                 captions.append({"filepath": r["filepath"], "title": r["title"]})
                 continue
@@ -306,8 +307,8 @@ def _assemble_synthetic(ctx: StageContext, spec, stats: list[dict]) -> dict:
     writer = csv.DictWriter(buf, fieldnames=["filepath", "title"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(captions)
-    atomic_write_bytes(stage_dir / "captions.csv", buf.getvalue().encode())
-    files["captions.csv"] = sha256_file(stage_dir / "captions.csv")
+    atomic_write_bytes(stage_dir / layout.CAPTIONS_CSV, buf.getvalue().encode())
+    files[layout.CAPTIONS_CSV] = sha256_file(stage_dir / layout.CAPTIONS_CSV)
 
     return {
         "counts": {

@@ -25,13 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import layout
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "index"
 RESOURCES = {"num_cpus": 2, "num_gpus": 1}  # the runner drops the GPU when the cluster has none
 
-INDEX_FILE = "regions.faiss"
-IDS_FILE = "ids.parquet"
+INDEX_FILE = layout.INDEX_FILE
+IDS_FILE = layout.IDS_FILE
 ID_COLUMNS = ["image_id", "rank", "box", "score"]
 
 
@@ -47,7 +48,7 @@ class Config:
 
 
 def region_files(ctx: StageContext) -> list[Path]:
-    return sorted(ctx.stage_dir("regions").glob("part-*.parquet"))
+    return ctx.files.parts(layout.REGIONS)
 
 
 # What faiss's GPU IVF-PQ takes (faiss/gpu/impl/IVFPQ.cu, the default non-interleaved layout,
@@ -216,13 +217,13 @@ def use_gpu(ctx: StageContext, builds: list[str]) -> tuple[bool, str]:
 
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
-    return {name: ctx.fingerprint(name) for name in ("teacher", "regions")}
+    return {name: ctx.fingerprint(name) for name in (layout.TEACHER, layout.REGIONS)}
 
 
 def plan(ctx: StageContext, cfg: Config) -> list[Part]:
     files = region_files(ctx)
     if not files:
-        raise StageError(f"index: no regions parquet under {ctx.stage_dir('regions')}")
+        raise StageError(f"index: no regions parquet under {ctx.stage_dir(layout.REGIONS)}")
     return [Part(index=0, items=tuple(f.name for f in files))]
 
 
@@ -233,7 +234,7 @@ class Worker:
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         faiss = import_faiss()
 
-        files = [self.ctx.stage_dir("regions") / name for name in part.items]
+        files = [self.ctx.stage_dir(layout.REGIONS) / name for name in part.items]
         counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
         dims = {pq.read_schema(f).field("embedding").type.list_size for f in files}
         if len(dims) != 1:
@@ -282,7 +283,7 @@ class Worker:
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     return {
         "index": stats[0]["index"],
-        "teacher": ctx.upstream("teacher")["teacher"],
+        "teacher": ctx.upstream(layout.TEACHER)["teacher"],
         # where the query command finds the images and GT of this cache
         "dataset_manifest": str(ctx.dataset.path),
         "data_root": str(ctx.dataset.root),

@@ -36,18 +36,19 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from pipeline import layout
 from pipeline.annotations import load_annotations
 from pipeline.cache import atomic_write_json
 from pipeline.manifests import ManifestError, image_file, image_path
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "pack"
-FOLDER = "wds"  # the contract's shard folder: <cache>/<ds>/wds/
+FOLDER = layout.WDS  # the contract's shard folder: <cache>/<ds>/wds/
 RESOURCES = {"num_cpus": 1, "num_gpus": 0}
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
-SIZES_FILE = "sizes.json"
+SIZES_FILE = layout.SIZES_FILE
 TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical shards
 
 
@@ -59,8 +60,7 @@ class Config:
     jpeg_quality: int = 95  # only for images that must be re-encoded (not a plain JPEG)
 
 
-def shard_name(index: int) -> str:
-    return f"train-{index:06d}.tar"
+shard_name = layout.shard_name  # train-NNNNNN.tar
 
 
 def sample_key(image_id: int) -> str:
@@ -207,7 +207,7 @@ def load_split(ctx: StageContext, split: str) -> SplitIndex:
 
 
 def region_files(ctx: StageContext) -> list[Path]:
-    return sorted(ctx.stage_dir("regions").glob("part-*.parquet"))
+    return ctx.files.parts(layout.REGIONS)
 
 
 def embedding_dim(path: Path) -> int:
@@ -260,11 +260,11 @@ def read_regions(path: Path, image_ids: list[int]
 # ----------------------------------------------------------------------------- stage
 
 
-MEMBERS = "jpg boxes.npy scores.npy emb.npy json"  # an input: an older layout needs --rebuild
+MEMBERS = " ".join(layout.SHARD_MEMBERS)  # an input: an older layout needs --rebuild
 
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
-    return {**{name: ctx.fingerprint(name) for name in ("dataset", "teacher", "regions")},
+    return {**{name: ctx.fingerprint(name) for name in (layout.DATASET, layout.TEACHER, layout.REGIONS)},
             "members": MEMBERS}
 
 
@@ -370,7 +370,8 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     where, dim = regions_layout(region_files(ctx))
     packed = sum(sizes.values())
     total = sum(s["bytes"] for s in stats)
-    teacher = ctx.upstream("regions").get("teacher") or ctx.upstream("teacher").get("teacher")
+    teacher = (ctx.upstream(layout.REGIONS).get("teacher")
+               or ctx.upstream(layout.TEACHER).get("teacher"))
     return {
         "teacher": teacher,
         "shards": len(sizes),

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import layout
 from pipeline.cache import sha256_file
 from pipeline.manifests import ManifestError, contained_path
 from pipeline.precision import autocast
@@ -32,7 +33,7 @@ from pipeline.runner import (
 )
 from stages.boxes import ImageRecord, read_annotations, recall_at
 from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
-from stages.rpn import load_rpn, recorded_checkpoint
+from stages.rpn import load_rpn
 
 NAME = "proposals"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
@@ -76,7 +77,7 @@ def split_images(ctx: StageContext, cfg: Config) -> dict[int, tuple[str, ImageRe
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     ctx.dataset.check_files()
-    rpn = ctx.upstream("rpn")
+    rpn = ctx.upstream(layout.RPN)
     # the sha too: a retrained RPN with the same config has the same stage fingerprint
     out = {"rpn": rpn["fingerprint"], "rpn_checkpoint_sha256": rpn["checkpoint_sha256"]}
     for name in cfg.splits:
@@ -118,8 +119,8 @@ class Worker:
     def __init__(self, ctx: StageContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
         self.images = split_images(ctx, cfg)
-        rpn = ctx.upstream("rpn")
-        path = recorded_checkpoint(ctx.stage_dir("rpn"), rpn)
+        rpn = ctx.upstream(layout.RPN)
+        path = layout.recorded_checkpoint(ctx.stage_dir(layout.RPN), rpn)
         if not path.is_file() or sha256_file(path) != rpn["checkpoint_sha256"]:
             raise StageError(f"RPN checkpoint {path} is missing or changed since stage 'rpn' "
                              f"recorded it; re-run rpn with --rebuild")
@@ -165,7 +166,7 @@ class Worker:
 
 def read_proposals(stage_dir: Path) -> dict[int, torch.Tensor]:
     """{image_id: Tensor[K, 4] boxes in rank order} from every part of a proposals folder."""
-    files = sorted(Path(stage_dir).glob("part-*.parquet"))
+    files = sorted(Path(stage_dir).glob(layout.PART_GLOB))
     if not files:
         return {}
     t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(
@@ -199,7 +200,7 @@ def recall_report(ctx: StageContext, cfg: Config, proposals: dict[int, torch.Ten
 
 
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
-    rpn = ctx.upstream("rpn")
+    rpn = ctx.upstream(layout.RPN)
     extra = {"rpn_checkpoint_sha256": rpn["checkpoint_sha256"],
              "images": sum(s.get("images", 0) for s in stats)}
     if "val" in cfg.splits:

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import layout
 from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.crops import CROPS_VERSION, combine_views, preprocess_resize, region_crops
@@ -220,7 +221,7 @@ def boxes_array(table: pa.Table) -> np.ndarray:
 
 
 def proposals_file(ctx: StageContext, index: int) -> Path:
-    return ctx.stage_dir("proposals") / f"part-{index:05d}.parquet"
+    return layout.part_file(ctx.stage_dir(layout.PROPOSALS), index)
 
 
 def image_files(annotations: Path) -> dict[int, str]:
@@ -235,13 +236,14 @@ def image_files(annotations: Path) -> dict[int, str]:
 
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
-    return {"teacher": ctx.fingerprint("teacher"), "proposals": ctx.fingerprint("proposals"),
+    return {"teacher": ctx.fingerprint(layout.TEACHER),
+            "proposals": ctx.fingerprint(layout.PROPOSALS),
             "crops": CROPS_VERSION}
 
 
 def plan(ctx: StageContext, cfg: Config) -> list[Part]:
     """Part i = the `cfg.split` images of proposals part i, as sorted (image_id, file_name)."""
-    n_parts = int(ctx.upstream("proposals")["n_parts"])
+    n_parts = int(ctx.upstream(layout.PROPOSALS)["n_parts"])
     split = ctx.dataset.split(cfg.split)
     names = image_files(split.annotations)
     parts = []
@@ -333,7 +335,7 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     crops = sum(s["crops"] for s in stats)
     seconds = sum(s["seconds"] for s in stats)
     return {
-        "teacher": ctx.upstream("teacher")["teacher"],
+        "teacher": ctx.upstream(layout.TEACHER)["teacher"],
         "embed_dim": stats[0]["embed_dim"] if stats else None,
         "images": sum(s["images"] for s in stats),
         "crops": crops,

@@ -35,6 +35,7 @@ from torchvision.models.detection.rpn import (
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import nms, remove_small_boxes
 
+from pipeline import layout
 from pipeline.cache import canonical_hash, sha256_file
 from pipeline.checkpoints import CheckpointError, load_weights
 from pipeline.manifests import ManifestError, contained_path
@@ -45,7 +46,7 @@ from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_ten
 
 NAME = "rpn"
 RESOURCES = {"num_cpus": 8, "num_gpus": 1}
-CHECKPOINT_FILE = "rpn.pt"
+CHECKPOINT_FILE = layout.RPN_CHECKPOINT
 
 # torchvision's ImageNet statistics, as its detectors use.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -438,10 +439,7 @@ def checkpoint_path(ctx: StageContext, cfg: Config) -> Path:
         (ctx.stage_dir(NAME) / CHECKPOINT_FILE).resolve()
 
 
-def recorded_checkpoint(stage_dir: Path, manifest: dict) -> Path:
-    """The RPN file a finished rpn manifest names: a trained one is recorded by its name in the
-    stage folder (so a moved or copied cache still finds it), a given one by its path."""
-    return Path(stage_dir) / manifest["checkpoint"]  # an absolute path stays as it is
+recorded_checkpoint = layout.recorded_checkpoint  # the RPN file a finished manifest names
 
 
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from pipeline import layout
 from pipeline.annotations import load_annotations
 from pipeline.cache import sha256_file, tmp_path
 from pipeline.manifests import ManifestError, contained_path, image_file
@@ -549,7 +550,7 @@ class Config:
     model: str = DEFAULT_MODEL  # open_clip model name
     pretrained: str | None = None  # open_clip tag or checkpoint file; None: train on captions
     model_config: str | None = None  # custom model-config JSON (file stem = model name)
-    captions: str = "captions.csv"  # image-caption corpus, relative to the dataset root
+    captions: str = layout.CAPTIONS_CSV  # image-caption corpus, relative to the dataset root
     # open_clip_train hyper-parameters (only when training)
     epochs: int = 6
     batch_size: int = 128
@@ -571,7 +572,7 @@ def _spec(cfg: Config) -> TeacherSpec:
 
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
-    out = {"dataset": ctx.fingerprint("dataset")}
+    out = {"dataset": ctx.fingerprint(layout.DATASET)}
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         out["weights_sha256"] = sha256_file(Path(cfg.pretrained))
     # A packaged config edited in place must not pass for the one the cache was built with.

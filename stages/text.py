@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import layout
 from pipeline.cache import canonical_hash
 from pipeline.manifests import Category
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
@@ -39,8 +40,8 @@ from stages.teacher import Teacher, prompt_templates, teacher_from_cache, text_e
 
 NAME = "text"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
-NEGATIVES_FILE = "negatives.parquet"
-REGION_MEAN_FILE = "region_mean.npy"
+NEGATIVES_FILE = layout.NEGATIVES_FILE
+REGION_MEAN_FILE = layout.REGION_MEAN_FILE
 
 # Generic negative prompts: each goes through the templates like a category name ("a photo of
 # a {}."), so they are noun phrases; none may be a category name or synonym (checked).
@@ -124,7 +125,7 @@ def check_negatives(negatives: Sequence[str], categories: Sequence[Category]) ->
 
 
 def region_files(ctx: StageContext) -> list[Path]:
-    return sorted(ctx.stage_dir("regions").glob("part-*.parquet"))
+    return ctx.files.parts(layout.REGIONS)
 
 
 def region_mean(files: Sequence[Path], batch_rows: int = 16384) -> tuple[np.ndarray, int]:
@@ -164,13 +165,13 @@ def hub_cosines(names: Sequence[str], text_emb: np.ndarray, mean: np.ndarray
 
 
 def output_name(ctx: StageContext) -> str:
-    return f"{ctx.dataset.name}.parquet"
+    return layout.text_file(ctx.dataset.name)
 
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     cats = [[c.id, c.name, c.split, list(c.synonyms)] for c in ctx.dataset.categories()]
-    return {"teacher": ctx.fingerprint("teacher"), "categories": canonical_hash(cats),
-            "regions": ctx.fingerprint("regions")}
+    return {"teacher": ctx.fingerprint(layout.TEACHER), "categories": canonical_hash(cats),
+            "regions": ctx.fingerprint(layout.REGIONS)}
 
 
 def plan(ctx: StageContext, cfg: Config) -> list[Part]:
@@ -198,7 +199,7 @@ class Worker:
                if neg_cats else torch.zeros(0, emb.shape[1]))
         mean, n_regions = region_mean(region_files(self.ctx))
         if mean.shape[0] != emb.shape[1]:
-            raise StageError(f"{self.ctx.stage_dir('regions')}: region embeddings have "
+            raise StageError(f"{self.ctx.stage_dir(layout.REGIONS)}: region embeddings have "
                              f"D={mean.shape[0]}, the teacher's texts D={emb.shape[1]}; "
                              f"rebuild regions with this teacher")
         pq.write_table(text_table(categories, emb), out.tmp(output_name(self.ctx)))
@@ -224,7 +225,7 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
           f"region embeddings (highest first)")
     for name, cos in hub:
         print(f"  {cos:+.4f}  {name}  ({split[name]})")
-    return {"teacher": ctx.upstream("teacher")["teacher"], "embed_dim": d,
+    return {"teacher": ctx.upstream(layout.TEACHER)["teacher"], "embed_dim": d,
             "file": output_name(ctx), "prompts": stats[0]["prompts"],
             "negatives": {"file": NEGATIVES_FILE, "rows": stats[0]["negatives"]},
             "region_mean": {"file": REGION_MEAN_FILE, "regions": stats[0]["regions"]},

@@ -28,6 +28,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from pipeline import layout
+from pipeline.layout import DatasetCache
+
 BASE = ("box", "ball", "bar")
 NOVEL = ("ring",)
 COLOURS = {"box": (220, 40, 40), "ball": (40, 180, 60), "bar": (40, 80, 220),
@@ -90,33 +93,35 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
     rng = np.random.default_rng(seed)
     extra_rng = np.random.default_rng(seed + 1000)
     ds = root / "cache" / "tiny"
-    data = ds / "dataset"
+    cache = DatasetCache(ds)
+    data = ds / layout.DATASET
     names = BASE + NOVEL
     cat_id = {n: i + 1 for i, n in enumerate(names)}
     categories = [{"id": cat_id[n], "name": n} for n in names]
     text = _normalize(rng.normal(size=(len(names), dim)).astype(np.float32))
 
-    (ds / "text").mkdir(parents=True, exist_ok=True)
+    cache.stage_dir(layout.TEXT).mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
         "category_id": pa.array([cat_id[n] for n in names], pa.int64()),
         "name": pa.array(list(names)),
         "split": pa.array(["base"] * len(BASE) + ["novel"] * len(NOVEL)),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1), pa.float32()),
                                                        dim),
-    }), ds / "text" / "tiny.parquet")
+    }), cache.text_parquet("tiny"))
 
     neg = _normalize(extra_rng.normal(size=(3, dim)).astype(np.float32))
     pq.write_table(pa.table({
         "name": pa.array(["neg a", "neg b", "neg c"]),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(neg.reshape(-1), pa.float32()),
                                                        dim),
-    }), ds / "text" / "negatives.parquet")
+    }), cache.negatives())
 
     next_id = 1
     shard_dim = emb_dim_in_shards or dim
     emb_sum = np.zeros(shard_dim)
-    (ds / "wds").mkdir(parents=True, exist_ok=True)
-    writers = [wds.TarWriter(str(ds / "wds" / f"train-{i:06d}.tar")) for i in range(n_shards)]
+    cache.shards_dir().mkdir(parents=True, exist_ok=True)
+    writers = [wds.TarWriter(str(cache.shards_dir() / layout.shard_name(i)))
+               for i in range(n_shards)]
     for split, n, vocab in (("train", n_train, BASE), ("val", n_val, names)):
         (data / split).mkdir(parents=True, exist_ok=True)
         images, anns = [], []
@@ -167,11 +172,11 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
             json.dump({"images": images, "annotations": anns, "categories": categories}, f)
     for w in writers:
         w.close()
-    np.save(ds / "text" / "region_mean.npy", (emb_sum / np.linalg.norm(emb_sum)).astype(
+    np.save(cache.region_mean(), (emb_sum / np.linalg.norm(emb_sum)).astype(
         np.float32), allow_pickle=False)
 
-    (ds / "teacher").mkdir(parents=True, exist_ok=True)
-    (ds / "teacher" / "_MANIFEST.json").write_text(json.dumps(
+    cache.stage_dir(layout.TEACHER).mkdir(parents=True, exist_ok=True)
+    cache.manifest_path(layout.TEACHER).write_text(json.dumps(
         {"teacher": {"model": "tiny-test", "pretrained": None, "model_config": None,
                      "sha256": "0" * 64, "embed_dim": dim}}))
     manifest = root / "manifest.yaml"
@@ -180,7 +185,7 @@ def write_tiny_cache(root: str | Path, *, n_train: int = 16, n_val: int = 6, siz
         "splits:\n  train: {images: train, annotations: train.json}\n"
         "  val: {images: val, annotations: val.json}\n"
         f"vocabulary:\n  base: {list(BASE)}\n  novel: {list(NOVEL)}\n")
-    shards = sorted(str(p) for p in (ds / "wds").glob("train-*.tar"))
+    shards = [str(p) for p in cache.shards()]
     return TinyCache(root, manifest, root / "cache", ds, dim, shards, n_train, n_val)
 
 

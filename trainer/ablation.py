@@ -56,6 +56,7 @@ from pathlib import Path
 
 from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
+from pipeline.layout import TEACHER, DatasetCache
 from pipeline.manifests import ManifestError, load_manifest
 from trainer.evaluate import result_suffix
 
@@ -261,7 +262,7 @@ def teacher_report(manifest: str, cache: str) -> dict:
         name = load_manifest(manifest, cache_root=cache).name
     except ManifestError:
         return {}
-    path = Path(cache) / name / "teacher" / "_MANIFEST.json"
+    path = DatasetCache(Path(cache) / name).manifest_path(TEACHER)
     return (read_json(path).get("zero_shot") or {}) if path.is_file() else {}
 
 

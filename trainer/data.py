@@ -28,14 +28,15 @@ from torch.utils.data import IterableDataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline import layout
 from pipeline.errors import OvdError
 from stages.images import ImageError, decode_rgb, to_uint8_tensor
 from trainer.config import TrainConfig
 from trainer.inputs import CacheMismatch
 
-# the members of a shard sample (stages/pack.py writes them); .scores.npy is absent in shards
-# packed before it existed
-REQUIRED_MEMBERS = ("jpg", "boxes.npy", "emb.npy", "json")
+# the members of a shard sample (layout.SHARD_MEMBERS, the pack stage writes them);
+# .scores.npy is absent in shards packed before it existed
+REQUIRED_MEMBERS = layout.REQUIRED_MEMBERS
 SAMPLE_MEMBERS = (*REQUIRED_MEMBERS, "scores.npy")
 
 

@@ -113,11 +113,11 @@ def text_settings(ctx: StageContext) -> TextSettings:
     """The prompt settings the cache's text stage recorded (its manifest's config), or,
     for a cache without one, the dataset manifest's `stages: text:` block over the stage's
     defaults."""
+    from pipeline.layout import TEXT
     from pipeline.runner import make_config
     from stages import text
 
-    path = ctx.stage_dir(text.NAME) / "_MANIFEST.json"
-    recorded = ctx.upstream(text.NAME).get("config") if path.exists() else None
+    recorded = (ctx.files.read_manifest(TEXT, required=False) or {}).get("config")
     cfg = make_config(text, recorded if recorded is not None
                       else ctx.dataset.stages.get(text.NAME, {}))
     return TextSettings(cfg.templates, cfg.use_synonyms)

@@ -33,6 +33,7 @@ from torchvision.ops import box_iou
 
 from pipeline.errors import OvdError
 from pipeline.errors import report as report_error
+from pipeline.layout import DatasetCache
 from pipeline.manifests import load_manifest
 from trainer.data import resize_for_test
 from trainer.inputs import shard_urls
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dataset = load_manifest(args.manifest, cache_root=args.cache)
         cache_dir = Path(args.cache) / dataset.name
-        gt_path = Path(args.gt) if args.gt else cache_dir / "dataset" / "train_full.json"
+        gt_path = Path(args.gt) if args.gt else DatasetCache(cache_dir).train_full()
         if not gt_path.is_file():
             raise FileNotFoundError(f"{gt_path}: no ground-truth json (pass --gt)")
         model, _, vocab = load_run(Path(args.run) / "latest.pt", dataset, cache_dir,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from pipeline import layout
 from pipeline.errors import OvdError
+from pipeline.layout import DatasetCache
 
 
 class CacheMismatch(OvdError, ValueError):
@@ -55,7 +56,7 @@ class Vocabulary:
 
 
 def text_parquet_path(cache_dir: Path, dataset_name: str) -> Path:
-    return Path(cache_dir) / "text" / f"{dataset_name}.parquet"
+    return DatasetCache(cache_dir).text_parquet(dataset_name)
 
 
 def load_vocabulary(path: str | Path, expect_dim: int | None = None) -> Vocabulary:
@@ -89,14 +90,14 @@ def load_vocabulary(path: str | Path, expect_dim: int | None = None) -> Vocabula
                       is_base, emb)
 
 
-REGION_MEAN_FILE = "region_mean.npy"  # written by stages/text.py
-NEGATIVES_FILE = "negatives.parquet"
+REGION_MEAN_FILE = layout.REGION_MEAN_FILE  # written by the text stage
+NEGATIVES_FILE = layout.NEGATIVES_FILE
 
 
 def load_region_mean(cache_dir: str | Path, expect_dim: int | None = None) -> Tensor:
     """`<cache>/<ds>/text/region_mean.npy`: the normalized mean of every cached region
     embedding, Tensor[D] float32 (for `center_targets`)."""
-    path = Path(cache_dir) / "text" / REGION_MEAN_FILE
+    path = DatasetCache(cache_dir).region_mean()
     if not path.exists():
         raise CacheMismatch(f"{path}: not found; center_targets needs the cache's mean region "
                             f"embedding (re-run the `text` stage after `regions`)")
@@ -113,7 +114,7 @@ def load_region_mean(cache_dir: str | Path, expect_dim: int | None = None) -> Te
 def load_negatives(cache_dir: str | Path, expect_dim: int | None = None) -> Tensor:
     """`<cache>/<ds>/text/negatives.parquet` (name, embedding[D]): the generic negative
     texts, Tensor[K, D] float32 (for `negative_prompts`)."""
-    path = Path(cache_dir) / "text" / NEGATIVES_FILE
+    path = DatasetCache(cache_dir).negatives()
     if not path.exists():
         raise CacheMismatch(f"{path}: not found; negative_prompts needs the text stage's "
                             f"negative texts (re-run the `text` stage)")
@@ -135,10 +136,11 @@ def shard_urls(spec: str | None, cache_dir: Path) -> list[str]:
         for part in spec.split("::"):
             urls.extend(braceexpand.braceexpand(part))
         return urls
-    folder = Path(cache_dir) / "wds"
-    urls = sorted(str(p) for p in folder.glob("train-*.tar"))
+    cache = DatasetCache(cache_dir)
+    urls = [str(p) for p in cache.shards()]
     if not urls:
-        raise CacheMismatch(f"{folder}: no train-*.tar shards (run the `pack` stage first)")
+        raise CacheMismatch(f"{cache.shards_dir()}: no {layout.SHARD_GLOB} shards "
+                            f"(run the `pack` stage first)")
     return urls
 
 
@@ -180,11 +182,8 @@ def check_shard_dim(url: str, vocab: Vocabulary) -> None:
 
 def teacher_identity(cache_dir: Path) -> dict | None:
     """The teacher recorded by the teacher stage (None when the cache has no teacher stage)."""
-    path = Path(cache_dir) / "teacher" / "_MANIFEST.json"
-    if not path.exists():
-        return None
-    with open(path) as f:
-        return json.load(f).get("teacher")
+    manifest = DatasetCache(cache_dir).read_manifest(layout.TEACHER, required=False)
+    return None if manifest is None else manifest.get("teacher")
 
 
 def vocabulary_extras(cfg, cache_dir: str | Path, dim: int) -> dict[str, Tensor | None]:

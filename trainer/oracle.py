@@ -32,10 +32,10 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
+from pipeline.layout import PROPOSALS, REGION_MEAN_FILE, REGIONS, TEXT, DatasetCache
 from pipeline.manifests import ManifestError, image_path, load_manifest
-from pipeline.runner import MANIFEST_FILE, StageContext, StageError
+from pipeline.runner import StageContext, StageError
 from trainer.config import TrainConfig
 from trainer.evaluate import (
     coco_metrics,
@@ -46,7 +46,6 @@ from trainer.evaluate import (
     top_class,
 )
 from trainer.inputs import (
-    REGION_MEAN_FILE,
     CacheMismatch,
     load_region_mean,
     load_vocabulary,
@@ -78,12 +77,13 @@ def mean_region_embedding(cache_dir: Path) -> tuple[np.ndarray | None, str | Non
     """The cache's mean region embedding and where it came from: text/region_mean.npy when
     the text stage wrote it, else the mean over regions/part-*.parquet; (None, None) when
     neither exists."""
-    path = Path(cache_dir) / "text" / REGION_MEAN_FILE
+    cache = DatasetCache(cache_dir)
+    path = cache.region_mean()
     if path.is_file():
         return load_region_mean(cache_dir).numpy(), str(path)
-    files = sorted((Path(cache_dir) / "regions").glob("part-*.parquet"))
+    files = cache.parts(REGIONS)
     mean = parquet_mean_embedding(files) if files else None
-    return (mean, str(Path(cache_dir) / "regions")) if mean is not None else (None, None)
+    return (mean, str(cache.stage_dir(REGIONS))) if mean is not None else (None, None)
 
 
 def hub_cosines(text: Tensor, names: tuple[str, ...], is_base: Tensor, mean: np.ndarray
@@ -137,7 +137,6 @@ def oracle_detections(regions: pa.Table, text: Tensor, category_ids: tuple[int, 
 def run(args) -> dict:
     import pyarrow.parquet as pq
 
-    from stages.proposals import NAME as PROPOSALS
     from stages.regions import Config as RegionsConfig
     from stages.regions import embed_proposals
     from stages.teacher import teacher_from_cache
@@ -151,9 +150,8 @@ def run(args) -> dict:
     mean, mean_source = mean_region_embedding(cache_dir)
     hub = (hub_cosines(vocab.embeddings, vocab.names, vocab.is_base, mean)
            if mean is not None else None)
-    regions_rec = cache_dir / "regions" / MANIFEST_FILE
-    rcfg = RegionsConfig(**read_json(regions_rec)["config"]) if regions_rec.exists() \
-        else RegionsConfig()
+    regions_rec = DatasetCache(cache_dir).read_manifest(REGIONS, required=False)
+    rcfg = RegionsConfig(**regions_rec["config"]) if regions_rec is not None else RegionsConfig()
 
     split = dataset.split(args.split)
     with open(split.annotations) as f:
@@ -163,7 +161,7 @@ def run(args) -> dict:
     except ManifestError as e:
         raise ManifestError(f"{split.annotations}: {e}") from None
     sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
-    proposal_files = sorted(ctx.stage_dir(PROPOSALS).glob("part-*.parquet"))
+    proposal_files = DatasetCache(cache_dir).parts(PROPOSALS)
     if not proposal_files:
         raise StageError(f"{ctx.stage_dir(PROPOSALS)}: no proposals; run the proposals stage")
     proposals = pa.concat_tables([pq.read_table(p) for p in proposal_files])
@@ -214,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_row(result))
     print(format_per_class(result))
     if result["hub_cosine"] is None:
-        print("hub cosine: no mean region embedding (no text/region_mean.npy, no regions parts)")
+        print(f"hub cosine: no mean region embedding (no {TEXT}/{REGION_MEAN_FILE}, "
+              f"no {REGIONS} parts)")
     else:
         print(format_hub(result["hub_cosine"]))
     return 0

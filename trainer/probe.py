@@ -56,12 +56,12 @@ from torchvision.ops import box_iou
 from pipeline.cache import atomic_write_bytes, sha256_file, tmp_path
 from pipeline.errors import OvdError
 from pipeline.errors import report as report_error
+from pipeline.layout import WDS, DatasetCache
 from pipeline.manifests import load_manifest
 from trainer.config import HEADS, MODES, ConfigError, TrainConfig, make_config, parse_set
 from trainer.data import SampleError, decode_sample, resize_for_test
 from trainer.diagnose import gt_by_image
 from trainer.inputs import (
-    REGION_MEAN_FILE,
     CacheMismatch,
     Vocabulary,
     check_shard_dim,
@@ -359,7 +359,7 @@ def load_features(path: Path, meta: dict) -> dict | None:
 def features_meta(cache_dir: Path, cfg: ProbeConfig, train: TrainConfig, urls: list[str],
                   gt_path: Path, dim: int) -> dict:
     """What the features depend on: equal metadata = reusable features."""
-    wds_record = cache_dir / "wds" / "_MANIFEST.json"
+    wds_record = DatasetCache(cache_dir).manifest_path(WDS)
     shards = (sha256_file(wds_record) if wds_record.exists()
               else [[u, Path(u).stat().st_size if Path(u).exists() else None] for u in urls])
     return {"version": FEATURES_VERSION, "cache": str(Path(cache_dir).resolve()),
@@ -581,7 +581,7 @@ def region_mean(cache_dir: Path, cached_emb: Tensor, dim: int) -> tuple[Tensor, 
     """The mean the run centres by, normalized: `<cache>/<ds>/text/region_mean.npy`
     (`inputs.load_region_mean`) when the cache has it, else the mean of the extracted cached
     teacher embeddings Tensor[M, D]. Returns (Tensor[D], where it came from)."""
-    path = Path(cache_dir) / "text" / REGION_MEAN_FILE
+    path = DatasetCache(cache_dir).region_mean()
     if path.exists():
         return F.normalize(load_region_mean(cache_dir, dim), dim=0), str(path)
     return F.normalize(cached_emb.float().mean(0), dim=0), "the extracted cached embeddings"
@@ -648,7 +648,7 @@ def run(args) -> dict:
     vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name))
     urls = shard_urls(args.shards, cache_dir)
     check_shard_dim(urls[0], vocab)
-    gt_path = Path(args.gt) if args.gt else cache_dir / "dataset" / "train_full.json"
+    gt_path = Path(args.gt) if args.gt else DatasetCache(cache_dir).train_full()
     if not gt_path.is_file():
         raise FileNotFoundError(f"{gt_path}: no answer key naming every object of the train "
                                 f"images (pass --gt)")

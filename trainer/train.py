@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.cache import tmp_path
 from pipeline.checkpoints import load_weights
 from pipeline.errors import OvdError, report
+from pipeline.layout import RPN, DatasetCache, recorded_checkpoint
 from pipeline.manifests import DatasetManifest, load_manifest
 from pipeline.precision import autocast, resolve_precision
-from stages.rpn import recorded_checkpoint
 from trainer import distributed
 from trainer.config import (
     ConfigError,
@@ -163,7 +163,7 @@ def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
     this cache recorded in its _MANIFEST.json; anything else is a path."""
     arch = None
     if value == "rpn":
-        manifest = Path(cache_dir) / "rpn" / "_MANIFEST.json"
+        manifest = DatasetCache(cache_dir).manifest_path(RPN)
         if not manifest.exists():
             raise FileNotFoundError(f"{manifest}: not found; run the `rpn` stage first "
                                     f"(init_from=rpn)")

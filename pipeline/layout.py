@@ -1,0 +1,135 @@
+"""The cache's layout: the one place that names every folder and file under
+`<cache>/<dataset>/`, and reads a stage's `_MANIFEST.json`.
+
+    <cache>/<dataset>/
+      dataset/     images, <split>.json, train_full.json (synthetic), captions.csv
+      teacher/     the CLIP teacher's identity (and its checkpoint when trained here)
+      rpn/         rpn.pt
+      proposals/   part-NNNNN.parquet: the RPN's boxes per image
+      regions/     part-NNNNN.parquet: the teacher's embedding of each box
+      text/        <dataset>.parquet, negatives.parquet, region_mean.npy
+      wds/         train-NNNNNN.tar (members SHARD_MEMBERS), sizes.json
+      index/       regions.faiss, ids.parquet
+    and in every stage folder: _PLAN.json, part-NNNNN.stats.json, _MANIFEST.json
+
+Stages, the trainer, query and bench all name these files through this module; it imports
+nothing of the project but the cache helpers and the errors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cache import read_json
+from pipeline.errors import StageError
+
+# stage folders, in the order the stages run
+DATASET = "dataset"
+TEACHER = "teacher"
+RPN = "rpn"
+PROPOSALS = "proposals"
+REGIONS = "regions"
+TEXT = "text"
+WDS = "wds"  # the pack stage's folder: the contract's shards
+INDEX = "index"
+STAGE_FOLDERS = (DATASET, TEACHER, RPN, PROPOSALS, REGIONS, TEXT, WDS, INDEX)
+
+# every stage folder
+PLAN_FILE = "_PLAN.json"
+MANIFEST_FILE = "_MANIFEST.json"
+LOCK_FILE = ".lock"  # in <cache>/<dataset>/
+PART_GLOB = "part-*.parquet"
+STATS_GLOB = "part-*.stats.json"
+
+# stage-own files
+TRAIN_FULL = "train_full.json"  # dataset (synthetic): train images with novel boxes too
+CAPTIONS_CSV = "captions.csv"  # dataset: image-caption pairs of the teacher's training
+RPN_CHECKPOINT = "rpn.pt"
+NEGATIVES_FILE = "negatives.parquet"
+REGION_MEAN_FILE = "region_mean.npy"
+SIZES_FILE = "sizes.json"  # wds: each sample's size in bytes
+SHARD_GLOB = "train-*.tar"
+INDEX_FILE = "regions.faiss"
+IDS_FILE = "ids.parquet"
+
+# a shard sample's members (webdataset keys); the pack stage hashes " ".join(SHARD_MEMBERS)
+SHARD_MEMBERS = ("jpg", "boxes.npy", "scores.npy", "emb.npy", "json")
+REQUIRED_MEMBERS = ("jpg", "boxes.npy", "emb.npy", "json")  # scores.npy is optional
+
+
+def part_stem(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def part_file(stage_dir: Path, index: int, suffix: str = ".parquet") -> Path:
+    return Path(stage_dir) / f"{part_stem(index)}{suffix}"
+
+
+def stats_file(stage_dir: Path, stem: str) -> Path:
+    return Path(stage_dir) / f"{stem}.stats.json"
+
+
+def shard_name(index: int) -> str:
+    return f"train-{index:06d}.tar"
+
+
+def text_file(dataset: str) -> str:
+    """The text stage's class embeddings of `dataset`, in the text folder."""
+    return f"{dataset}.parquet"
+
+
+def recorded_checkpoint(stage_dir: Path, manifest: dict) -> Path:
+    """The RPN file a finished rpn manifest names: a trained one is recorded by its name in the
+    stage folder (so a moved or copied cache still finds it), a given one by its path."""
+    return Path(stage_dir) / manifest["checkpoint"]  # an absolute path stays as it is
+
+
+class DatasetCache:
+    """The cache of one dataset, `<cache root>/<dataset name>`: its folders and files."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def manifest_path(self, name: str) -> Path:
+        return self.stage_dir(name) / MANIFEST_FILE
+
+    def read_manifest(self, name: str, required: bool = True) -> dict | None:
+        """The finished `_MANIFEST.json` of stage folder `name`; missing: a clear StageError,
+        or None when not `required`."""
+        path = self.manifest_path(name)
+        if not path.exists():
+            if not required:
+                return None
+            raise StageError(
+                f"stage '{name}' has not finished: {path} is missing; "
+                f"run `python -m pipeline run --stages {name}` first"
+            )
+        return read_json(path)
+
+    def parts(self, name: str) -> list[Path]:
+        """The part Parquet files of stage folder `name`, in part order."""
+        return sorted(self.stage_dir(name).glob(PART_GLOB))
+
+    def text_parquet(self, dataset: str) -> Path:
+        return self.stage_dir(TEXT) / text_file(dataset)
+
+    def region_mean(self) -> Path:
+        return self.stage_dir(TEXT) / REGION_MEAN_FILE
+
+    def negatives(self) -> Path:
+        return self.stage_dir(TEXT) / NEGATIVES_FILE
+
+    def shards_dir(self) -> Path:
+        return self.stage_dir(WDS)
+
+    def shards(self) -> list[Path]:
+        return sorted(self.shards_dir().glob(SHARD_GLOB))
+
+    def train_full(self) -> Path:
+        return self.stage_dir(DATASET) / TRAIN_FULL
+
+    def rpn_checkpoint(self) -> Path:
+        """The RPN checkpoint the finished rpn manifest names."""
+        return recorded_checkpoint(self.stage_dir(RPN), self.read_manifest(RPN))
