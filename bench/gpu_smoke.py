@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.errors import OvdError, reports_errors
 from pipeline.layout import INDEX, REGIONS, STAGE_FOLDERS, DatasetCache, part_file
+from pipeline.options import REQUIRED, add_data_options
 
 REPO = Path(__file__).resolve().parents[1]
 AP_KEYS = ("AP50_novel", "AP50_base", "AP50_all")
@@ -342,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("manifest")
     m.add_argument("--tiny", required=True, metavar="OUT.yaml")
     r = sub.add_parser("regions-agreement")
-    r.add_argument("--manifest", required=True)
-    r.add_argument("--cache", required=True)
+    add_data_options(r, manifest=REQUIRED, cache=REQUIRED)
     r.add_argument("--images", type=int, default=10)
     r.add_argument("--json", required=True)
     e = sub.add_parser("eval-agreement")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pipeline.errors import reports_errors
 from pipeline.layout import REGIONS, part_file
 from pipeline.manifests import image_path, load_manifest
+from pipeline.options import add_data_options
 from pipeline.runner import StageContext, StageError
 from stages.crops import enlarge_boxes, preprocess_resize
 from stages.images import load_rgb, to_uint8_tensor
@@ -52,8 +53,7 @@ def summary(name: str, cos: torch.Tensor, short: torch.Tensor, size: int) -> str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.regions_agreement", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p)
     p.add_argument("--part", type=int, default=0, help="regions part to read")
     p.add_argument("--rows", type=int, default=600, help="rows to check (0: all of the part)")
     p.add_argument("--sample", type=int, default=None,

@@ -18,6 +18,7 @@ from bench import regions_bench, storage_bench, train_bench
 from pipeline.errors import reports_errors
 from pipeline.layout import WDS, DatasetCache
 from pipeline.manifests import load_manifest
+from pipeline.options import add_data_options
 
 
 def machine() -> str:
@@ -34,8 +35,7 @@ def machine() -> str:
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p)
     args = p.parse_args(argv)
     cache_dir = Path(args.cache) / load_manifest(args.manifest, cache_root=args.cache).name
     packed = DatasetCache(cache_dir).manifest_path(WDS).exists()

@@ -22,6 +22,7 @@ import torch
 from pipeline.errors import reports_errors
 from pipeline.layout import DatasetCache
 from pipeline.manifests import load_manifest
+from pipeline.options import add_data_options
 from trainer import distributed
 from trainer.config import make_config, parse_set
 from trainer.data import train_loader
@@ -33,8 +34,7 @@ from trainer.train import build_optimizer, to_device, train_step, with_init_weig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p, device=True)
     p.add_argument("--shards", default=None)
     p.add_argument("--fixture", default=None,
                    help="write and use a generated stand-in cache in this folder")
@@ -44,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto")
     return p
 
 

@@ -9,11 +9,10 @@ import argparse
 import importlib
 from pathlib import Path
 
-import yaml
-
 from pipeline import layout
 from pipeline.errors import OvdError, report
 from pipeline.manifests import load_manifest
+from pipeline.options import add_data_options, assignment, positive_int
 from pipeline.precision import PRECISIONS
 from pipeline.runner import (
     CacheLock,
@@ -47,23 +46,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict]:
     """`["proposals.top_m=300", ...]` -> {"proposals": {"top_m": 300}} (YAML-typed values)."""
     out: dict[str, dict] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        stage, dot, field = key.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"--set expects STAGE.KEY=VALUE, got {pair!r}")
-        out.setdefault(stage, {})[field] = yaml.safe_load(value)
+        expected = "STAGE.KEY=VALUE"
+        if "." not in pair.partition("=")[0]:
+            raise SystemExit(f"--set expects {expected}, got {pair!r}")
+        key, value = assignment(pair, expected, SystemExit)
+        stage, _, field = key.partition(".")
+        out.setdefault(stage, {})[field] = value
     return out
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def cmd_run(args) -> int:
@@ -155,9 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) the stages on a dataset manifest")
-    r.add_argument("--manifest", default="data_manifests/toy.yaml")
-    r.add_argument("--cache", default="cache", help="cache root (default: ./cache)")
-    r.add_argument("--data-root", default=None, help="overrides the manifest's root")
+    add_data_options(r, data_root=True, device=True,
+                     device_help="auto | cpu | cuda | cuda:N (local only)")
     r.add_argument("--stages", default=None, help="comma-separated subset, e.g. text,regions")
     r.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one stage config field (repeatable)")
@@ -169,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-gpu", type=positive_int, default=None, metavar="N",
                    help="CPUs (torch threads) of each GPU stage's Ray actor, per GPU (default: "
                         "a node's CPUs // its GPUs; with --device cpu the stage's own count)")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (local only)")
     r.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast of the device stages: auto = bf16 on CUDA, fp32 on CPU")
     r.add_argument("--teacher-model", default=None, help="open_clip model name")

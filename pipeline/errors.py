@@ -14,6 +14,7 @@ code that catches those still does.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -49,3 +50,14 @@ def reports_errors(main: Callable[..., int]) -> Callable[..., int]:
             return report(e)
 
     return wrapper
+
+
+def reject(item, file, reason) -> dict:
+    """One rejected input, as every stage and the evaluator record it: {"item", "file",
+    "reason"} in that order (a JSON dump keeps it). `file`: a path (kept as text) or None;
+    `reason`: text or the exception whose message it is."""
+    if isinstance(file, os.PathLike):
+        file = os.fspath(file)
+    if isinstance(reason, BaseException):
+        reason = str(reason)
+    return {"item": item, "file": file, "reason": reason}

@@ -67,3 +67,9 @@ def float32_region(device: str | torch.device):
     """A region computed in float32 inside an autocast one (boxes, logits, losses); the
     caller casts its inputs with `.float()`."""
     return torch.autocast(torch.device(device).type, enabled=False)
+
+
+def autocast_setting(device: str | torch.device, setting: str):
+    """`autocast` for a precision setting not yet resolved (auto | fp32 | bf16) on `device`:
+    auto is bf16 on CUDA, fp32 elsewhere (`resolve_precision`)."""
+    return autocast(device, resolve_precision(setting, device))

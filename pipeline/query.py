@@ -23,6 +23,7 @@ from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
 from pipeline.layout import INDEX, DatasetCache
 from pipeline.manifests import ManifestError, image_path, load_manifest
+from pipeline.options import add_data_options
 from pipeline.runner import StageContext, StageError
 
 IOU_MATCH = 0.5  # a hit counts for precision@k when its best GT box overlaps this much
@@ -30,15 +31,14 @@ IOU_MATCH = 0.5  # a hit counts for precision@k when its best GT box overlaps th
 
 def add_arguments(p) -> None:
     p.add_argument("text", help="the query, used as given (e.g. 'a photo of a star')")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p, manifest=None,
+                     manifest_help="dataset manifest (default: the one the index stage recorded)",
+                     device=True, device_help="auto | cpu | cuda (for the text encoder)")
     p.add_argument("--dataset", default="toy")
     p.add_argument("--k", type=int, default=24)
     p.add_argument("--out", default="results.png", help="contact sheet PNG")
-    p.add_argument("--manifest", default=None,
-                   help="dataset manifest (default: the one the index stage recorded)")
     p.add_argument("--gt", action="append", default=[], metavar="JSON",
                    help="extra COCO/LVIS-format annotation file to match hits against")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (for the text encoder)")
     p.add_argument("--min-score", type=float, default=0.5,
                    help="search only regions whose proposal objectness score reaches this: "
                         "low-scored proposals are mostly object fragments and background, "

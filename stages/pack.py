@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline import layout
 from pipeline.annotations import load_annotations
 from pipeline.cache import atomic_write_json
+from pipeline.errors import reject
 from pipeline.manifests import ManifestError, image_file, image_path
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
@@ -312,20 +313,20 @@ class Worker:
 
         image = self.split.images.get(image_id)
         if image is None:
-            return None, {"item": image_id, "file": str(self.split.image_dir),
-                          "reason": f"image id {image_id} is in regions but not in the "
-                                    f"{self.cfg.split} annotations"}
+            return None, reject(image_id, self.split.image_dir,
+                                f"image id {image_id} is in regions but not in the "
+                                f"{self.cfg.split} annotations")
         try:
             file = image_path(self.split.image_dir, image)
             jpg, (w, h) = jpeg_payload(file, self.cfg.jpeg_quality)
         except ManifestError as e:
-            return None, {"item": image_id, "file": str(self.split.annotations), "reason": str(e)}
+            return None, reject(image_id, self.split.annotations, e)
         except ImageError as e:
-            return None, {"item": image_id, "file": str(file), "reason": str(e)}
+            return None, reject(image_id, file, e)
         if (w, h) != (int(image["width"]), int(image["height"])):
-            return None, {"item": image_id, "file": str(file),
-                          "reason": f"{file}: decoded size {w}x{h} differs from the "
-                                    f"annotation's {image['width']}x{image['height']}"}
+            return None, reject(image_id, file,
+                                f"{file}: decoded size {w}x{h} differs from the "
+                                f"annotation's {image['width']}x{image['height']}")
         boxes, scores, emb = regions[image_id]
         meta = sample_meta(image, self.split.anns.get(image_id, []), self.split.base_ids)
         return {"__key__": sample_key(image_id), "jpg": jpg, "boxes.npy": npy_bytes(boxes),

@@ -21,6 +21,7 @@ import torch
 
 from pipeline import layout
 from pipeline.cache import sha256_file
+from pipeline.errors import reject
 from pipeline.manifests import ManifestError, contained_path
 from pipeline.precision import autocast
 from pipeline.runner import (
@@ -136,7 +137,7 @@ class Worker:
             path = contained_path(folder, rec.file_name)
             return to_float_tensor(load_rgb(path, self.cfg.max_pixels))
         except (ImageError, ManifestError) as e:
-            rejects.append({"item": iid, "file": str(path), "reason": str(e)})
+            rejects.append(reject(iid, path, e))
             return None
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:

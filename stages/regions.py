@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import layout
+from pipeline.errors import reject
 from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.crops import CROPS_VERSION, combine_views, preprocess_resize, region_crops
@@ -294,7 +295,7 @@ def embed_proposals(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple
     def decoded() -> Iterator[torch.Tensor]:
         for iid, path, crops, reason in prefetch(decode, sorted(files), cfg.decode_threads):
             if crops is None:
-                rejects.append({"item": iid, "file": path, "reason": reason})
+                rejects.append(reject(iid, path, reason))
                 continue
             kept.append(iid)
             yield ready_on_current_stream(*crops)
@@ -319,8 +320,7 @@ class Worker:
             try:
                 files.append((iid, contained_path(self.images_dir, name)))
             except ManifestError as e:
-                refused.append({"item": iid, "file": str(self.images_dir),
-                                "reason": f"image {iid}: {e}"})
+                refused.append(reject(iid, self.images_dir, f"image {iid}: {e}"))
         proposals = pq.read_table(proposals_file(self.ctx, part.index))
         table, rejects = embed_proposals(self.teacher, proposals, files, self.cfg)
         pq.write_table(table, out.tmp(f"{part.stem}.parquet"))

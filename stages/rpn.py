@@ -16,7 +16,6 @@ Output: `<cache>/<ds>/rpn/rpn.pt` = {"arch": RPNArch fields, "model": state_dict
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,7 +37,9 @@ from torchvision.ops import nms, remove_small_boxes
 from pipeline import layout
 from pipeline.cache import canonical_hash, sha256_file
 from pipeline.checkpoints import CheckpointError, load_weights
+from pipeline.errors import reject
 from pipeline.manifests import ManifestError, contained_path
+from pipeline.optim import check_finite, warmup_cosine
 from pipeline.precision import autocast
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from stages.boxes import ImageRecord, keep_categories, read_annotations, to_original
@@ -271,7 +272,7 @@ class BaseBoxImages(torch.utils.data.Dataset):
             path = contained_path(self.image_dir, rec.file_name)
             img = to_float_tensor(load_rgb(path, self.max_pixels))
         except (ImageError, ManifestError) as e:
-            return {"item": rec.image_id, "file": str(path), "reason": str(e)}
+            return reject(rec.image_id, path, e)
         boxes = rec.boxes.clone()
         h, w = img.shape[-2:]
         if (w, h) != (rec.width, rec.height):
@@ -299,10 +300,7 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.lr)
 
 
 def record_fed(fed: dict[int, dict[int, int]], targets: list[dict[str, Tensor]],
@@ -362,9 +360,9 @@ def train_rpn(model: ProposalNet, data: BaseBoxImages, cfg: Config, device: str,
             with autocast(device, precision):
                 losses = model(images, targets)
             loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
-            if not torch.isfinite(loss):
-                raise StageError(f"rpn training diverged at step {step} (loss {loss.item()}); "
-                                 f"lower rpn.lr")
+            check_finite(loss, lambda: f"rpn training diverged at step {step} "  # noqa: B023
+                                       f"(loss {loss.item()}); lower rpn.lr",  # noqa: B023
+                         StageError)  # (called at once, in this iteration)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from pipeline import layout
 from pipeline.annotations import load_annotations
 from pipeline.cache import sha256_file, tmp_path
+from pipeline.errors import reject
 from pipeline.manifests import ManifestError, contained_path, image_file
 from pipeline.precision import autocast, resolve_precision
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
@@ -405,7 +406,7 @@ def zero_shot_report(teacher: Teacher, ann_file: Path, images_dir: Path, categor
                 image = load_rgb(contained_path(images_dir, a["file_name"]))
             except (ImageError, ManifestError) as e:
                 image = None
-                rejects.append({"item": image_id, "file": a["file_name"], "reason": str(e)})
+                rejects.append(reject(image_id, a["file_name"], e))
         if image is None:
             continue
         batch.append(teacher.preprocess(crop_box(image, a["bbox"])))
@@ -460,7 +461,7 @@ def read_captions(csv_file: Path, root: Path) -> tuple[list[tuple[str, str]], li
             except (OSError, UnidentifiedImageError, SyntaxError) as e:
                 reason = f"unreadable image ({type(e).__name__}: {e})"
             if reason:
-                rejects.append({"item": line, "file": row["filepath"], "reason": reason})
+                rejects.append(reject(line, row["filepath"], reason))
             else:
                 rows.append((str(path), title))
     return rows, rejects

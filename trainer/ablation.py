@@ -58,6 +58,7 @@ from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
 from pipeline.layout import TEACHER, DatasetCache
 from pipeline.manifests import ManifestError, load_manifest
+from pipeline.options import add_data_options
 from trainer.evaluate import result_suffix
 
 # The remedies' settings (TrainConfig keys, passed as --set KEY=VALUE). The `confident`
@@ -426,8 +427,7 @@ def parse_rows(value: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

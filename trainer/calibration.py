@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.errors import reject
 from pipeline.manifests import DatasetManifest, ManifestError, image_path
-from pipeline.precision import autocast, resolve_precision
+from pipeline.precision import autocast_setting
 from trainer.data import resize_for_test
 from trainer.model import OpenVocabDetector, batch_images
 
@@ -72,7 +73,7 @@ def mean_logit_bias(model: OpenVocabDetector, images: list[Tensor],
     was_training = model.training
     model.eval()
     device = images[0].device if images else torch.device("cpu")
-    mixed = autocast(device, resolve_precision(model.cfg.precision, str(device)))
+    mixed = autocast_setting(device, model.cfg.precision)
     try:
         with mixed:
             embs = [proposal_embeddings(model, images[i:i + batch_size])
@@ -109,7 +110,7 @@ def calibration_images(dataset: DatasetManifest, n: int, test_size: int, max_siz
             path = image_path(s.images, rec)
             pixels = to_uint8_tensor(load_rgb(path))
         except (ImageError, ManifestError) as e:
-            rejects.append({"item": rec["id"], "file": str(path), "reason": str(e)})
+            rejects.append(reject(rec["id"], path, e))
             continue
         resized, _ = resize_for_test(pixels, test_size, max_size)
         images.append(resized.to(device or torch.device("cpu")))

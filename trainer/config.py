@@ -11,9 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from pipeline.errors import OvdError
+from pipeline.options import assignment
 from pipeline.precision import PRECISIONS
 
 MODES = ("text", "image", "vild")
@@ -173,10 +172,8 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
     """`["lr=1e-3", "train_sizes=[128,160]"]` -> {"lr": 0.001, "train_sizes": [128, 160]}."""
     out = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        key, value = assignment(pair, "KEY=VALUE", ConfigError)
+        out[key.strip()] = value
     return out
 
 

@@ -41,7 +41,8 @@ from PIL import Image
 
 from pipeline.errors import OvdError, report
 from pipeline.manifests import Category, DatasetManifest, load_manifest
-from pipeline.precision import autocast, resolve_precision
+from pipeline.options import add_data_options
+from pipeline.precision import autocast_setting
 from pipeline.runner import StageContext
 from trainer import distributed
 from trainer.data import resize_for_test
@@ -160,7 +161,7 @@ def detect_image(model: OpenVocabDetector, image: Image.Image, *, ensemble: bool
 
     cfg = model.cfg
     resized, scale = resize_for_test(to_uint8_tensor(image), cfg.test_size, cfg.max_size)
-    with autocast(device, resolve_precision(cfg.precision, device)):
+    with autocast_setting(device, cfg.precision):
         det = model.detect([resized.to(device)], ensemble=ensemble)[0]
     keep = det.scores.float() >= score
     return ((det.boxes.float() / scale)[keep].cpu(), det.scores.float()[keep].cpu(),
@@ -216,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (holds latest.pt)")
     p.add_argument("--checkpoint", default=None, help="default: <run>/latest.pt")
-    p.add_argument("--cache", default="cache")
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--data-root", default=None)
+    add_data_options(p, data_root=True, device=True)
     p.add_argument("--image", nargs="+", required=True, metavar="PATH")
     p.add_argument("--classes", default=None, help='comma-separated, e.g. "star,a red square"')
     p.add_argument("--classes-file", default=None, help="one class name a line")
@@ -231,7 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side", type=int, default=384,
                    help="panel size in pixels: each image is scaled to this longer side")
     p.add_argument("--out", default="det.png", help="the PNG; the JSON goes beside it")
-    p.add_argument("--device", default="auto")
     return p
 
 

@@ -35,6 +35,7 @@ from pipeline.errors import OvdError
 from pipeline.errors import report as report_error
 from pipeline.layout import DatasetCache
 from pipeline.manifests import load_manifest
+from pipeline.options import add_data_options
 from trainer.data import resize_for_test
 from trainer.inputs import shard_urls
 from trainer.model import OpenVocabDetector, batch_images
@@ -161,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m trainer.diagnose", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p)
     p.add_argument("--run", required=True, help="run folder holding latest.pt")
     p.add_argument("--gt", default=None, help="COCO json naming every object of the train "
                    "images (default: <cache>/<dataset>/dataset/train_full.json)")

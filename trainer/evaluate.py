@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import OvdError, report
+from pipeline.errors import OvdError, reject, report
 from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
-from pipeline.precision import autocast, resolve_precision
+from pipeline.options import add_data_options
+from pipeline.precision import autocast_setting
 from trainer import distributed
 from trainer.calibration import METHODS as CALIBRATIONS
 from trainer.config import ConfigError, config_from_dict, detections_per_image
@@ -232,7 +233,7 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
                 path = image_path(folder, rec)
                 pixels = to_uint8_tensor(load_rgb(path))
             except (ImageError, ManifestError) as e:
-                rejects.append({"item": rec["id"], "file": str(path), "reason": str(e)})
+                rejects.append(reject(rec["id"], path, e))
                 continue
             resized, scale = resize_for_test(pixels, cfg.test_size, cfg.max_size)
             batch.append(resized.to(device))
@@ -240,7 +241,7 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
             scales.append(scale)
         if not batch:
             continue
-        with autocast(device, resolve_precision(cfg.precision, device)):
+        with autocast_setting(device, cfg.precision):
             calibrated = {} if logit_bias is None else {"logit_bias": logit_bias}
             results = model.detect(batch, ensemble=ensemble, **calibrated)
         for rec, scale, det in zip(records, scales, results):
@@ -304,9 +305,7 @@ def format_per_class(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
-    p.add_argument("--data-root", default=None)
+    add_data_options(p, data_root=True, device=True)
     p.add_argument("--run", default="runs/toy", help="run folder (holds latest.pt)")
     p.add_argument("--checkpoint", default=None, help="default: <run>/latest.pt")
     p.add_argument("--split", default="val")
@@ -321,7 +320,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train images the calibration bias is measured on (default 100)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--device", default="auto")
     p.add_argument("--pictures", action="store_true",
                    help="also write <split>_detections*.png (GT | predictions) and "
                         "<split>_pr*.png (base / novel PR curves)")

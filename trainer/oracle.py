@@ -35,6 +35,7 @@ from torch import Tensor
 from pipeline.errors import OvdError, report
 from pipeline.layout import PROPOSALS, REGION_MEAN_FILE, REGIONS, TEXT, DatasetCache
 from pipeline.manifests import ManifestError, image_path, load_manifest
+from pipeline.options import add_data_options
 from pipeline.runner import StageContext, StageError
 from trainer.config import TrainConfig
 from trainer.evaluate import (
@@ -196,14 +197,11 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.oracle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
-    p.add_argument("--data-root", default=None)
+    add_data_options(p, data_root=True, device=True)
     p.add_argument("--split", default="val")
     p.add_argument("--out", default="runs/oracle")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
         result = run(args)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -58,6 +57,8 @@ from pipeline.errors import OvdError
 from pipeline.errors import report as report_error
 from pipeline.layout import WDS, DatasetCache
 from pipeline.manifests import load_manifest
+from pipeline.optim import check_finite, warmup_cosine
+from pipeline.options import add_data_options
 from trainer.config import HEADS, MODES, ConfigError, TrainConfig, make_config, parse_set
 from trainer.data import SampleError, decode_sample, resize_for_test
 from trainer.diagnose import gt_by_image
@@ -446,7 +447,7 @@ def train_heads(cfg: ProbeConfig, live: Tensor, live_labels: Tensor, cached: Ten
                   cfg.heads == "separate").to(device)
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+        opt, lambda s: warmup_cosine(s, 0, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     base_text = base_text.float().to(device)
     if negatives is not None:
@@ -464,8 +465,7 @@ def train_heads(cfg: ProbeConfig, live: Tensor, live_labels: Tensor, cached: Ten
                               cached[ci].to(device), target[ci].float().to(device), base_text,
                               negatives)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"probe loss is {loss.item()} at step {step}")
+        check_finite(loss, lambda: f"probe loss is {loss.item()} at step {step}")  # noqa: B023
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -781,8 +781,7 @@ def format_history(history: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache")
+    add_data_options(p, device=True, device_help="auto | cpu | cuda")
     p.add_argument("--out", default="runs/probe", help="holds features.pt and probe.json")
     p.add_argument("--shards", default=None, help="brace pattern (default: the cache's wds)")
     p.add_argument("--gt", default=None, help="COCO json naming every object of the train "
@@ -808,7 +807,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=None, help="train images (default 300)")
     p.add_argument("--heldout", type=int, default=None,
                    help="held-out train images (default 200)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--log-every", type=int, default=500, help="print losses every N steps")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default; 1 can be faster on a busy "

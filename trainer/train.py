@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,9 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.cache import tmp_path
 from pipeline.checkpoints import load_weights
 from pipeline.errors import OvdError, report
-from pipeline.layout import RPN, DatasetCache, recorded_checkpoint
+from pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
 from pipeline.manifests import DatasetManifest, load_manifest
-from pipeline.precision import autocast, resolve_precision
+from pipeline.optim import check_finite, warmup_cosine
+from pipeline.options import add_data_options
+from pipeline.precision import autocast_setting, resolve_precision
 from trainer import distributed
 from trainer.config import (
     ConfigError,
@@ -65,15 +66,6 @@ CHECKPOINT = "latest.pt"
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers"}
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR multiplier at `step` (0-based): linear warmup from 1/warmup to 1 over `warmup`
-    steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     """AdamW (no weight decay on biases, norms and the background embedding) with the
     warmup + cosine schedule stepped once per optimizer step."""
@@ -97,12 +89,11 @@ def train_step(ddp: torch.nn.Module, model: torch.nn.Module, optimizer, schedule
     """One optimizer step under the autocast of `cfg.precision` resolved for `device` (auto:
     bf16 on CUDA, fp32 on CPU). `ddp` is the model, DDP-wrapped under torchrun. Returns
     (losses, total loss, grad norm, the LR this step used)."""
-    with autocast(device, resolve_precision(cfg.precision, device)):
+    with autocast_setting(device, cfg.precision):
         losses = ddp(images, targets)
     loss = sum(losses.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} "
-                                 f"({ {k: float(v) for k, v in losses.items()} })")
+    check_finite(loss, lambda: f"loss is {loss.item()} "
+                               f"({ {k: float(v) for k, v in losses.items()} })")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -211,9 +202,8 @@ def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dic
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default="data_manifests/toy.yaml")
-    p.add_argument("--cache", default="cache", help="cache root (holds <dataset>/wds, text)")
-    p.add_argument("--data-root", default=None, help="overrides the manifest's root")
+    add_data_options(p, cache_help=f"cache root (holds <dataset>/{WDS}, {TEXT})", data_root=True,
+                     device=True, device_help="auto | cpu | cuda | cuda:N (one process)")
     p.add_argument("--out", default="runs/toy", help="run folder")
     p.add_argument("--shards", default=None,
                    help="brace pattern of shards (local or pipe:); default: <cache>/<ds>/wds/")
@@ -228,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
     p.add_argument("--resume", default=None, help="'latest' (= <out>/latest.pt) or a path")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (one process)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="checkpoint and exit after this step (the schedule still ends at --steps)")
     return p
