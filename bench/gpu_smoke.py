@@ -80,27 +80,29 @@ def regions_agreement(manifest: str, cache: str, images: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from pipeline.annotations import images_by_id, read_images
+    from pipeline.clip_teacher import teacher_from_cache
+    from pipeline.layout import PROPOSALS
     from pipeline.manifests import image_path, load_manifest
+    from pipeline.region_embedding import embed_regions, settings_from_config
     from pipeline.runner import StageContext
-    from stages.regions import Config, embed_proposals, proposals_file
-    from stages.teacher import teacher_from_cache
 
     dataset = load_manifest(manifest, cache_root=cache)
     ctx = StageContext(dataset=dataset, cache=Path(cache).resolve() / dataset.name,
                        device="cpu", precision="fp32")
     made = ctx.upstream(REGIONS)
-    cfg = Config(**made["config"])
+    settings = settings_from_config(made["config"])
     first = part_file(ctx.stage_dir(REGIONS), 0)
     stored = pq.read_table(first)
     ids = list(dict.fromkeys(stored.column("image_id").to_pylist()))[:images]
     if not ids:
         raise SmokeError(f"{first} has no rows")
-    split = dataset.split(cfg.split)
-    with open(split.annotations) as f:
-        records = {int(im["id"]): im for im in json.load(f)["images"]}
+    split = dataset.split(made["config"].get("split", "train"))
+    records = images_by_id(read_images(split.annotations))
     files = [(iid, image_path(split.images, records[iid])) for iid in ids]
     teacher = teacher_from_cache(ctx, "cpu", "fp32")
-    table, rejects = embed_proposals(teacher, pq.read_table(proposals_file(ctx, 0)), files, cfg)
+    proposals = pq.read_table(part_file(ctx.stage_dir(PROPOSALS), 0))
+    table, rejects = embed_regions(teacher, proposals, files, **settings)
     if rejects:
         raise SmokeError(f"regions agreement: rejects while recomputing: {rejects[:1]}")
 

@@ -12,7 +12,6 @@ written; the teacher is the cache's (`teacher_from_cache`), on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,22 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from pipeline.annotations import images_by_id, read_images
+from pipeline.clip_teacher import teacher_from_cache
+from pipeline.crops import enlarge_boxes, preprocess_resize
 from pipeline.errors import reports_errors
+from pipeline.images import load_rgb, to_uint8_tensor
 from pipeline.layout import REGIONS, part_file
 from pipeline.manifests import image_path, load_manifest
 from pipeline.options import add_data_options
+from pipeline.region_embedding import (
+    BATCH_SIZE,
+    CONTEXT_SCALE,
+    boxes_array,
+    region_embeddings,
+    teacher_crops,
+)
 from pipeline.runner import StageContext, StageError
-from stages.crops import enlarge_boxes, preprocess_resize
-from stages.images import load_rgb, to_uint8_tensor
-from stages.regions import Config, boxes_array, region_embeddings, teacher_crops
-from stages.teacher import teacher_from_cache
 
 
 def reference(teacher, image, boxes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if not part.is_file():
         raise StageError(f"{part} not found; build the regions stage first")
     recorded = ctx.files.read_manifest(REGIONS, required=False)
-    cfg = Config(**recorded["config"]) if recorded is not None else Config()
+    made = recorded["config"] if recorded is not None else {}
+    split_name = made.get("split", "train")
+    context_scale = made.get("context_scale", CONTEXT_SCALE)
+    batch_size = made.get("batch_size", BATCH_SIZE)
     table = pq.read_table(part)
     if args.rows and args.rows < len(table):
         if args.sample is None:
@@ -77,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if not len(table):
         raise StageError(f"{part} has no rows")
     teacher = teacher_from_cache(ctx, "cpu")
-    split = dataset.split(cfg.split)
-    with open(split.annotations) as f:
-        records = {int(im["id"]): im for im in json.load(f)["images"]}
+    split = dataset.split(split_name)
+    records = images_by_id(read_images(split.annotations))
     ids = table.column("image_id").to_numpy()
     boxes = torch.from_numpy(boxes_array(table))
     stored = torch.from_numpy(np.asarray(table.column("embedding").combine_chunks().flatten())
@@ -89,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         at = np.nonzero(ids == iid)[0]
         image = load_rgb(image_path(split.images, records[int(iid)]))
         b = boxes[at]
-        ref.append(reference(teacher, image, b, cfg.context_scale))
+        ref.append(reference(teacher, image, b, context_scale))
         ours.append(region_embeddings(
-            teacher, [teacher_crops(teacher, to_uint8_tensor(image), b, cfg.context_scale)],
-            cfg.batch_size))
+            teacher, [teacher_crops(teacher, to_uint8_tensor(image), b, context_scale)],
+            batch_size))
     ref, ours = torch.cat(ref), torch.cat(ours)
     short = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     size = teacher.image_size

@@ -1,6 +1,6 @@
 """Regions throughput: the whole per-part path (decode, crops, encode, write) against the bare
 teacher forward pass on the same number of already-made crops, on the same device in the same
-run; and the batched crops (`stages/crops.py`: PIL's resampling as batched matrix products, a
+run; and the batched crops (`pipeline/crops.py`: PIL's resampling as batched matrix products, a
 few ops per image) against a per-crop PIL path (crop + the teacher's own preprocess per box, the
 peers' way), which they reproduce. On CUDA it adds ViT-B-32 (random weights) with M = 300.
 
@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.clip_teacher import DEFAULT_MODEL, Teacher, TeacherSpec, register_model_config
+from pipeline.crops import enlarge_boxes, preprocess_resize, region_crops
 from pipeline.errors import reports_errors
-from stages.crops import enlarge_boxes, preprocess_resize, region_crops
-from stages.images import load_rgb, to_uint8_tensor
-from stages.regions import Config, embed_proposals, rebatch
-from stages.teacher import DEFAULT_MODEL, Teacher, TeacherSpec, register_model_config
+from pipeline.images import load_rgb, to_uint8_tensor
+from pipeline.region_embedding import CONTEXT_SCALE, embed_regions, rebatch
 
 PROPOSALS_SCHEMA = pa.schema([("image_id", pa.int64()), ("rank", pa.int32()),
                               ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32())])
@@ -108,9 +108,10 @@ def best_times(fns: dict[str, Callable], device: str,
 
 
 def end_to_end(teacher: Teacher, files, proposals_path: Path, out_path: Path,
-               cfg: Config) -> int:
+               batch_size: int) -> int:
     """What a regions part does: read proposals, decode, crop, encode, write -> rows."""
-    table, rejects = embed_proposals(teacher, pq.read_table(proposals_path), files, cfg)
+    table, rejects = embed_regions(teacher, pq.read_table(proposals_path), files,
+                                   batch_size=batch_size)
     if rejects:
         raise RuntimeError(f"benchmark images were rejected: {rejects[:1]}")
     pq.write_table(table, out_path)
@@ -152,7 +153,6 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
     """Benchmark one (model, device, sizes) -> table lines."""
     torch.manual_seed(0)
     teacher = random_teacher(model, device)
-    cfg = Config(batch_size=batch_size)
     files = make_images(workdir / "images", n_images, width, height)
     proposals = make_proposals([i for i, _ in files], m, width, height)
     proposals_path = workdir / "proposals.parquet"
@@ -162,7 +162,7 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
     pil = [load_rgb(p) for _, p in files]
     boxes = [torch.from_numpy(np.asarray(proposals.column("box").combine_chunks().flatten())
                               .reshape(-1, 4)[i * m:(i + 1) * m].copy()) for i in range(n_images)]
-    batch = next(rebatch((batched_crops(teacher, pil[i:i + 1], boxes[i:i + 1], cfg.context_scale)
+    batch = next(rebatch((batched_crops(teacher, pil[i:i + 1], boxes[i:i + 1], CONTEXT_SCALE)
                           for i in range(n_images)), batch_size))
     bare_forward(teacher, batch, batch_size, batch_size)  # warm-up
 
@@ -170,10 +170,10 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
     n_small = 2 * m * k
     t = best_times({
         "e2e": lambda: end_to_end(teacher, files, proposals_path, workdir / "regions.parquet",
-                                  cfg),
+                                  batch_size),
         "bare": lambda: bare_forward(teacher, batch, n_crops, batch_size),
-        "pil": lambda: per_crop_pil(teacher, pil[:k], boxes[:k], cfg.context_scale),
-        "roi": lambda: batched_crops(teacher, pil[:k], boxes[:k], cfg.context_scale),
+        "pil": lambda: per_crop_pil(teacher, pil[:k], boxes[:k], CONTEXT_SCALE),
+        "roi": lambda: batched_crops(teacher, pil[:k], boxes[:k], CONTEXT_SCALE),
     }, device, repeat)
     assert len(pq.read_table(workdir / "regions.parquet")) * 2 == n_crops
 

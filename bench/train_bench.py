@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _inputs(args):
     if args.fixture:
-        from tests.wds_fixture import write_tiny_cache
+        from bench.wds_fixture import write_tiny_cache
 
         tiny = write_tiny_cache(args.fixture, n_train=64, n_val=2, size=256, dim=64, m=300,
                                 n_shards=4)

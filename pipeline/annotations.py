@@ -4,7 +4,7 @@
 kept records plus reports of what was dropped or clipped out. `load_annotations(path)` reads
 a file and validates it. The `dataset` stage runs it on every split of a real dataset (and
 records the reports in its `_MANIFEST.json`); the readers of the later stages
-(`stages.boxes.read_annotations` for rpn and proposals, the teacher's zero-shot crops, the
+(`pipeline.boxes.read_annotations` for rpn and proposals, the teacher's zero-shot crops, the
 pack stage's split index) read through it, so they see the same kept annotations. (The
 trainer's evaluation and diagnostics, `pipeline query` and the regions stage's image list
 still read the JSON themselves.)
@@ -191,13 +191,34 @@ def validate_annotations(doc, source: str | Path) -> Annotations:
     return Annotations(source, images, kept, categories, dropped, clipped)
 
 
-def load_annotations(path: str | Path) -> Annotations:
-    """Read a COCO/LVIS-format file and validate it (`validate_annotations`)."""
+def read_json_doc(path: str | Path) -> dict:
+    """The parsed JSON of a COCO/LVIS-format file, unvalidated: every annotation file is
+    opened here, so an unreadable one is always the same one-line AnnotationError."""
     path = Path(path)
     try:
         with open(path) as f:
-            doc = json.load(f)
+            return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AnnotationError(f"{path}: cannot read a COCO/LVIS annotation file "
                               f"({type(e).__name__}: {e})") from None
-    return validate_annotations(doc, path)
+
+
+def load_annotations(path: str | Path) -> Annotations:
+    """Read a COCO/LVIS-format file and validate it (`validate_annotations`)."""
+    path = Path(path)
+    return validate_annotations(read_json_doc(path), path)
+
+
+def read_images(path: str | Path) -> list[dict]:
+    """The `images` records of a COCO/LVIS-format file, in the file's order, without
+    validating the rest (an evaluation split's image list, the calibration images)."""
+    doc = read_json_doc(path)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise AnnotationError(f"{path}: no `images` list")
+    return images
+
+
+def images_by_id(images: list[dict]) -> dict[int, dict]:
+    """{image id: record} of an `images` list."""
+    return {int(im["id"]): im for im in images}

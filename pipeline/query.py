@@ -1,4 +1,4 @@
-"""`python -m pipeline query TEXT`: text -> region search over the faiss index (stages/index.py).
+"""`python -m pipeline query TEXT`: text -> region search over the faiss index (faiss_index.py).
 
 The text is embedded by the cache's own teacher (the prompt as given, L2-normalised), the
 index returns the k most similar cached regions, and a contact sheet PNG shows each hit's
@@ -10,7 +10,6 @@ novel hits on train images are judged against a fuller file: `--gt`, or by defau
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.annotations import read_json_doc
 from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
 from pipeline.layout import INDEX, DatasetCache
@@ -67,10 +67,7 @@ def image_records(ann_files: list[tuple[Path, Path]],
     found: dict[int, ImageRecord] = {}
     annotated: set[int] = set()
     for ann, folder in ann_files:
-        try:
-            doc = read_json(ann)
-        except (OSError, json.JSONDecodeError) as e:
-            raise StageError(f"{ann}: cannot read annotations ({e})") from None
+        doc = read_json_doc(ann)  # lenient: answer keys and --gt files are not validated
         try:
             paths = {int(im["id"]): image_path(folder, im) for im in doc.get("images", [])
                      if int(im["id"]) in wanted}
@@ -161,7 +158,7 @@ def index_record(cache_dir: Path) -> dict:
 
 def query_embedding(ctx: StageContext, text: str, recorded_teacher: dict) -> np.ndarray:
     """The text's teacher embedding, float32[1, D] L2-normalised."""
-    from stages.teacher import teacher_from_cache
+    from pipeline.clip_teacher import teacher_from_cache
 
     teacher = teacher_from_cache(ctx, ctx.resolve_device())
     if teacher.identity != recorded_teacher:
@@ -180,8 +177,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from stages.images import ImageError, load_rgb
-    from stages.index import load_index, search
+    from pipeline.faiss_index import load_index, search
+    from pipeline.images import ImageError, load_rgb
 
     cache_dir = Path(args.cache) / args.dataset
     rec = index_record(cache_dir)

@@ -142,7 +142,7 @@ def jpeg_payload(path: Path, quality: int) -> tuple[bytes, tuple[int, int]]:
     """The `.jpg` member for one image and its (width, height) as `load_rgb` sees it.
 
     Raises `ImageError` (one line naming the file) when the image cannot be decoded."""
-    from stages.images import load_rgb
+    from pipeline.images import load_rgb
 
     img = load_rgb(path)
     if is_plain_jpeg(path):
@@ -155,7 +155,7 @@ def jpeg_payload(path: Path, quality: int) -> tuple[bytes, tuple[int, int]]:
 def planned_jpeg_size(path: Path, quality: int) -> int:
     """Length of `jpeg_payload(path)`, reading only the header for a plain JPEG (0 when the
     image is unreadable: the worker rejects it)."""
-    from stages.images import ImageError
+    from pipeline.images import ImageError
 
     if is_plain_jpeg(path):
         return os.path.getsize(path)
@@ -309,7 +309,7 @@ class Worker:
 
     def sample(self, image_id: int, regions: dict) -> tuple[dict | None, dict | None]:
         """(the tar sample of one image, None) or (None, a reject naming the file)."""
-        from stages.images import ImageError
+        from pipeline.images import ImageError
 
         image = self.split.images.get(image_id)
         if image is None:

@@ -20,10 +20,13 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import layout
+from pipeline.boxes import ImageRecord, read_annotations, recall_at
 from pipeline.cache import sha256_file
 from pipeline.errors import reject
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
 from pipeline.manifests import ManifestError, contained_path
 from pipeline.precision import autocast
+from pipeline.rpn_net import load_rpn
 from pipeline.runner import (
     Part,
     PartOutput,
@@ -32,9 +35,6 @@ from pipeline.runner import (
     StageError,
     chunk_parts,
 )
-from stages.boxes import ImageRecord, read_annotations, recall_at
-from stages.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
-from stages.rpn import load_rpn
 
 NAME = "proposals"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}

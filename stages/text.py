@@ -22,9 +22,8 @@ a student that learns only the common direction names everywhere.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,16 @@ import torch
 
 from pipeline import layout
 from pipeline.cache import canonical_hash
+from pipeline.clip_teacher import (  # noqa: F401 - prompt_names, synonym_templates: re-exported
+    TextPrompts,
+    category_embeddings,
+    prompt_names,
+    prompt_templates,
+    synonym_templates,
+    teacher_from_cache,
+)
 from pipeline.manifests import Category
 from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
-from stages.teacher import Teacher, prompt_templates, teacher_from_cache, text_embeddings
 
 NAME = "text"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
@@ -50,38 +56,8 @@ DEFAULT_NEGATIVES = ("shape", "object", "thing", "background", "texture", "patte
 
 
 @dataclass(frozen=True)
-class Config:
-    templates: str = "openai"  # open_clip.zero_shot_metadata list: openai | simple
-    use_synonyms: bool = True  # average in the annotation file's synonyms (LVIS)
+class Config(TextPrompts):  # templates, use_synonyms (in that order), then:
     negatives: tuple[str, ...] = DEFAULT_NEGATIVES  # -> negatives.parquet (trainer option)
-
-
-def prompt_names(category: Category, use_synonyms: bool = True) -> list[str]:
-    """The names a category is prompted with: its name, then its synonyms, with LVIS-style
-    underscores read as spaces and duplicates dropped (LVIS lists the name as a synonym)."""
-    names = [category.name, *(category.synonyms if use_synonyms else ())]
-    return list(dict.fromkeys(n.replace("_", " ").strip() for n in names))
-
-
-def synonym_templates(names: Sequence[str], templates: Sequence[Callable[[str], str] | str]
-                      ) -> list[Callable[[str], str]]:
-    """Every (name, template) pair as one template of its category, so a plain prompt ensemble
-    over them is the flat (synonym x template) average. A template is a callable or a
-    `str.format` pattern, as open_clip takes them."""
-    def prompt(_category: str, n: str, t) -> str:
-        return t.format(n) if isinstance(t, str) else t(n)
-
-    return [partial(prompt, n=n, t=t) for n in names for t in templates]
-
-
-def category_embeddings(teacher: Teacher, categories: Sequence[Category], templates: Sequence,
-                        use_synonyms: bool = True) -> torch.Tensor:
-    """Prompt-ensembled text embeddings -> Tensor[C, D] float32, L2-normalised, in the order
-    of `categories`."""
-    rows = [text_embeddings(teacher, [c.name],
-                            synonym_templates(prompt_names(c, use_synonyms), templates))
-            for c in categories]
-    return torch.cat(rows).float().cpu()
 
 
 def text_table(categories: Sequence[Category], embeddings: torch.Tensor) -> pa.Table:

@@ -31,12 +31,12 @@ from pipeline.annotations import (
     AnnotationError,
     validate_annotations,
 )
+from pipeline.boxes import read_annotations
 from pipeline.cache import read_json
 from pipeline.errors import OvdError
 from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext
 from stages import pack, rpn
-from stages.boxes import read_annotations
 from tests.test_dataset import REAL, run_dataset  # the same real-format manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer import calibration
 from trainer.calibration import bias_from_embeddings, mean_logit_bias, pick_images
 

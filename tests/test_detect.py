@@ -1,6 +1,6 @@
 """`python -m trainer.detect` and `trainer.evaluate --pictures` on a tiny trained run.
 
-The fixture is the trainer's tiny cache (tests/wds_fixture.py) with a real tiny open_clip
+The fixture is the trainer's tiny cache (bench/wds_fixture.py) with a real tiny open_clip
 teacher (random weights, tests/test_regions.py) whose text stage has run for real, so the
 cache's `text/tiny.parquet` holds the teacher's prompt-ensembled texts; a 2-step run with
 separate heads and centred targets is trained on it."""
@@ -20,14 +20,14 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from pipeline.clip_teacher import prompt_templates, teacher_from_cache
+from pipeline.images import load_rgb
 from pipeline.manifests import Category, load_manifest
 from pipeline.runner import StageContext, make_config, run_stage
 from stages import text
-from stages.images import load_rgb
-from stages.teacher import prompt_templates, teacher_from_cache
 from tests.test_regions import TINY_CONFIG, make_teacher_files, write_teacher_manifest
 from tests.test_text import reference, write_regions
-from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer import detect, pictures
 from trainer.data import resize_for_test
 from trainer.evaluate import coco_metrics, load_run, precision_summary

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from stages import regions
-from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer.config import make_config
 from trainer.data import loader_workers, train_loader
 from trainer.inputs import load_vocabulary

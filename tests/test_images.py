@@ -1,4 +1,4 @@
-"""stages/images.py: every kind of awkward input decodes to RGB correctly or fails clearly."""
+"""pipeline/images.py: every kind of awkward input decodes to RGB correctly or fails clearly."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.images import (
+from pipeline.images import (
     BACKGROUND,
     ImageError,
     decode_rgb,

@@ -13,9 +13,9 @@ from PIL import Image
 
 from bench.storage_bench import TEACHER_IDENTITY, write_synthetic_cache
 from pipeline import cli
+from pipeline import clip_teacher as teacher_mod
 from pipeline.runner import make_config, run_stage
 from stages import index as index_stage
-from stages import teacher as teacher_mod
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

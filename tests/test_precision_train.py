@@ -18,9 +18,9 @@ from PIL import Image
 from torch import nn
 
 import trainer.model
+from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from pipeline.precision import autocast
 from stages.rpn import ProposalNet, RPNArch
-from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer.config import ConfigError, TrainConfig, config_from_dict, make_config, parse_set
 from trainer.detect import detect_image
 from trainer.evaluate import main as evaluate_main

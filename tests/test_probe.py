@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.wds_fixture import write_tiny_cache
+from bench.wds_fixture import write_tiny_cache
 from trainer.config import ConfigError, TrainConfig
 from trainer.probe import (
     FEATURES_FILE,

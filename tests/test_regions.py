@@ -19,10 +19,8 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.cache import atomic_write_json, read_json
-from pipeline.manifests import load_manifest
-from pipeline.runner import StageContext, StageMismatch, make_config, run_stage
-from stages import regions
-from stages.crops import (
+from pipeline.clip_teacher import TeacherSpec, load_teacher, register_model_config
+from pipeline.crops import (
     INTERPOLATIONS,
     axis_taps,
     centre_offsets,
@@ -35,8 +33,10 @@ from stages.crops import (
     resized_sizes,
     tap_weights,
 )
-from stages.images import load_rgb
-from stages.teacher import TeacherSpec, load_teacher, register_model_config
+from pipeline.images import load_rgb
+from pipeline.manifests import load_manifest
+from pipeline.runner import StageContext, StageMismatch, make_config, run_stage
+from stages import regions
 
 TINY_MODEL = "d1-tiny-clip"
 TINY_CONFIG = {
@@ -469,7 +469,7 @@ def test_preprocess_resize_reads_the_teachers_own_transform():
 def test_crops_do_not_depend_on_the_size_classes(monkeypatch):
     """Padding a box's patch into a bigger class (CUDA cuts fewer classes) reads only weight-0
     pixels: one class for all boxes, or one box per class, gives the default's crops."""
-    from stages import crops
+    from pipeline import crops
 
     rng = np.random.default_rng(8)
     image = torch.from_numpy(np.array(block_noise(rng, 150, 110, block=2))).permute(2, 0, 1)

@@ -21,11 +21,17 @@ import yaml
 from PIL import Image
 from torchvision.models.detection.transform import resize_boxes
 
+from pipeline.boxes import (
+    AnnotationError,
+    keep_categories,
+    read_annotations,
+    recall_at,
+    to_original,
+)
 from pipeline.cache import sha256_file
 from pipeline.manifests import load_manifest
 from pipeline.runner import StageContext, StageError, make_config, run_stage
 from stages import proposals, rpn
-from stages.boxes import AnnotationError, keep_categories, read_annotations, recall_at, to_original
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]

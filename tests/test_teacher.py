@@ -16,10 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip
 
+from pipeline import clip_teacher as T
 from pipeline.cache import atomic_write_json, sha256_file
 from pipeline.manifests import Category, load_manifest
 from pipeline.runner import StageContext, run_stage
-from stages import teacher as T
+from stages import teacher as TS
 
 MICRO = {
     "embed_dim": 32,
@@ -270,7 +271,7 @@ def test_zero_shot_report_on_planted_crops(tmp_path):
     }
     (tmp_path / "val.json").write_text(json.dumps(coco))
 
-    report, rejects = T.zero_shot_report(planted_teacher(), tmp_path / "val.json", images,
+    report, rejects = TS.zero_shot_report(planted_teacher(), tmp_path / "val.json", images,
                                          PLANTED, T.prompt_templates("simple"), batch_size=2)
     assert report["n_crops"] == 6
     assert report["base_acc"] == round(2 / 3, 4)
@@ -279,14 +280,14 @@ def test_zero_shot_report_on_planted_crops(tmp_path):
     assert len(rejects) == 1 and rejects[0]["item"] == 2
     assert rejects[0]["file"] == "missing.png" and "missing.png" in rejects[0]["reason"]
 
-    capped, bad = T.zero_shot_report(planted_teacher(), tmp_path / "val.json", images,
+    capped, bad = TS.zero_shot_report(planted_teacher(), tmp_path / "val.json", images,
                                      PLANTED, T.prompt_templates("simple"), max_crops=3)
     assert capped["n_crops"] + len(bad) == 3  # the missing image has one annotation
 
 
 def test_split_accuracy_reports_none_for_an_empty_split():
     pred, label = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0])
-    got = T.split_accuracy(pred, label, torch.tensor([False, False, True]))
+    got = TS.split_accuracy(pred, label, torch.tensor([False, False, True]))
     assert got == {"base_acc": round(2 / 3, 4), "novel_acc": None, "n_crops": 3}
 
 
@@ -297,7 +298,7 @@ def test_captions_missing_column_is_one_line(tmp_path):
     path = tmp_path / "captions.csv"
     path.write_text("filepath,caption\na.jpg,x\n")
     with pytest.raises(T.TeacherError, match=r"captions.csv: missing column\(s\) \['title'\]"):
-        T.read_captions(path, tmp_path)
+        TS.read_captions(path, tmp_path)
 
 
 MANIFEST = """
@@ -320,18 +321,18 @@ def test_stage_inputs_follow_the_packaged_model_config(tmp_path, monkeypatch):
     packaged.mkdir()
     original = (T.CONFIG_DIR / f"{T.DEFAULT_MODEL}.json").read_text()
     (packaged / f"{T.DEFAULT_MODEL}.json").write_text(original)
-    monkeypatch.setattr(T, "CONFIG_DIR", packaged)
+    monkeypatch.setattr(TS, "CONFIG_DIR", packaged)
 
     class Ctx:
         def fingerprint(self, stage):
             return "d0"
 
-    before = T.inputs(Ctx(), T.Config())
+    before = TS.inputs(Ctx(), TS.Config())
     assert before == {"dataset": "d0",
                       "model_config_sha256": sha256_file(packaged / f"{T.DEFAULT_MODEL}.json")}
     (packaged / f"{T.DEFAULT_MODEL}.json").write_text(original.replace('"layers": 2',
                                                                        '"layers": 3'))
-    assert T.inputs(Ctx(), T.Config())["model_config_sha256"] != before["model_config_sha256"]
+    assert TS.inputs(Ctx(), TS.Config())["model_config_sha256"] != before["model_config_sha256"]
 
 
 def _caption_loss(teacher: T.Teacher, images: list, names: list[str]) -> float:
@@ -359,8 +360,8 @@ def test_stage_trains_with_open_clip_train_and_reports(micro, tmp_path, monkeypa
         trained.update(state)
         return state, *rest
 
-    real_train_clip = T.train_clip
-    monkeypatch.setattr(T, "train_clip", train_clip)
+    real_train_clip = TS.train_clip
+    monkeypatch.setattr(TS, "train_clip", train_clip)
     root = tmp_path / "data"
     (root / "captions").mkdir(parents=True)
     (root / "val").mkdir()
@@ -387,10 +388,10 @@ def test_stage_trains_with_open_clip_train_and_reports(micro, tmp_path, monkeypa
     manifest.write_text(MANIFEST.format(root=root))
     ctx = StageContext(dataset=load_manifest(manifest), cache=tmp_path / "cache" / "micro")
     atomic_write_json(ctx.stage_dir("dataset") / "_MANIFEST.json", {"fingerprint": "d0"})
-    cfg = T.Config(model="micro-clip", model_config=str(config), epochs=1, batch_size=8,
+    cfg = TS.Config(model="micro-clip", model_config=str(config), epochs=1, batch_size=8,
                    warmup=1, workers=0)
 
-    got = run_stage(T, ctx, cfg, distributor="local", progress=False, log=lambda s: None)
+    got = run_stage(TS, ctx, cfg, distributor="local", progress=False, log=lambda s: None)
 
     weights = ctx.stage_dir("teacher") / "micro-clip.pt"
     assert got["teacher"] == {"model": "micro-clip", "pretrained": str(weights.resolve()),

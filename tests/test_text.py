@@ -17,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from open_clip import zero_shot_metadata
 
 from pipeline.cache import atomic_write_json, read_json
+from pipeline.clip_teacher import load_teacher
 from pipeline.manifests import Category
 from pipeline.runner import StageError, StageMismatch, make_config, run_stage
 from stages import text
-from stages.teacher import load_teacher
 from tests.test_regions import (
     BASE,
     NOVEL,

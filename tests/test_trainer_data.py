@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bench.storage_bench import write_synthetic_cache
+from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from pipeline.runner import make_config as stage_config
 from pipeline.runner import run_stage
 from stages import pack
-from tests.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from trainer.config import make_config
 from trainer.data import Augmentation, SampleError, augment, decode_sample, train_pipeline
 from trainer.inputs import CacheMismatch, check_shard_dim, load_vocabulary, shard_urls

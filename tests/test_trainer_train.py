@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import trainer.train
+from bench.wds_fixture import BASE, TINY_SETTINGS, write_tiny_cache
 from pipeline.manifests import load_manifest
-from tests.wds_fixture import BASE, TINY_SETTINGS, write_tiny_cache
 from trainer.diagnose import main as diagnose_main
 from trainer.evaluate import coco_metrics, load_run
 from trainer.evaluate import main as evaluate_main

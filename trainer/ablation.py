@@ -56,7 +56,7 @@ from pathlib import Path
 
 from pipeline.cache import read_json
 from pipeline.errors import OvdError, report
-from pipeline.layout import TEACHER, DatasetCache
+from pipeline.layout import MANIFEST_FILE, TEACHER, DatasetCache
 from pipeline.manifests import ManifestError, load_manifest
 from pipeline.options import add_data_options
 from trainer.evaluate import result_suffix
@@ -386,7 +386,7 @@ def format_targets(doc: dict) -> list[str]:
             f"{T2_ORACLE_RATIO * t2['oracle_novel']:.3f}: {_verdict(t2['met'])}")
     if t3["met"] is None:
         lines.append("T3 teacher zero-shot accuracy: not judged (no zero-shot report in the "
-                     "teacher stage's _MANIFEST.json)")
+                     f"teacher stage's {MANIFEST_FILE})")
     else:
         worst = t3["worst_category"]
         worst_s = (f"; worst category {worst['name']} {worst['acc']:.3f} vs "

@@ -14,13 +14,13 @@ subtracts it from every proposal's class logits before the softmax
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.annotations import read_images
 from pipeline.errors import reject
 from pipeline.manifests import DatasetManifest, ManifestError, image_path
 from pipeline.precision import autocast_setting
@@ -98,11 +98,10 @@ def calibration_images(dataset: DatasetManifest, n: int, test_size: int, max_siz
     """`n` unlabeled images of `split` (default train: never the evaluated split), resized
     as for testing -> (images, their ids, rejects). Only the image list of the annotation
     file is read, none of its boxes."""
-    from stages.images import ImageError, load_rgb, to_uint8_tensor
+    from pipeline.images import ImageError, load_rgb, to_uint8_tensor
 
     s = dataset.split(split)
-    with open(s.annotations) as f:
-        records = pick_images(json.load(f)["images"], n)
+    records = pick_images(read_images(s.annotations), n)
     images, ids, rejects = [], [], []
     for rec in records:
         path = s.images  # until the record's file is known to stay inside it

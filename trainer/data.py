@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline import layout
 from pipeline.errors import OvdError
-from stages.images import ImageError, decode_rgb, to_uint8_tensor
+from pipeline.images import ImageError, decode_rgb, to_uint8_tensor
 from trainer.config import TrainConfig
 from trainer.inputs import CacheMismatch
 

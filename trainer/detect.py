@@ -5,7 +5,7 @@
         [--classes-file names.txt] [--ensemble] [--score 0.3] [--top 10] --out det.png
 
 The class names are embedded by the cache's own teacher with the text stage's prompt ensemble
-(`stages.text.category_embeddings`, the templates and `use_synonyms` the text stage recorded
+(`clip_teacher.category_embeddings`, the templates and `use_synonyms` the text stage recorded
 in `text/_MANIFEST.json`), one class at a time, so a list of any length works. A name that
 equals a category of the dataset (case, spacing and LVIS underscores aside) is embedded as
 that category, synonyms included: the vector the text stage cached for it. The run's
@@ -33,17 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from pipeline.clip_teacher import (
+    TextPrompts,
+    category_embeddings,
+    prompt_templates,
+    teacher_from_cache,
+)
 from pipeline.errors import OvdError, report
+from pipeline.layout import TEXT, DatasetCache
 from pipeline.manifests import Category, DatasetManifest, load_manifest
 from pipeline.options import add_data_options
-from pipeline.precision import autocast_setting
-from pipeline.runner import StageContext
+from pipeline.precision import autocast_setting, resolve_device
 from trainer import distributed
 from trainer.data import resize_for_test
 from trainer.evaluate import coco_results, load_run
@@ -104,32 +109,23 @@ def class_categories(names: list[str], run_vocab: Vocabulary,
     return out
 
 
-@dataclass(frozen=True)
-class TextSettings:
-    templates: str
-    use_synonyms: bool
+TextSettings = TextPrompts  # templates, use_synonyms
 
 
-def text_settings(ctx: StageContext) -> TextSettings:
+def text_settings(cache, dataset: DatasetManifest | None = None) -> TextPrompts:
     """The prompt settings the cache's text stage recorded (its manifest's config), or,
     for a cache without one, the dataset manifest's `stages: text:` block over the stage's
-    defaults."""
-    from pipeline.layout import TEXT
-    from pipeline.runner import make_config
-    from stages import text
-
-    recorded = (ctx.files.read_manifest(TEXT, required=False) or {}).get("config")
-    cfg = make_config(text, recorded if recorded is not None
-                      else ctx.dataset.stages.get(text.NAME, {}))
-    return TextSettings(cfg.templates, cfg.use_synonyms)
+    defaults. `cache`: a DatasetCache (with `dataset`) or a StageContext."""
+    dataset = dataset if dataset is not None else cache.dataset
+    recorded = (getattr(cache, "files", cache).read_manifest(TEXT, required=False)
+                or {}).get("config")
+    return TextPrompts.from_dict(recorded if recorded is not None
+                                 else dataset.stages.get(TEXT, {}))
 
 
-def class_embeddings(teacher, categories: list[Category], settings: TextSettings
+def class_embeddings(teacher, categories: list[Category], settings: TextPrompts
                      ) -> torch.Tensor:
     """Tensor[C, D] float32, L2-normalised: the text stage's own prompt ensemble."""
-    from stages.teacher import prompt_templates
-    from stages.text import category_embeddings
-
     return category_embeddings(teacher, categories, prompt_templates(settings.templates),
                                settings.use_synonyms)
 
@@ -138,9 +134,9 @@ def class_embeddings(teacher, categories: list[Category], settings: TextSettings
 
 
 def read_images(paths: list[str]) -> list[Image.Image]:
-    """Each file decoded the pipeline's way (`stages.images.load_rgb`); DetectError (one
+    """Each file decoded the pipeline's way (`pipeline.images.load_rgb`); DetectError (one
     line naming the file) for one that cannot be."""
-    from stages.images import ImageError, load_rgb
+    from pipeline.images import ImageError, load_rgb
 
     out = []
     for p in paths:
@@ -157,7 +153,7 @@ def detect_image(model: OpenVocabDetector, image: Image.Image, *, ensemble: bool
     """One image through the model at its test size -> (boxes Tensor[K, 4] x1, y1, x2, y2 in
     the image's pixels, scores Tensor[K], vocabulary indices Tensor[K]), best first, the
     detections at score >= `score`."""
-    from stages.images import to_uint8_tensor
+    from pipeline.images import to_uint8_tensor
 
     cfg = model.cfg
     resized, scale = resize_for_test(to_uint8_tensor(image), cfg.test_size, cfg.max_size)
@@ -264,12 +260,10 @@ def detect(args) -> dict:
         raise DetectError(f"{checkpoint}: --ensemble needs a run trained with --heads "
                           f"separate (this one has heads=shared)")
 
-    from stages.teacher import teacher_from_cache
-
-    ctx = StageContext(dataset=dataset, cache=cache_dir, device=device.type)
-    teacher = teacher_from_cache(ctx, ctx.resolve_device())
+    cache = DatasetCache(cache_dir)
+    teacher = teacher_from_cache(cache, resolve_device(device.type))
     check_teacher(ckpt, teacher.identity, checkpoint, cache_dir)
-    settings = text_settings(ctx)
+    settings = text_settings(cache, dataset)
     categories = class_categories(names, run_vocab, dataset.categories())
     emb = class_embeddings(teacher, categories, settings)
     if emb.shape[1] != model.embed_dim:

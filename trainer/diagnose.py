@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from pipeline.annotations import read_json_doc
 from pipeline.errors import OvdError
 from pipeline.errors import report as report_error
-from pipeline.layout import DatasetCache
+from pipeline.layout import DATASET, TRAIN_FULL, DatasetCache
 from pipeline.manifests import load_manifest
 from pipeline.options import add_data_options
 from trainer.data import resize_for_test
@@ -96,8 +97,7 @@ def student_embeddings(model: OpenVocabDetector, image: Tensor, boxes: Tensor) -
 def gt_by_image(path: Path, category_index: dict[int, int]) -> dict[int, tuple]:
     """COCO json -> {image_id: (boxes float32 [G, 4] x1y1x2y2, vocabulary indices [G])};
     annotations of categories outside the vocabulary are left out."""
-    with open(path) as f:
-        coco = json.load(f)
+    coco = read_json_doc(path)
     out: dict[int, list] = {}
     for a in coco["annotations"]:
         if a["category_id"] in category_index:
@@ -114,7 +114,7 @@ def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tup
     embeddings, and score them with `agreement`."""
     import webdataset as wds
 
-    from stages.images import decode_rgb, to_uint8_tensor
+    from pipeline.images import decode_rgb, to_uint8_tensor
 
     students, teachers, labels, n_images = [], [], [], 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_options(p)
     p.add_argument("--run", required=True, help="run folder holding latest.pt")
     p.add_argument("--gt", default=None, help="COCO json naming every object of the train "
-                   "images (default: <cache>/<dataset>/dataset/train_full.json)")
+                   f"images (default: <cache>/<dataset>/{DATASET}/{TRAIN_FULL})")
     p.add_argument("--shards", default=None, help="brace pattern (default: the cache's wds)")
     p.add_argument("--images", type=int, default=120, help="train images to look at")
     p.add_argument("--iou", type=float, default=0.5)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.annotations import read_images, read_json_doc
 from pipeline.errors import OvdError, reject, report
 from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
 from pipeline.options import add_data_options
@@ -215,10 +216,9 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
     """Detections (COCO results format, original pixels) on `split`'s images; `logit_bias`
     Tensor[C] is subtracted from the class logits (`calibration.mean_logit_bias`).
     Returns (detections, evaluated image ids, rejects)."""
-    from stages.images import ImageError, load_rgb, to_uint8_tensor
+    from pipeline.images import ImageError, load_rgb, to_uint8_tensor
 
-    with open(dataset.split(split).annotations) as f:
-        images = sorted(json.load(f)["images"], key=lambda im: im["id"])
+    images = sorted(read_images(dataset.split(split).annotations), key=lambda im: im["id"])
     if max_images:
         images = images[:max_images]
     cfg = model.cfg
@@ -256,8 +256,7 @@ def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
                 category_ids: Sequence[int] | None = None) -> Path:
     """A copy of `gt_json` holding only `image_ids` (for --max-images and rejected images)
     and, if given, only `category_ids` (for --vocabulary base)."""
-    with open(gt_json) as f:
-        gt = json.load(f)
+    gt = read_json_doc(gt_json)  # raw: scored against the official records, none dropped
     keep = set(image_ids)
     all_cats = {c["id"] for c in gt["categories"]}
     cats = all_cats if category_ids is None else set(category_ids)

@@ -69,7 +69,7 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
 
 from pipeline.checkpoints import CheckpointError, load_weights
 from pipeline.precision import float32_region
-from stages.rpn import Float32Anchors, Float32RPNHead
+from pipeline.rpn_net import IMAGE_MEAN, IMAGE_STD, Float32Anchors, Float32RPNHead
 from trainer.config import TrainConfig
 from trainer.losses import (
     box_regression_loss,
@@ -81,9 +81,6 @@ from trainer.losses import (
     vild_image_loss,
     vild_text_loss_with_aliases,
 )
-
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # the backbone's input normalisation (ImageNet statistics)
-IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 def _group_norm(channels: int) -> nn.Module:

@@ -32,11 +32,19 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from pipeline.errors import OvdError, report
+from pipeline.annotations import read_images
+from pipeline.clip_teacher import teacher_from_cache
+from pipeline.errors import OvdError, StageError, report
 from pipeline.layout import PROPOSALS, REGION_MEAN_FILE, REGIONS, TEXT, DatasetCache
 from pipeline.manifests import ManifestError, image_path, load_manifest
 from pipeline.options import add_data_options
-from pipeline.runner import StageContext, StageError
+from pipeline.precision import resolve_device
+from pipeline.region_embedding import (
+    boxes_array,
+    embed_regions,
+    image_groups,
+    settings_from_config,
+)
 from trainer.config import TrainConfig
 from trainer.evaluate import (
     coco_metrics,
@@ -119,8 +127,6 @@ def oracle_detections(regions: pa.Table, text: Tensor, category_ids: tuple[int, 
                       max_detections: int) -> list[dict]:
     """COCO results for every image of `regions` (proposal columns + embedding).
     sizes: image id -> (H, W)."""
-    from stages.regions import boxes_array, image_groups
-
     boxes = torch.from_numpy(boxes_array(regions))
     emb = torch.from_numpy(regions.column("embedding").combine_chunks().flatten()
                            .to_numpy(zero_copy_only=False).reshape(len(regions), -1).copy())
@@ -138,38 +144,33 @@ def oracle_detections(regions: pa.Table, text: Tensor, category_ids: tuple[int, 
 def run(args) -> dict:
     import pyarrow.parquet as pq
 
-    from stages.regions import Config as RegionsConfig
-    from stages.regions import embed_proposals
-    from stages.teacher import teacher_from_cache
-
     dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
     cache_dir = Path(args.cache) / dataset.name
-    ctx = StageContext(dataset=dataset, cache=cache_dir, device=args.device)
-    teacher = teacher_from_cache(ctx, ctx.resolve_device())
+    cache = DatasetCache(cache_dir)
+    teacher = teacher_from_cache(cache, resolve_device(args.device))
     vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name),
                             expect_dim=teacher.embed_dim)
     mean, mean_source = mean_region_embedding(cache_dir)
     hub = (hub_cosines(vocab.embeddings, vocab.names, vocab.is_base, mean)
            if mean is not None else None)
-    regions_rec = DatasetCache(cache_dir).read_manifest(REGIONS, required=False)
-    rcfg = RegionsConfig(**regions_rec["config"]) if regions_rec is not None else RegionsConfig()
+    regions_rec = cache.read_manifest(REGIONS, required=False)
+    settings = settings_from_config(regions_rec["config"]) if regions_rec is not None else {}
 
     split = dataset.split(args.split)
-    with open(split.annotations) as f:
-        images = sorted(json.load(f)["images"], key=lambda im: im["id"])[:args.max_images]
+    images = sorted(read_images(split.annotations), key=lambda im: im["id"])[:args.max_images]
     try:
         files = [(int(im["id"]), image_path(split.images, im)) for im in images]
     except ManifestError as e:
         raise ManifestError(f"{split.annotations}: {e}") from None
     sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
-    proposal_files = DatasetCache(cache_dir).parts(PROPOSALS)
+    proposal_files = cache.parts(PROPOSALS)
     if not proposal_files:
-        raise StageError(f"{ctx.stage_dir(PROPOSALS)}: no proposals; run the proposals stage")
+        raise StageError(f"{cache.stage_dir(PROPOSALS)}: no proposals; run the proposals stage")
     proposals = pa.concat_tables([pq.read_table(p) for p in proposal_files])
     proposals = proposals.filter(pc.is_in(proposals.column("image_id"),
                                           value_set=pa.array(list(sizes), pa.int64())))
     t0 = time.time()
-    regions, rejects = embed_proposals(teacher, proposals, files, rcfg)
+    regions, rejects = embed_regions(teacher, proposals, files, **settings)
     cfg = TrainConfig()
     detections = oracle_detections(regions, vocab.embeddings, vocab.category_ids, sizes, cfg,
                                    args.max_detections)

@@ -16,7 +16,6 @@ categories and over the novel ones (`pr_curve`); the mean of a curve is that sub
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,11 +254,11 @@ def eval_pictures(run: Path, split: str, suffix: str, gt_json: Path, images_dir:
     `n_images` images of `gt_json` by id) and `<run>/<split>_pr<suffix>.png` (base and novel
     PR curves at IoU 0.5 from `precision`, [T, R, K] with K in `cat_ids` order; legend AP50
     from `metrics`). names: category id -> name. Returns the two paths."""
+    from pipeline.annotations import read_json_doc
+    from pipeline.images import ImageError, load_rgb
     from pipeline.manifests import ManifestError, image_path
-    from stages.images import ImageError, load_rgb
 
-    with open(gt_json) as fh:
-        gt = json.load(fh)
+    gt = read_json_doc(gt_json)  # the evaluated (restricted) GT, as written
     records = sorted(gt["images"], key=lambda im: im["id"])[:n_images]
     gt_boxes: dict[int, list] = {}
     for a in gt["annotations"]:

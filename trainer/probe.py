@@ -55,7 +55,7 @@ from torchvision.ops import box_iou
 from pipeline.cache import atomic_write_bytes, sha256_file, tmp_path
 from pipeline.errors import OvdError
 from pipeline.errors import report as report_error
-from pipeline.layout import WDS, DatasetCache
+from pipeline.layout import DATASET, TRAIN_FULL, WDS, DatasetCache
 from pipeline.manifests import load_manifest
 from pipeline.optim import check_finite, warmup_cosine
 from pipeline.options import add_data_options
@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/probe", help="holds features.pt and probe.json")
     p.add_argument("--shards", default=None, help="brace pattern (default: the cache's wds)")
     p.add_argument("--gt", default=None, help="COCO json naming every object of the train "
-                   "images (default: <cache>/<dataset>/dataset/train_full.json)")
+                   f"images (default: <cache>/<dataset>/{DATASET}/{TRAIN_FULL})")
     p.add_argument("--init-from", default="rpn",
                    help="frozen backbone + RPN: 'rpn' = the cache's RPN stage, or a checkpoint "
                         "path (a trainer run's latest.pt brings its architecture)")

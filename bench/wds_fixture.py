@@ -1,4 +1,4 @@
-"""A tiny cache in the exact contract format, for the trainer tests.
+"""A tiny cache in the exact contract format, for the trainer tests and the train bench.
 
 `write_tiny_cache(root)` writes, under root:
     manifest.yaml                         name: tiny, format: coco, root: <root>/cache/tiny/dataset
