@@ -24,10 +24,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 stages: setup
-	$(PY) -m pipeline run --manifest $(MANIFEST) --cache $(CACHE)
+	$(PY) -m ovdistill run --manifest $(MANIFEST) --cache $(CACHE)
 
 status: setup
-	$(PY) -m pipeline status --cache $(CACHE)
+	$(PY) -m ovdistill status --cache $(CACHE)
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -40,35 +40,43 @@ TRAIN_FLAGS ?= --mode vild --heads separate --set center_targets=true --set cont
 EVAL_FLAGS ?= --ensemble
 
 train: setup
-	$(PY) -m trainer.train --manifest $(MANIFEST) --cache $(CACHE) --out $(RUN) $(TRAIN_FLAGS)
+	$(PY) -m ovdistill.trainer.train --manifest $(MANIFEST) --cache $(CACHE) --out $(RUN) $(TRAIN_FLAGS)
 
 # --pictures: also <run>/val_detections*.png (GT | predictions) and val_pr*.png (PR curves)
 eval: setup
-	$(PY) -m trainer.evaluate --manifest $(MANIFEST) --cache $(CACHE) --run $(RUN) $(EVAL_FLAGS) \
+	$(PY) -m ovdistill.trainer.evaluate --manifest $(MANIFEST) --cache $(CACHE) --run $(RUN) $(EVAL_FLAGS) \
 		--pictures
 
 # text, image, vild, ensemble and the remedies' rows, same steps and seed (ROWS=text,vild: a
 # subset; empty: all). Finished rows are skipped; the summary holds every finished row.
 ROWS ?=
 ablation: setup
-	$(PY) -m trainer.ablation --manifest $(MANIFEST) --cache $(CACHE) --out runs/ablation \
+	$(PY) -m ovdistill.trainer.ablation --manifest $(MANIFEST) --cache $(CACHE) --out runs/ablation \
 		--rows "$(ROWS)"
 
 bench: setup
-	$(PY) -m bench.run_all --manifest $(MANIFEST) --cache $(CACHE)
+	$(PY) -m ovdistill.bench.run_all --manifest $(MANIFEST) --cache $(CACHE)
 
 # Mutation testing ([tool.mutmut] in pyproject.toml: crops, boxes, losses, data, runner, regions),
-# on demand and never in CI. Resumable: mutmut keeps its results in mutants/. MUTATE="trainer.losses*"
+# on demand and never in CI. mutmut names modules by their paths, so it runs in build/mutate/,
+# staged here in the installed layout (ovdistill/pipeline/..., re-copied each time; mutmut's
+# results stay in build/mutate/mutants/, so a run resumes). MUTATE="ovdistill.trainer.losses*"
 # restricts it to matching mutants; the survivors are listed at the end (BENCHMARKS.md has the
 # last run's).
 MUTATE ?=
+MUTATE_DIR := build/mutate
 mutate: setup
 	$(PY) -m pip install -q "mutmut>=3.2,<4"
-	$(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
-	$(VENV)/bin/mutmut results
+	mkdir -p $(MUTATE_DIR)/ovdistill
+	rm -rf $(MUTATE_DIR)/ovdistill/* $(MUTATE_DIR)/tests $(MUTATE_DIR)/data_manifests
+	cp ovdistill/*.py $(MUTATE_DIR)/ovdistill/
+	cp -r pipeline stages trainer bench $(MUTATE_DIR)/ovdistill/
+	cp -r tests data_manifests pyproject.toml $(MUTATE_DIR)/
+	cd $(MUTATE_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	cd $(MUTATE_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results
 
 query: setup
-	$(PY) -m pipeline query "a photo of a red star" --cache $(CACHE) --k 24 --out results.png
+	$(PY) -m ovdistill query "a photo of a red star" --cache $(CACHE) --k 24 --out results.png
 
 # The wheels a lent GPU machine lacks (it has torch, torchvision, pyarrow, ... and no registry),
 # downloaded here for its Python into wheels/ (ignored; it travels with the working tree, <= 64
@@ -83,8 +91,8 @@ gpu-wheels:
 		--python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 \
 		--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(GPU_WHEELS) \
-		$$($(WHEELS_PY) -m bench.gpu_wheels --pins)
-	$(WHEELS_PY) -m bench.gpu_wheels --sizes $(GPU_WHEELS)
+		$$($(WHEELS_PY) bench/gpu_wheels.py --pins)
+	$(WHEELS_PY) bench/gpu_wheels.py --sizes $(GPU_WHEELS)
 
 clean:
 	rm -rf $(CACHE) $(RUN)

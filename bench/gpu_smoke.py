@@ -1,10 +1,10 @@
 """The Python half of `bench/gpu_smoke.sh`: its tiny manifest, the CPU-vs-device agreement
 checks, and the summary block it prints (the format of BENCHMARKS.md's GPU section).
 
-    python -m bench.gpu_smoke manifest --tiny OUT.yaml
-    python -m bench.gpu_smoke regions-agreement --manifest M --cache C --images 10 --json F
-    python -m bench.gpu_smoke eval-agreement RUN_A/eval.json RUN_B/eval.json --json F
-    python -m bench.gpu_smoke summary --work W --results R --mode gpu
+    python -m ovdistill.bench.gpu_smoke manifest --tiny OUT.yaml
+    python -m ovdistill.bench.gpu_smoke regions-agreement --manifest M --cache C --images 10 --json F
+    python -m ovdistill.bench.gpu_smoke eval-agreement RUN_A/eval.json RUN_B/eval.json --json F
+    python -m ovdistill.bench.gpu_smoke summary --work W --results R --mode gpu
 
 `regions-agreement` recomputes the regions rows of the first images of part 0 on the CPU in
 fp32, with the cache's own teacher, and compares them with the stored rows (made on the cache's
@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 import yaml
-
-from pipeline.errors import OvdError, reports_errors
-from pipeline.layout import INDEX, REGIONS, STAGE_FOLDERS, DatasetCache, part_file
-from pipeline.options import REQUIRED, add_data_options
+from ovdistill.pipeline.errors import OvdError, reports_errors
+from ovdistill.pipeline.layout import INDEX, REGIONS, STAGE_FOLDERS, DatasetCache, part_file
+from ovdistill.pipeline.options import REQUIRED, add_data_options
 
 REPO = Path(__file__).resolve().parents[1]
 AP_KEYS = ("AP50_novel", "AP50_base", "AP50_all")
@@ -79,13 +78,12 @@ def regions_agreement(manifest: str, cache: str, images: int) -> dict:
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
-
-    from pipeline.annotations import images_by_id, read_images
-    from pipeline.clip_teacher import teacher_from_cache
-    from pipeline.layout import PROPOSALS
-    from pipeline.manifests import image_path, load_manifest
-    from pipeline.region_embedding import embed_regions, settings_from_config
-    from pipeline.runner import StageContext
+    from ovdistill.pipeline.annotations import images_by_id, read_images
+    from ovdistill.pipeline.clip_teacher import teacher_from_cache
+    from ovdistill.pipeline.layout import PROPOSALS
+    from ovdistill.pipeline.manifests import image_path, load_manifest
+    from ovdistill.pipeline.region_embedding import embed_regions, settings_from_config
+    from ovdistill.pipeline.runner import StageContext
 
     dataset = load_manifest(manifest, cache_root=cache)
     ctx = StageContext(dataset=dataset, cache=Path(cache).resolve() / dataset.name,
@@ -326,7 +324,7 @@ def machine_line() -> str:
     import platform
 
     try:
-        from bench.run_all import machine
+        from ovdistill.bench.run_all import machine
 
         line = machine()
     except Exception as e:  # noqa: BLE001 - the summary must still be written
@@ -339,7 +337,7 @@ def machine_line() -> str:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_smoke", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.bench.gpu_smoke", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("manifest")

@@ -10,7 +10,7 @@
 #   setup            wheels/ installed offline (pip --no-index --target) where modules are missing
 #   regions_bench    bench.regions_bench, ViT-B-32 (random weights: nothing to download) at M = 300,
 #                    with the pipeline's dataset stage (CPU, one core) running beside it
-#   pipeline         python -m pipeline run: the embedded default (toy), --device cuda,
+#   pipeline         python -m ovdistill run: the embedded default (toy), --device cuda,
 #                    --distributor local (Ray's wheel, 76 MiB, is too large to travel)
 #   train_bench      bench.train_bench on the built shards (a stand-in cache if the pipeline failed)
 #   train, resume    trainer.train --stop-at half, then --resume latest to the end, on the device
@@ -116,7 +116,7 @@ step() {
 
 summarize() {
     cp "$WORK/steps.tsv" "$RESULTS/steps.tsv"
-    "$PYTHON" -m bench.gpu_smoke summary --work "$WORK" --results "$RESULTS" --mode "$MODE" "$@"
+    "$PYTHON" -m ovdistill.bench.gpu_smoke summary --work "$WORK" --results "$RESULTS" --mode "$MODE" "$@"
 }
 
 ok() { awk -F'\t' -v n="$1" '$1 == n && $2 == "ok" { found = 1 } END { exit !found }' \
@@ -126,9 +126,9 @@ ok() { awk -F'\t' -v n="$1" '$1 == n && $2 == "ok" { found = 1 } END { exit !fou
 setup() {
     echo "mode $MODE (device $DEV), python $PYTHON, results $RESULTS, work $WORK"
     command -v nvidia-smi > /dev/null && nvidia-smi -L
-    "$PYTHON" -m bench.gpu_wheels --missing || return 1
+    "$PYTHON" "$REPO/bench/gpu_wheels.py" --missing || return 1
     local need
-    need=$("$PYTHON" -m bench.gpu_wheels --missing | sed -n 's/^to install from wheels\/: //p')
+    need=$("$PYTHON" "$REPO/bench/gpu_wheels.py" --missing | sed -n 's/^to install from wheels\/: //p')
     if [ "$need" != nothing ] || [ -n "${FORCE_WHEELS:-}" ]; then
         local site=$WORK/site
         if ! ls "$WHEELS"/*.whl > /dev/null 2>&1; then
@@ -142,13 +142,13 @@ setup() {
     fi
     [ -f "$WORK/site_path" ] && export PYTHONPATH=$(cat "$WORK/site_path"):$PYTHONPATH
     local after
-    after=$("$PYTHON" -m bench.gpu_wheels --missing)
+    after=$("$PYTHON" "$REPO/bench/gpu_wheels.py" --missing)
     grep -q "^to install from wheels/: nothing$" <<< "$after" || {
         echo "error: modules still missing after the install: $after"; return 1; }
     "$PYTHON" -c "
 import torch, faiss, open_clip, webdataset, pycocotools
 from pathlib import Path
-from bench.gpu_smoke import machine_line
+from ovdistill.bench.gpu_smoke import machine_line
 line = machine_line()
 Path('$WORK/machine.txt').write_text(line + '\\n')
 print(line)
@@ -168,16 +168,16 @@ if ! ok setup; then
 fi
 
 if ok setup; then
-    [ "$MODE" = cpu ] && "$PYTHON" -m bench.gpu_smoke manifest --tiny "$MANIFEST"
+    [ "$MODE" = cpu ] && "$PYTHON" -m ovdistill.bench.gpu_smoke manifest --tiny "$MANIFEST"
 
     # The dataset stage (drawing the synthetic images: CPU work on one core) runs beside the
     # regions bench; the pipeline step then finds it done.
     DATASET_T0=$(date +%s)
     ( timeout --kill-after=10 $((DEADLINE - DATASET_T0 > 1 ? DEADLINE - DATASET_T0 : 1)) \
-        "$PYTHON" -m pipeline run --manifest "$MANIFEST" --cache "$CACHE" --stages dataset \
+        "$PYTHON" -m ovdistill run --manifest "$MANIFEST" --cache "$CACHE" --stages dataset \
         --distributor local --no-progress > "$WORK/logs/dataset.log" 2>&1 ) &
     DATASET_PID=$!
-    step regions_bench 150 "$PYTHON" -m bench.regions_bench --model ViT-B-32 --device "$DEV" \
+    step regions_bench 150 "$PYTHON" -m ovdistill.bench.regions_bench --model ViT-B-32 --device "$DEV" \
         --threads 0 --no-cuda-vit "${REGIONS_ARGS[@]}"
     wait "$DATASET_PID"
     DATASET_RC=$?
@@ -186,37 +186,37 @@ if ok setup; then
     printf 'dataset_beside\t%s\t%s\n' "$([ $DATASET_RC = 0 ] && echo ok || echo "failed($DATASET_RC)")" \
         "$(($(date +%s) - DATASET_T0))" >> "$WORK/steps.tsv"
 
-    step pipeline 330 "$PYTHON" -m pipeline run --manifest "$MANIFEST" --cache "$CACHE" \
+    step pipeline 330 "$PYTHON" -m ovdistill run --manifest "$MANIFEST" --cache "$CACHE" \
         --device "$DEV" --distributor local --no-progress "${STAGE_SETS[@]}"
 
     if ok pipeline; then
-        step train_bench 120 "$PYTHON" -m bench.train_bench --manifest "$MANIFEST" --cache "$CACHE" \
+        step train_bench 120 "$PYTHON" -m ovdistill.bench.train_bench --manifest "$MANIFEST" --cache "$CACHE" \
             --device "$DEV" --steps "$BENCH_STEPS" --warmup "$BENCH_WARMUP" \
             --num-workers "$LOADER_WORKERS"
-        step train 120 "$PYTHON" -m trainer.train --manifest "$MANIFEST" --cache "$CACHE" \
+        step train 120 "$PYTHON" -m ovdistill.trainer.train --manifest "$MANIFEST" --cache "$CACHE" \
             --out "$RUNS/train" --device "$DEV" --steps "$TRAIN_STEPS" \
             --stop-at $((TRAIN_STEPS / 2)) "${TRAIN_FLAGS[@]}"
-        ok train && step resume 120 "$PYTHON" -m trainer.train --manifest "$MANIFEST" \
+        ok train && step resume 120 "$PYTHON" -m ovdistill.trainer.train --manifest "$MANIFEST" \
             --cache "$CACHE" --out "$RUNS/train" --device "$DEV" --steps "$TRAIN_STEPS" \
             --resume latest "${TRAIN_FLAGS[@]}"
         if ok resume; then
-            step eval_device 90 "$PYTHON" -m trainer.evaluate --manifest "$MANIFEST" \
+            step eval_device 90 "$PYTHON" -m ovdistill.trainer.evaluate --manifest "$MANIFEST" \
                 --cache "$CACHE" --run "$RUNS/eval_$DEV" --checkpoint "$RUNS/train/latest.pt" \
                 --ensemble --max-images "$EVAL_IMAGES" --device "$DEV"
         fi
-        step regions_agree 90 "$PYTHON" -m bench.gpu_smoke regions-agreement --manifest "$MANIFEST" \
+        step regions_agree 90 "$PYTHON" -m ovdistill.bench.gpu_smoke regions-agreement --manifest "$MANIFEST" \
             --cache "$CACHE" --images "$AGREE_IMAGES" --json "$WORK/regions_agreement.json"
         if ok eval_device; then
-            step eval_cpu 150 "$PYTHON" -m trainer.evaluate --manifest "$MANIFEST" \
+            step eval_cpu 150 "$PYTHON" -m ovdistill.trainer.evaluate --manifest "$MANIFEST" \
                 --cache "$CACHE" --run "$RUNS/eval_cpu_ref" --checkpoint "$RUNS/train/latest.pt" \
                 --ensemble --max-images "$EVAL_IMAGES" --device cpu
-            ok eval_cpu && step eval_agree 30 "$PYTHON" -m bench.gpu_smoke eval-agreement \
+            ok eval_cpu && step eval_agree 30 "$PYTHON" -m ovdistill.bench.gpu_smoke eval-agreement \
                 "$RUNS/eval_$DEV/eval_ensemble.json" "$RUNS/eval_cpu_ref/eval_ensemble.json" \
                 --json "$WORK/eval_agreement.json"
         fi
     else
         # the trainer's figures still come, from a generated stand-in cache
-        step train_bench 120 "$PYTHON" -m bench.train_bench --fixture "$WORK/fixture" \
+        step train_bench 120 "$PYTHON" -m ovdistill.bench.train_bench --fixture "$WORK/fixture" \
             --device "$DEV" --steps "$BENCH_STEPS" --warmup "$BENCH_WARMUP" \
             --num-workers "$LOADER_WORKERS" "${FIXTURE_SETS[@]}"
     fi

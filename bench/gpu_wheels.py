@@ -7,9 +7,9 @@ with the working tree, <= 64 MiB in all). Ray is left out (its wheel alone is la
 that): the smoke script runs the stages with `--distributor local`. Only the standard library
 is used here, so any python3 runs it.
 
-    python3 -m bench.gpu_wheels --pins          # name==version of each (from this Python)
-    python3 -m bench.gpu_wheels --missing       # on the GPU machine: what is not importable
-    python3 -m bench.gpu_wheels --sizes wheels  # the downloaded files and their total
+    python3 bench/gpu_wheels.py --pins          # name==version of each (from this Python)
+    python3 bench/gpu_wheels.py --missing       # on the GPU machine: what is not importable
+    python3 bench/gpu_wheels.py --sizes wheels  # the downloaded files and their total
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def sizes(folder: Path) -> tuple[list[tuple[str, int]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m bench.gpu_wheels", description=__doc__,
+    p = argparse.ArgumentParser(prog="python3 bench/gpu_wheels.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--pins", action="store_true")

@@ -6,8 +6,8 @@ cosine to it of (a) the stored embedding and (b) the embedding this checkout's b
 give for the same box. The contract (DESIGN) is cosine >= 0.99 on every row. Nothing is
 written; the teacher is the cache's (`teacher_from_cache`), on the CPU.
 
-    python -m bench.regions_agreement                          # cache/toy, part 0, 600 rows
-    python -m bench.regions_agreement --rows 0 --part 3        # every row of part 3
+    python -m ovdistill.bench.regions_agreement                          # cache/toy, part 0, 600 rows
+    python -m ovdistill.bench.regions_agreement --rows 0 --part 3        # every row of part 3
 """
 from __future__ import annotations
 
@@ -18,23 +18,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-
-from pipeline.annotations import images_by_id, read_images
-from pipeline.clip_teacher import teacher_from_cache
-from pipeline.crops import enlarge_boxes, preprocess_resize
-from pipeline.errors import reports_errors
-from pipeline.images import load_rgb, to_uint8_tensor
-from pipeline.layout import REGIONS, part_file
-from pipeline.manifests import image_path, load_manifest
-from pipeline.options import add_data_options
-from pipeline.region_embedding import (
+from ovdistill.pipeline.annotations import images_by_id, read_images
+from ovdistill.pipeline.clip_teacher import teacher_from_cache
+from ovdistill.pipeline.crops import enlarge_boxes, preprocess_resize
+from ovdistill.pipeline.errors import reports_errors
+from ovdistill.pipeline.images import load_rgb, to_uint8_tensor
+from ovdistill.pipeline.layout import REGIONS, part_file
+from ovdistill.pipeline.manifests import image_path, load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.region_embedding import (
     BATCH_SIZE,
     CONTEXT_SCALE,
     boxes_array,
     region_embeddings,
     teacher_crops,
 )
-from pipeline.runner import StageContext, StageError
+from ovdistill.pipeline.runner import StageContext, StageError
 
 
 def reference(teacher, image, boxes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,7 +56,7 @@ def summary(name: str, cos: torch.Tensor, short: torch.Tensor, size: int) -> str
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.regions_agreement", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.bench.regions_agreement", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p)
     p.add_argument("--part", type=int, default=0, help="regions part to read")

@@ -4,8 +4,8 @@ run; and the batched crops (`pipeline/crops.py`: PIL's resampling as batched mat
 few ops per image) against a per-crop PIL path (crop + the teacher's own preprocess per box, the
 peers' way), which they reproduce. On CUDA it adds ViT-B-32 (random weights) with M = 300.
 
-    python -m bench.regions_bench                      # small sizes, ~20 seconds on CPU
-    python -m bench.regions_bench --images 32 --m 300 --model ViT-B-32 --device cuda
+    python -m ovdistill.bench.regions_bench                      # small sizes, ~20 seconds on CPU
+    python -m ovdistill.bench.regions_bench --images 32 --m 300 --model ViT-B-32 --device cuda
 
 Weights are random: throughput does not depend on them, and nothing is downloaded. Besides
 wall seconds it prints process CPU seconds: on shared cores wall time mostly measures how
@@ -23,13 +23,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from ovdistill.pipeline.clip_teacher import (
+    DEFAULT_MODEL,
+    Teacher,
+    TeacherSpec,
+    register_model_config,
+)
+from ovdistill.pipeline.crops import enlarge_boxes, preprocess_resize, region_crops
+from ovdistill.pipeline.errors import reports_errors
+from ovdistill.pipeline.images import load_rgb, to_uint8_tensor
+from ovdistill.pipeline.region_embedding import CONTEXT_SCALE, embed_regions, rebatch
 from PIL import Image, ImageDraw
-
-from pipeline.clip_teacher import DEFAULT_MODEL, Teacher, TeacherSpec, register_model_config
-from pipeline.crops import enlarge_boxes, preprocess_resize, region_crops
-from pipeline.errors import reports_errors
-from pipeline.images import load_rgb, to_uint8_tensor
-from pipeline.region_embedding import CONTEXT_SCALE, embed_regions, rebatch
 
 PROPOSALS_SCHEMA = pa.schema([("image_id", pa.int64()), ("rank", pa.int32()),
                               ("box", pa.list_(pa.float32(), 4)), ("score", pa.float32())])
@@ -203,7 +207,7 @@ def run_one(model: str, device: str, n_images: int, m: int, width: int, height: 
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.regions_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.bench.regions_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model (random weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -13,12 +13,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from bench import regions_bench, storage_bench, train_bench
-from pipeline.errors import reports_errors
-from pipeline.layout import WDS, DatasetCache
-from pipeline.manifests import load_manifest
-from pipeline.options import add_data_options
+from ovdistill.bench import regions_bench, storage_bench, train_bench
+from ovdistill.pipeline.errors import reports_errors
+from ovdistill.pipeline.layout import WDS, DatasetCache
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.options import add_data_options
 
 
 def machine() -> str:
@@ -34,7 +33,7 @@ def machine() -> str:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ovdistill.bench.run_all", description=__doc__)
     add_data_options(p)
     args = p.parse_args(argv)
     cache_dir = Path(args.cache) / load_manifest(args.manifest, cache_root=args.cache).name

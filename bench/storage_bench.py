@@ -1,8 +1,8 @@
 """Storage per image: `regions/` Parquet and `wds/` shards against one float32 `.pth` file per
 image holding the same boxes and embeddings (the way peer projects cache teacher features).
 
-    python -m bench.storage_bench cache/toy          # a real cache (after `make stages`)
-    python -m bench.storage_bench                    # a synthetic cache in a temp dir
+    python -m ovdistill.bench.storage_bench cache/toy          # a real cache (after `make stages`)
+    python -m ovdistill.bench.storage_bench                    # a synthetic cache in a temp dir
 
 Also holds `write_synthetic_cache`, a tiny cache in the exact upstream contract format
 (dataset images + COCO json, teacher / regions manifests, regions parquet) that the pack /
@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ovdistill.pipeline.cache import atomic_write_json
+from ovdistill.pipeline.errors import reports_errors
+from ovdistill.pipeline.layout import DATASET, PART_GLOB, REGIONS, TEACHER, DatasetCache, part_file
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.runner import StageContext
 from PIL import Image
-
-from pipeline.cache import atomic_write_json
-from pipeline.errors import reports_errors
-from pipeline.layout import DATASET, PART_GLOB, REGIONS, TEACHER, DatasetCache, part_file
-from pipeline.manifests import load_manifest
-from pipeline.runner import StageContext
 
 BASE = ("circle", "square")
 NOVEL = ("star",)
@@ -207,7 +206,7 @@ def measure(cache: Path, max_pth_images: int) -> list[tuple[str, int, float]]:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.storage_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.bench.storage_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache", nargs="?", default=None,
                    help="a dataset cache dir, e.g. cache/toy (default: a synthetic one)")
@@ -220,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.cache is None:
-            from pipeline.runner import run_stage
-            from stages import pack
+            from ovdistill.pipeline.runner import run_stage
+            from ovdistill.stages import pack
 
             ctx = write_synthetic_cache(Path(tmp), n_images=args.images, m=args.m,
                                         dim=args.dim, per_part=50, without_regions=0, vary_m=False,

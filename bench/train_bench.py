@@ -1,7 +1,7 @@
 """Training step time streaming from the cached shards vs the same steps on batches already in
 memory, in one run: does the WebDataset stream keep the model fed?
 
-    python -m bench.train_bench --manifest data_manifests/toy.yaml --cache cache [--steps 8]
+    python -m ovdistill.bench.train_bench --manifest data_manifests/toy.yaml --cache cache [--steps 8]
 
 The stream is read once into memory (N batches), then the same N batches are trained on
 twice streaming (a fresh stream with the same seed yields the same batches) and twice from
@@ -18,21 +18,20 @@ import time
 from pathlib import Path
 
 import torch
-
-from pipeline.errors import reports_errors
-from pipeline.layout import DatasetCache
-from pipeline.manifests import load_manifest
-from pipeline.options import add_data_options
-from trainer import distributed
-from trainer.config import make_config, parse_set
-from trainer.data import train_loader
-from trainer.inputs import check_shard_dim, load_vocabulary, shard_urls, text_parquet_path
-from trainer.model import OpenVocabDetector, load_init_weights
-from trainer.train import build_optimizer, to_device, train_step, with_init_weights
+from ovdistill.pipeline.errors import reports_errors
+from ovdistill.pipeline.layout import DatasetCache
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.trainer import distributed
+from ovdistill.trainer.config import make_config, parse_set
+from ovdistill.trainer.data import train_loader
+from ovdistill.trainer.inputs import check_shard_dim, load_vocabulary, shard_urls, text_parquet_path
+from ovdistill.trainer.model import OpenVocabDetector, load_init_weights
+from ovdistill.trainer.train import build_optimizer, to_device, train_step, with_init_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.bench.train_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p, device=True)
     p.add_argument("--shards", default=None)
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _inputs(args):
     if args.fixture:
-        from bench.wds_fixture import write_tiny_cache
+        from ovdistill.bench.wds_fixture import write_tiny_cache
 
         tiny = write_tiny_cache(args.fixture, n_train=64, n_val=2, size=256, dim=64, m=300,
                                 n_shards=4)

@@ -26,10 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.layout import DatasetCache
 from PIL import Image, ImageDraw
-
-from pipeline import layout
-from pipeline.layout import DatasetCache
 
 BASE = ("box", "ball", "bar")
 NOVEL = ("ring",)

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import OvdError
+from ovdistill.pipeline.errors import OvdError
 
 MAX_EXAMPLES = 100  # examples kept per report
 

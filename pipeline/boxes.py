@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ovdistill.pipeline.annotations import AnnotationError, load_annotations
+from ovdistill.pipeline.manifests import ManifestError, image_file
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
-
-from pipeline.annotations import AnnotationError, load_annotations
-from pipeline.manifests import ManifestError, image_file
 
 __all__ = ["AnnotationError", "ImageRecord", "keep_categories", "read_annotations",
            "recall_at", "to_original"]

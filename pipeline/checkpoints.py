@@ -10,8 +10,7 @@ import pickle
 from pathlib import Path
 
 import torch
-
-from pipeline.errors import OvdError
+from ovdistill.pipeline.errors import OvdError
 
 
 class CheckpointError(OvdError, ValueError):

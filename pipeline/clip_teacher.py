@@ -20,12 +20,11 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-
-from pipeline.cache import sha256_file
-from pipeline.errors import StageError
-from pipeline.layout import TEACHER
-from pipeline.manifests import Category
-from pipeline.precision import autocast, resolve_precision
+from ovdistill.pipeline.cache import sha256_file
+from ovdistill.pipeline.errors import StageError
+from ovdistill.pipeline.layout import TEACHER
+from ovdistill.pipeline.manifests import Category
+from ovdistill.pipeline.precision import autocast, resolve_precision
 
 CONFIG_DIR = Path(__file__).parent / "teacher_configs"  # the packaged model configs
 DEFAULT_MODEL = "ovd-tiny-clip"

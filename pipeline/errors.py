@@ -3,7 +3,7 @@
 Every error the project raises on purpose (a bad manifest, a stage that cannot run, an
 annotation file that does not hold together, a checkpoint refused, ...) is an `OvdError`: its
 message is one line naming the file or the setting and the problem. Every command-line entry
-point (`python -m pipeline`, `python -m trainer.*`, `python -m bench.*`) catches `OvdError`
+point (`python -m ovdistill`, `python -m ovdistill.trainer.*`, `python -m ovdistill.bench.*`) catches `OvdError`
 and prints it as `error: <message>` with exit status 2; anything else is a bug and keeps its
 traceback.
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline.errors import StageError
-from pipeline.layout import IDS_FILE, INDEX_FILE
+from ovdistill.pipeline.errors import StageError
+from ovdistill.pipeline.layout import IDS_FILE, INDEX_FILE
 
 ID_COLUMNS = ["image_id", "rank", "box", "score"]  # the region columns ids.parquet keeps
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ovdistill.pipeline.errors import OvdError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
-
-from pipeline.errors import OvdError
 
 # Gray near the CLIP mean (0.481, 0.458, 0.408) * 255: transparent pixels normalise to ~0.
 BACKGROUND = (123, 117, 104)

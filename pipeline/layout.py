@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache import read_json
-from pipeline.errors import StageError
+from ovdistill.pipeline.cache import read_json
+from ovdistill.pipeline.errors import StageError
 
 # stage folders, in the order the stages run
 DATASET = "dataset"
@@ -104,7 +104,7 @@ class DatasetCache:
                 return None
             raise StageError(
                 f"stage '{name}' has not finished: {path} is missing; "
-                f"run `python -m pipeline run --stages {name}` first"
+                f"run `python -m ovdistill run --stages {name}` first"
             )
         return read_json(path)
 

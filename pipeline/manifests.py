@@ -27,9 +27,8 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import yaml
-
-from pipeline.cache import sha256_file
-from pipeline.errors import OvdError
+from ovdistill.pipeline.cache import sha256_file
+from ovdistill.pipeline.errors import OvdError
 
 FORMATS = ("coco", "lvis")
 LVIS_FREQUENCIES = ("f", "c", "r")  # frequent, common, rare

@@ -6,8 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
-
-from pipeline.errors import OvdError
+from ovdistill.pipeline.errors import OvdError
 
 
 class NonFiniteLoss(OvdError, FloatingPointError):

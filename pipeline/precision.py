@@ -13,8 +13,7 @@ import contextlib
 import re
 
 import torch
-
-from pipeline.errors import OvdError
+from ovdistill.pipeline.errors import OvdError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -20,11 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-
-from pipeline.clip_teacher import Teacher
-from pipeline.crops import combine_views, preprocess_resize, region_crops
-from pipeline.errors import reject
-from pipeline.images import ImageError, load_rgb, to_uint8_tensor
+from ovdistill.pipeline.clip_teacher import Teacher
+from ovdistill.pipeline.crops import combine_views, preprocess_resize, region_crops
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.images import ImageError, load_rgb, to_uint8_tensor
 
 BATCH_SIZE = 256  # crops per encoder call, cut across images
 CONTEXT_SCALE = 1.5  # the second crop: same centre, width and height x this

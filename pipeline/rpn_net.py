@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from ovdistill.pipeline.boxes import to_original
+from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
+from ovdistill.pipeline.errors import StageError
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -22,10 +25,6 @@ from torchvision.models.detection.rpn import (
 )
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import nms, remove_small_boxes
-
-from pipeline.boxes import to_original
-from pipeline.checkpoints import CheckpointError, load_weights
-from pipeline.errors import StageError
 
 # torchvision's ImageNet statistics, as its detectors use.
 IMAGE_MEAN = (0.485, 0.456, 0.406)

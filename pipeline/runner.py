@@ -32,18 +32,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from tqdm import tqdm
-
-from pipeline import precision
-from pipeline.cache import (
+from ovdistill.pipeline import precision
+from ovdistill.pipeline.cache import (
     atomic_write_json,
     canonical_hash,
     library_versions,
     read_json,
     tmp_path,
 )
-from pipeline.errors import StageError, StageMismatch
-from pipeline.layout import (
+from ovdistill.pipeline.errors import StageError, StageMismatch
+from ovdistill.pipeline.layout import (
     LOCK_FILE,
     MANIFEST_FILE,
     PLAN_FILE,
@@ -52,7 +50,8 @@ from pipeline.layout import (
     part_stem,
     stats_file,
 )
-from pipeline.manifests import DatasetManifest
+from ovdistill.pipeline.manifests import DatasetManifest
+from tqdm import tqdm
 
 __all__ = ["MANIFEST_FILE", "PLAN_FILE", "StageError", "StageMismatch"]  # re-exported
 

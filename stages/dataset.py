@@ -36,14 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
-from pipeline import layout
-from pipeline.annotations import MAX_EXAMPLES, load_annotations
-from pipeline.cache import atomic_write_bytes, canonical_hash, read_json, sha256_file
-from pipeline.errors import OvdError
-from pipeline.manifests import ManifestError
-from pipeline.runner import (
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.annotations import MAX_EXAMPLES, load_annotations
+from ovdistill.pipeline.cache import atomic_write_bytes, canonical_hash, read_json, sha256_file
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.manifests import ManifestError
+from ovdistill.pipeline.runner import (
     PLAN_FILE,
     Part,
     PartOutput,
@@ -52,7 +50,8 @@ from pipeline.runner import (
     StageError,
     chunk_parts,
 )
-from stages import synthetic
+from ovdistill.stages import synthetic
+from pycocotools import mask as mask_utils
 
 NAME = "dataset"
 RESOURCES = {"num_cpus": 1}

@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline import layout
-from pipeline.faiss_index import (  # noqa: F401 - the search library's names, re-exported
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.faiss_index import (  # noqa: F401 - the search library's names, re-exported
     ID_COLUMNS,
     Hit,
     IdMap,
@@ -35,7 +34,7 @@ from pipeline.faiss_index import (  # noqa: F401 - the search library's names, r
     normalized,
     search,
 )
-from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "index"
 RESOURCES = {"num_cpus": 2, "num_gpus": 1}  # the runner drops the GPU when the cluster has none

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.annotations import load_annotations
+from ovdistill.pipeline.cache import atomic_write_json
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.manifests import ManifestError, image_file, image_path
+from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from PIL import Image, UnidentifiedImageError
-
-from pipeline import layout
-from pipeline.annotations import load_annotations
-from pipeline.cache import atomic_write_json
-from pipeline.errors import reject
-from pipeline.manifests import ManifestError, image_file, image_path
-from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "pack"
 FOLDER = layout.WDS  # the contract's shard folder: <cache>/<ds>/wds/
@@ -142,7 +141,7 @@ def jpeg_payload(path: Path, quality: int) -> tuple[bytes, tuple[int, int]]:
     """The `.jpg` member for one image and its (width, height) as `load_rgb` sees it.
 
     Raises `ImageError` (one line naming the file) when the image cannot be decoded."""
-    from pipeline.images import load_rgb
+    from ovdistill.pipeline.images import load_rgb
 
     img = load_rgb(path)
     if is_plain_jpeg(path):
@@ -155,7 +154,7 @@ def jpeg_payload(path: Path, quality: int) -> tuple[bytes, tuple[int, int]]:
 def planned_jpeg_size(path: Path, quality: int) -> int:
     """Length of `jpeg_payload(path)`, reading only the header for a plain JPEG (0 when the
     image is unreadable: the worker rejects it)."""
-    from pipeline.images import ImageError
+    from ovdistill.pipeline.images import ImageError
 
     if is_plain_jpeg(path):
         return os.path.getsize(path)
@@ -309,7 +308,7 @@ class Worker:
 
     def sample(self, image_id: int, regions: dict) -> tuple[dict | None, dict | None]:
         """(the tar sample of one image, None) or (None, a reject naming the file)."""
-        from pipeline.images import ImageError
+        from ovdistill.pipeline.images import ImageError
 
         image = self.split.images.get(image_id)
         if image is None:

@@ -18,16 +18,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from pipeline import layout
-from pipeline.boxes import ImageRecord, read_annotations, recall_at
-from pipeline.cache import sha256_file
-from pipeline.errors import reject
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
-from pipeline.manifests import ManifestError, contained_path
-from pipeline.precision import autocast
-from pipeline.rpn_net import load_rpn
-from pipeline.runner import (
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.boxes import ImageRecord, read_annotations, recall_at
+from ovdistill.pipeline.cache import sha256_file
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
+from ovdistill.pipeline.manifests import ManifestError, contained_path
+from ovdistill.pipeline.precision import autocast
+from ovdistill.pipeline.rpn_net import load_rpn
+from ovdistill.pipeline.runner import (
     Part,
     PartOutput,
     PartResult,

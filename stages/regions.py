@@ -28,14 +28,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipeline import layout
-from pipeline.annotations import read_images
-from pipeline.clip_teacher import Teacher, teacher_from_cache
-from pipeline.crops import CROPS_VERSION, combine_views  # noqa: F401 - re-exported
-from pipeline.errors import reject
-from pipeline.manifests import ManifestError, contained_path, image_file
-from pipeline.region_embedding import (  # noqa: F401 - the library's names, re-exported
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.annotations import read_images
+from ovdistill.pipeline.clip_teacher import Teacher, teacher_from_cache
+from ovdistill.pipeline.crops import CROPS_VERSION, combine_views  # noqa: F401 - re-exported
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.manifests import ManifestError, contained_path, image_file
+from ovdistill.pipeline.region_embedding import (  # noqa: F401 - the library's names, re-exported
     BATCH_SIZE,
     BOX_SLACK,
     CONTEXT_SCALE,
@@ -53,7 +52,7 @@ from pipeline.region_embedding import (  # noqa: F401 - the library's names, re-
     to_device,
     with_embeddings,
 )
-from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "regions"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}

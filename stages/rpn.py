@@ -23,17 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from pipeline import layout
-from pipeline.boxes import ImageRecord, keep_categories, read_annotations, to_original
-from pipeline.cache import canonical_hash, sha256_file
-from pipeline.errors import reject
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
-from pipeline.manifests import ManifestError, contained_path
-from pipeline.optim import check_finite, warmup_cosine
-from pipeline.precision import autocast
-from pipeline.rpn_net import (  # noqa: F401 - the network's names, re-exported
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.boxes import ImageRecord, keep_categories, read_annotations, to_original
+from ovdistill.pipeline.cache import canonical_hash, sha256_file
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
+from ovdistill.pipeline.manifests import ManifestError, contained_path
+from ovdistill.pipeline.optim import check_finite, warmup_cosine
+from ovdistill.pipeline.precision import autocast
+from ovdistill.pipeline.rpn_net import (  # noqa: F401 - the network's names, re-exported
     IMAGE_MEAN,
     IMAGE_STD,
     Float32Anchors,
@@ -43,7 +41,8 @@ from pipeline.rpn_net import (  # noqa: F401 - the network's names, re-exported
     load_rpn,
     save_checkpoint,
 )
-from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+from torch import Tensor
 
 NAME = "rpn"
 RESOURCES = {"num_cpus": 8, "num_gpus": 1}

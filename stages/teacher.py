@@ -34,11 +34,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from pipeline import layout
-from pipeline.annotations import load_annotations
-from pipeline.cache import sha256_file, tmp_path
-from pipeline.clip_teacher import (  # noqa: F401 - the library's names, re-exported
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.annotations import load_annotations
+from ovdistill.pipeline.cache import sha256_file, tmp_path
+from ovdistill.pipeline.clip_teacher import (  # noqa: F401 - the library's names, re-exported
     CONFIG_DIR,
     DEFAULT_MODEL,
     Teacher,
@@ -50,9 +49,9 @@ from pipeline.clip_teacher import (  # noqa: F401 - the library's names, re-expo
     teacher_from_cache,
     text_embeddings,
 )
-from pipeline.errors import reject
-from pipeline.manifests import ManifestError, contained_path, image_file
-from pipeline.runner import Part, PartOutput, PartResult, StageContext
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.manifests import ManifestError, contained_path, image_file
+from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext
 
 NAME = "teacher"
 RESOURCES = {"num_cpus": 4, "num_gpus": 1}
@@ -112,7 +111,7 @@ def zero_shot_report(teacher: Teacher, ann_file: Path, images_dir: Path, categor
                      batch_size: int = 256) -> tuple[dict, list[dict]]:
     """Prompt-ensembled zero-shot classification of the GT crops of one split over all
     `categories` (pipeline.manifests.Category) -> (report, rejects)."""
-    from pipeline.images import ImageError, load_rgb
+    from ovdistill.pipeline.images import ImageError, load_rgb
 
     categories = list(categories)
     index = {c.id: i for i, c in enumerate(categories)}

@@ -30,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from pipeline import layout
-from pipeline.cache import canonical_hash
-from pipeline.clip_teacher import (  # noqa: F401 - prompt_names, synonym_templates: re-exported
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.cache import canonical_hash
+from ovdistill.pipeline.clip_teacher import (  # noqa: F401 - prompt_names, synonym_templates: re-exported
     TextPrompts,
     category_embeddings,
     prompt_names,
@@ -41,8 +40,8 @@ from pipeline.clip_teacher import (  # noqa: F401 - prompt_names, synonym_templa
     synonym_templates,
     teacher_from_cache,
 )
-from pipeline.manifests import Category
-from pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
+from ovdistill.pipeline.manifests import Category
+from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 
 NAME = "text"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline.runner import Part, PartResult, chunk_parts
+from ovdistill.pipeline.runner import Part, PartResult, chunk_parts
 
 NAME = "squares"
 RESOURCES = {"num_cpus": 1}

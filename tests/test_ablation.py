@@ -10,8 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from trainer import ablation
+from ovdistill.trainer import ablation
 
 MANIFEST = ('name: tiny\nformat: coco\nroot: "{cache}/tiny/dataset"\n'
             "splits:\n  train: {images: train, annotations: train.json}\n"
@@ -46,7 +45,7 @@ class FakeTools:
 
     def __call__(self, cmd, check):
         self.calls.append(cmd)
-        tool = cmd[2]
+        tool = cmd[2].removeprefix("ovdistill.")
         if tool == self.fail_on:
             raise ablation.subprocess.CalledProcessError(3, cmd)
         if tool == "trainer.train":
@@ -75,7 +74,8 @@ class FakeTools:
             (out / "oracle.json").write_text(json.dumps({"mode": "oracle", **ORACLE}))
 
     def tools(self):
-        return [(c[2], Path(_flag(c, "--out") or _flag(c, "--run")).name) for c in self.calls]
+        return [(c[2].removeprefix("ovdistill."), Path(_flag(c, "--out") or _flag(c, "--run")).name)
+                for c in self.calls]
 
 
 @pytest.fixture()
@@ -240,7 +240,7 @@ def test_a_failed_training_names_the_command_and_keeps_the_summary(setup, capsys
     assert setup.main("--rows", "image") == 0
     setup.fake.fail_on = "trainer.train"
     assert setup.main("--rows", "text") == 1
-    assert f"{sys.executable} -m trainer.train" in capsys.readouterr().err
+    assert f"{sys.executable} -m ovdistill.trainer.train" in capsys.readouterr().err
     doc = json.loads((setup.out / "ablation.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["image"]
     assert (setup.out / "text" / ablation.TRAIN_TIME).is_file()  # its seconds still count

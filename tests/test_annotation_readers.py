@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pipeline.annotations import (
+from ovdistill.pipeline.annotations import (
     AnnotationError,
     images_by_id,
     load_annotations,
     read_images,
     read_json_doc,
 )
-from stages import regions
+from ovdistill.stages import regions
 
 DOC = {"images": [{"id": 7, "file_name": "b.jpg", "width": 4, "height": 4},
                   {"id": 2, "file_name": "a.jpg", "width": 4, "height": 4}],

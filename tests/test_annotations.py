@@ -1,6 +1,6 @@
 """Annotation validation (pipeline/annotations.py) and the project's one error root.
 
-A real-format dataset written in tmp_path goes through `python -m pipeline run` in-process:
+A real-format dataset written in tmp_path goes through `python -m ovdistill run` in-process:
 each structural problem is one `error: <file>: ...` line with exit status 2 before any
 expensive stage; degenerate boxes are dropped and overshooting ones clipped, reported in the
 dataset stage's `_MANIFEST.json`, and the later stages' readers see only the kept ones."""
@@ -16,14 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
-
-import bench
-import pipeline
-import stages
-import trainer
-from pipeline import cli
-from pipeline.annotations import (
+from ovdistill.pipeline.annotations import (
     EMPTY,
     MAX_EXAMPLES,
     NON_FINITE,
@@ -31,12 +24,15 @@ from pipeline.annotations import (
     AnnotationError,
     validate_annotations,
 )
-from pipeline.boxes import read_annotations
-from pipeline.cache import read_json
-from pipeline.errors import OvdError
-from pipeline.manifests import load_manifest
-from pipeline.runner import StageContext
-from stages import pack, rpn
+from ovdistill.pipeline.boxes import read_annotations
+from ovdistill.pipeline.cache import read_json
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.runner import StageContext
+from ovdistill.stages import pack, rpn
+from PIL import Image
+
+from ovdistill import bench, cli, pipeline, stages, trainer
 from tests.test_dataset import REAL, run_dataset  # the same real-format manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,19 +351,19 @@ def _raise(*args, **kwargs):
 
 
 CLIS = [  # (module holding main, the name main reaches first, argv)
-    ("pipeline.cli", "pipeline.cli.cmd_status", ["status"]),
-    ("pipeline.cli", "pipeline.query._run", ["query", "a star"]),
-    ("trainer.train", "trainer.train.train", []),
-    ("trainer.evaluate", "trainer.evaluate.evaluate", []),
-    ("trainer.oracle", "trainer.oracle.run", []),
-    ("trainer.probe", "trainer.probe.run", []),
-    ("trainer.diagnose", "trainer.diagnose.load_manifest", ["--run", "RUN"]),
-    ("trainer.ablation", "trainer.ablation.run_row", ["--rows", "text", "--out", "RUN"]),
-    ("bench.train_bench", "bench.train_bench._inputs", []),
-    ("bench.run_all", "bench.run_all.load_manifest", []),
-    ("bench.storage_bench", "bench.storage_bench.measure", ["RUN"]),
-    ("bench.regions_bench", "bench.regions_bench.run_one", ["--threads", "0"]),
-    ("bench.regions_agreement", "bench.regions_agreement.load_manifest", []),
+    ("ovdistill.cli", "ovdistill.cli.cmd_status", ["status"]),
+    ("ovdistill.cli", "ovdistill.query._run", ["query", "a star"]),
+    ("ovdistill.trainer.train", "ovdistill.trainer.train.train", []),
+    ("ovdistill.trainer.evaluate", "ovdistill.trainer.evaluate.evaluate", []),
+    ("ovdistill.trainer.oracle", "ovdistill.trainer.oracle.run", []),
+    ("ovdistill.trainer.probe", "ovdistill.trainer.probe.run", []),
+    ("ovdistill.trainer.diagnose", "ovdistill.trainer.diagnose.load_manifest", ["--run", "RUN"]),
+    ("ovdistill.trainer.ablation", "ovdistill.trainer.ablation.run_row", ["--rows", "text", "--out", "RUN"]),
+    ("ovdistill.bench.train_bench", "ovdistill.bench.train_bench._inputs", []),
+    ("ovdistill.bench.run_all", "ovdistill.bench.run_all.load_manifest", []),
+    ("ovdistill.bench.storage_bench", "ovdistill.bench.storage_bench.measure", ["RUN"]),
+    ("ovdistill.bench.regions_bench", "ovdistill.bench.regions_bench.run_one", ["--threads", "0"]),
+    ("ovdistill.bench.regions_agreement", "ovdistill.bench.regions_agreement.load_manifest", []),
 ]
 
 
@@ -376,8 +372,8 @@ def test_every_cli_prints_a_project_error_in_one_line(module, target, argv, tmp_
                                                       monkeypatch):
     mod_name, attr = target.rsplit(".", 1)
     monkeypatch.setattr(importlib.import_module(mod_name), attr, _raise)
-    if module == "trainer.ablation":
-        monkeypatch.setattr("trainer.ablation.write_summary", lambda *a, **k: {})
+    if module == "ovdistill.trainer.ablation":
+        monkeypatch.setattr("ovdistill.trainer.ablation.write_summary", lambda *a, **k: {})
     argv = [str(tmp_path) if a == "RUN" else a for a in argv]
     rc = importlib.import_module(module).main(argv)
     captured = capsys.readouterr()

@@ -11,11 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pipeline import layout
+from ovdistill.pipeline import layout
 
 REPO = Path(__file__).resolve().parents[1]
-# pipeline/cli.py runs the stages (it names their modules) and sits above the floor
-ABOVE_THE_FLOOR = {"pipeline/cli.py", "pipeline/__main__.py"}
+PROJECT = ("pipeline", "stages", "trainer", "bench")  # ovdistill.<these>
 CACHE_FILES = (layout.MANIFEST_FILE, layout.PLAN_FILE, layout.RPN_CHECKPOINT,
                layout.REGION_MEAN_FILE, layout.NEGATIVES_FILE, layout.TRAIN_FULL,
                layout.SIZES_FILE, layout.INDEX_FILE, layout.IDS_FILE, layout.CAPTIONS_CSV,
@@ -28,9 +27,10 @@ def sources(folder: str) -> list[Path]:
     return sorted((REPO / folder).glob("*.py"))
 
 
-def imported(path: Path) -> list[str]:
+def imported(path: Path, *, raw: bool = False) -> list[str]:
     """Every module an `import` / `from ... import` of `path` names, function-level ones too
-    (`from pkg import mod` counts as pkg.mod)."""
+    (`from pkg import mod` counts as pkg.mod), with the `ovdistill.` prefix removed unless
+    `raw` (so `ovdistill.stages.text` reads `stages.text`, `ovdistill.cli` reads `cli`)."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -38,7 +38,7 @@ def imported(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out.append(node.module)
             out += [f"{node.module}.{a.name}" for a in node.names]
-    return out
+    return out if raw else [m.removeprefix("ovdistill.") for m in out]
 
 
 def docstrings(tree: ast.AST) -> set[int]:
@@ -73,18 +73,26 @@ def cache_spellings(path: Path) -> list[str]:
 
 
 def test_the_floor_imports_nothing_above_it():
-    above = ("stages", "trainer", "bench", "tests")
+    above = ("stages", "trainer", "bench", "tests", "cli", "query")
     for path in sources("pipeline"):
         rel = str(path.relative_to(REPO))
-        if rel in ABOVE_THE_FLOOR:
-            continue
-        bad = [m for m in imported(path) if m.split(".")[0] in above
-               or m in ("pipeline.cli", "pipeline.query")]
+        bad = [m for m in imported(path) if m.split(".")[0] in above]
         assert not bad, f"{rel} imports {bad}"
         strings = [n.value for n in ast.walk(ast.parse(path.read_text()))
                    if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                   and n.value.startswith(("stages.", "trainer.", "bench."))]
+                   and n.value.removeprefix("ovdistill.").startswith(
+                       ("stages.", "trainer.", "bench."))]
         assert not strings, f"{rel} names modules above the floor: {strings}"
+
+
+def test_every_import_of_the_project_is_by_the_one_name():
+    """No `import pipeline` / `from trainer.x import ...` anywhere: the bare names would load
+    a second copy of a module (two OvdError classes) where the repository root is on
+    sys.path."""
+    for folder in (*PROJECT, "tests", "ovdistill"):
+        for path in sources(folder):
+            bare = [m for m in imported(path, raw=True) if m.split(".")[0] in PROJECT]
+            assert not bare, f"{path.relative_to(REPO)} imports {bare}"
 
 
 def test_the_trainer_imports_no_stage_and_spells_no_cache_name():
@@ -97,7 +105,7 @@ def test_the_trainer_imports_no_stage_and_spells_no_cache_name():
 
 
 def test_query_reads_the_cache_through_the_layout():
-    path = REPO / "pipeline" / "query.py"
+    path = REPO / "ovdistill" / "query.py"
     assert not [m for m in imported(path) if m.split(".")[0] == "stages"]
     assert not cache_spellings(path), cache_spellings(path)
 
@@ -123,16 +131,16 @@ def test_the_checker_sees_what_it_looks_for(tmp_path):
 
 NO_STAGES = textwrap.dedent("""
     import sys
-    sys.modules["stages"] = None  # any `import stages...` now fails
-    from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
-    from trainer.evaluate import main as evaluate_main
-    from trainer.train import main as train_main
+    sys.modules["ovdistill.stages"] = None  # any `import ovdistill.stages...` now fails
+    from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+    from ovdistill.trainer.evaluate import main as evaluate_main
+    from ovdistill.trainer.train import main as train_main
     tiny = write_tiny_cache(sys.argv[1])
     sets = [a for k, v in TINY_SETTINGS.items() for a in ("--set", f"{k}={v!r}")]
     common = ["--manifest", str(tiny.manifest), "--cache", str(tiny.cache), "--device", "cpu"]
     assert train_main([*common, "--out", sys.argv[2], "--steps", "2", *sets]) == 0
     assert evaluate_main([*common, "--run", sys.argv[2]]) == 0
-    assert not [m for m in sys.modules if m == "stages" or m.startswith("stages.")
+    assert not [m for m in sys.modules if m.startswith("ovdistill.stages")
                 if sys.modules[m] is not None]
 """)
 

@@ -5,10 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
-from trainer import calibration
-from trainer.calibration import bias_from_embeddings, mean_logit_bias, pick_images
+from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from ovdistill.trainer import calibration
+from ovdistill.trainer.calibration import bias_from_embeddings, mean_logit_bias, pick_images
 
 TEXT = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # 3 classes, D = 2
 
@@ -67,9 +66,9 @@ def test_train_images_are_spread_evenly_by_id():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The tiny cache and a run folder with an untrained checkpoint (no training needed)."""
-    from trainer.config import make_config
-    from trainer.model import OpenVocabDetector
-    from trainer.train import CHECKPOINT
+    from ovdistill.trainer.config import make_config
+    from ovdistill.trainer.model import OpenVocabDetector
+    from ovdistill.trainer.train import CHECKPOINT
 
     tiny = write_tiny_cache(tmp_path_factory.mktemp("tiny"), n_train=6, n_val=3)
     cfg = make_config({**TINY_SETTINGS, "score_thresh": 0.0})
@@ -83,9 +82,9 @@ def tiny_run(tmp_path_factory):
 
 
 def test_evaluate_with_mean_logit_calibration(tiny_run, capsys):
-    from pipeline.manifests import load_manifest
-    from trainer.calibration import calibration_images
-    from trainer.evaluate import load_run, main
+    from ovdistill.pipeline.manifests import load_manifest
+    from ovdistill.trainer.calibration import calibration_images
+    from ovdistill.trainer.evaluate import load_run, main
 
     tiny, run = tiny_run
     args = ["--manifest", str(tiny.manifest), "--cache", str(tiny.cache), "--run", str(run),

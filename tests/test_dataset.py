@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ovdistill.pipeline.manifests import ManifestError, load_manifest
+from ovdistill.pipeline.runner import StageContext, StageError, make_config, run_stage
+from ovdistill.stages import dataset, synthetic
 from PIL import Image
 from pycocotools.coco import COCO
-
-from pipeline.manifests import ManifestError, load_manifest
-from pipeline.runner import StageContext, StageError, make_config, run_stage
-from stages import dataset, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["circle", "square", "triangle", "hexagon", "cross", "arrow", "pentagon", "diamond"]

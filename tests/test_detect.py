@@ -1,4 +1,4 @@
-"""`python -m trainer.detect` and `trainer.evaluate --pictures` on a tiny trained run.
+"""`python -m ovdistill.trainer.detect` and `trainer.evaluate --pictures` on a tiny trained run.
 
 The fixture is the trainer's tiny cache (bench/wds_fixture.py) with a real tiny open_clip
 teacher (random weights, tests/test_regions.py) whose text stage has run for real, so the
@@ -20,19 +20,20 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
-from pipeline.clip_teacher import prompt_templates, teacher_from_cache
-from pipeline.images import load_rgb
-from pipeline.manifests import Category, load_manifest
-from pipeline.runner import StageContext, make_config, run_stage
-from stages import text
+from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from ovdistill.pipeline.clip_teacher import prompt_templates, teacher_from_cache
+from ovdistill.pipeline.images import load_rgb
+from ovdistill.pipeline.manifests import Category, load_manifest
+from ovdistill.pipeline.runner import StageContext, make_config, run_stage
+from ovdistill.stages import text
+from ovdistill.trainer import detect, pictures
+from ovdistill.trainer.data import resize_for_test
+from ovdistill.trainer.evaluate import coco_metrics, load_run, precision_summary
+from ovdistill.trainer.evaluate import main as evaluate_main
+from ovdistill.trainer.train import main as train_main
+
 from tests.test_regions import TINY_CONFIG, make_teacher_files, write_teacher_manifest
 from tests.test_text import reference, write_regions
-from trainer import detect, pictures
-from trainer.data import resize_for_test
-from trainer.evaluate import coco_metrics, load_run, precision_summary
-from trainer.evaluate import main as evaluate_main
-from trainer.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [arg for k, v in TINY_SETTINGS.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
@@ -183,7 +184,7 @@ def test_errors_are_one_line_with_status_2(tiny_run, tmp_path, case):
     else:
         image, expect = str(bad), "bad.jpg"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.detect",
+        [sys.executable, "-m", "ovdistill.trainer.detect",
          *_cli(tiny, run, tmp_path / "det.png", "--image", image, "--classes", classes)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import cli
-from pipeline.runner import dry_run_stage, make_config
+from ovdistill.pipeline.runner import dry_run_stage, make_config
+
+from ovdistill import cli
 from tests import stage_fixture as squares
 from tests.test_runner import make_ctx, run
 

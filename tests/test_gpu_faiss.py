@@ -8,11 +8,10 @@ import types
 from pathlib import Path
 
 import pytest
-
-from bench.storage_bench import write_synthetic_cache
-from pipeline.runner import PartOutput, StageError, make_config, run_stage
-from stages import index as index_stage
-from stages.index import (
+from ovdistill.bench.storage_bench import write_synthetic_cache
+from ovdistill.pipeline.runner import PartOutput, StageError, make_config, run_stage
+from ovdistill.stages import index as index_stage
+from ovdistill.stages.index import (
     Config,
     faiss_distributions,
     faiss_placement,

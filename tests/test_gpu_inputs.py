@@ -4,12 +4,11 @@ per part (not once per encoder batch), and its CUDA-only helpers are no-ops on t
 from __future__ import annotations
 
 import torch
-
-from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
-from stages import regions
-from trainer.config import make_config
-from trainer.data import loader_workers, train_loader
-from trainer.inputs import load_vocabulary
+from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from ovdistill.stages import regions
+from ovdistill.trainer.config import make_config
+from ovdistill.trainer.data import loader_workers, train_loader
+from ovdistill.trainer.inputs import load_vocabulary
 
 
 def test_loader_workers_share_the_node_and_keep_a_core_for_the_step():

@@ -6,9 +6,10 @@ from __future__ import annotations
 import types
 
 import pytest
+from ovdistill.pipeline import runner
+from ovdistill.pipeline.runner import gpu_cpu_share, plan_workers
 
-from pipeline import cli, runner
-from pipeline.runner import gpu_cpu_share, plan_workers
+from ovdistill import cli
 
 REGIONS = {"num_cpus": 1, "num_gpus": 1}  # stages/regions.py, proposals.py, text.py
 RPN = {"num_cpus": 8, "num_gpus": 1}

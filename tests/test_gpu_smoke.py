@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ovdistill.bench import gpu_smoke, gpu_wheels
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.runner import make_config
+from ovdistill.stages.synthetic import SyntheticSpec
+from ovdistill.trainer.config import make_config as train_config
 
-from bench import gpu_smoke, gpu_wheels
-from pipeline import cli
-from pipeline.manifests import load_manifest
-from pipeline.runner import make_config
-from stages.synthetic import SyntheticSpec
-from trainer.config import make_config as train_config
+from ovdistill import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_tiny_manifest_is_valid_and_every_stage_key_is_known(tmp_path):
     stages = {cli.stage_name(m) for m in cli.STAGES}
     for name, overrides in doc["stages"].items():
         assert name in stages
-        make_config(importlib.import_module(f"stages.{name}"), overrides)  # unknown keys raise
+        make_config(importlib.import_module(f"ovdistill.stages.{name}"), overrides)  # unknown keys raise
     train_config(dict(ds.trainer))
 
 

@@ -8,9 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from pipeline.images import (
+from ovdistill.pipeline.images import (
     BACKGROUND,
     ImageError,
     decode_rgb,
@@ -18,6 +16,7 @@ from pipeline.images import (
     to_float_tensor,
     to_uint8_tensor,
 )
+from PIL import Image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ovdistill.bench.storage_bench import TEACHER_IDENTITY, write_synthetic_cache
+from ovdistill.pipeline import clip_teacher as teacher_mod
+from ovdistill.pipeline.runner import make_config, run_stage
+from ovdistill.stages import index as index_stage
 from PIL import Image
 
-from bench.storage_bench import TEACHER_IDENTITY, write_synthetic_cache
-from pipeline import cli
-from pipeline import clip_teacher as teacher_mod
-from pipeline.runner import make_config, run_stage
-from stages import index as index_stage
+from ovdistill import cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -176,7 +176,7 @@ def test_query_prints_hits_and_writes_contact_sheet(flat, fake_teacher, tmp_path
 
 
 def test_image_records_merge_gt_files(tmp_path):
-    from pipeline.query import image_records
+    from ovdistill.query import image_records
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [
@@ -192,7 +192,7 @@ def test_image_records_merge_gt_files(tmp_path):
 
 
 def test_best_gt_by_hand():
-    from pipeline.query import ImageRecord, best_gt
+    from ovdistill.query import ImageRecord, best_gt
 
     rec = ImageRecord(1, None, np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32), (4, 9))
     cat, iou = best_gt((20, 20, 40, 30), rec)

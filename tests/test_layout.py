@@ -6,11 +6,12 @@ import importlib
 from pathlib import Path
 
 import pytest
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.errors import StageError
+from ovdistill.pipeline.layout import DatasetCache
+from ovdistill.pipeline.runner import stage_folder
 
-from pipeline import cli, layout
-from pipeline.errors import StageError
-from pipeline.layout import DatasetCache
-from pipeline.runner import stage_folder
+from ovdistill import cli
 
 
 def test_names_are_the_ones_on_disk():
@@ -36,11 +37,11 @@ def test_names_are_the_ones_on_disk():
 
 
 def test_pack_hashes_the_same_members_string():
-    from stages import pack
+    from ovdistill.stages import pack
 
     # an input of the pack stage: a different string would refuse every existing cache
     assert pack.MEMBERS == "jpg boxes.npy scores.npy emb.npy json"
-    assert pack.inputs.__module__ == "stages.pack"
+    assert pack.inputs.__module__ == "ovdistill.stages.pack"
 
 
 def test_stage_folders_are_the_run_order():
@@ -60,7 +61,7 @@ def test_dataset_cache_paths_and_manifests(tmp_path):
     assert cache.shards() == [] and cache.parts("regions") == []
     assert cache.read_manifest("rpn", required=False) is None
     with pytest.raises(StageError, match=r"stage 'rpn' has not finished: .*_MANIFEST.json is "
-                                         r"missing; run `python -m pipeline run --stages rpn`"):
+                                         r"missing; run `python -m ovdistill run --stages rpn`"):
         cache.read_manifest("rpn")
     (root / "rpn").mkdir(parents=True)
     (root / "rpn" / "_MANIFEST.json").write_text('{"checkpoint": "rpn.pt"}')

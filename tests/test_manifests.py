@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from pipeline.manifests import ManifestError, image_file, load_manifest
+from ovdistill.pipeline.manifests import ManifestError, image_file, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

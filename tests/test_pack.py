@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from ovdistill.bench.storage_bench import write_synthetic_cache
+from ovdistill.pipeline.runner import StageMismatch, make_config, run_stage
+from ovdistill.stages import pack
 from PIL import Image
-
-from bench.storage_bench import write_synthetic_cache
-from pipeline.runner import StageMismatch, make_config, run_stage
-from stages import pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -198,7 +197,7 @@ def test_exif_rotated_jpeg_is_reencoded_upright(tmp_path):
 
 
 def test_storage_bench_runs_on_a_synthetic_cache(capsys):
-    from bench.storage_bench import main
+    from ovdistill.bench.storage_bench import main
 
     assert main(["--images", "4", "--m", "10", "--dim", "16"]) == 0
     rows = {ln[:46].strip(): ln[46:].split() for ln in capsys.readouterr().out.splitlines()[2:]}

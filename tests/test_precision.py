@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
+from ovdistill.pipeline import precision, runner
+from ovdistill.pipeline.runner import StageError, StageMismatch, make_config, run_stage
 
-from pipeline import precision, runner
-from pipeline.runner import StageError, StageMismatch, make_config, run_stage
 from tests import stage_fixture as squares
 from tests.test_runner import make_ctx
 

@@ -11,23 +11,30 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 
+import ovdistill.trainer.model  # noqa: F401 - binds ovdistill.trainer.model
 import pytest
 import torch
 import torch.nn.functional as F
+from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from ovdistill.pipeline.precision import autocast
+from ovdistill.stages.rpn import ProposalNet, RPNArch
+from ovdistill.trainer.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    make_config,
+    parse_set,
+)
+from ovdistill.trainer.detect import detect_image
+from ovdistill.trainer.evaluate import main as evaluate_main
+from ovdistill.trainer.losses import region_logits
+from ovdistill.trainer.model import OpenVocabDetector
+from ovdistill.trainer.train import RESUMABLE_CHANGES, build_optimizer, train_step
+from ovdistill.trainer.train import main as train_main
 from PIL import Image
 from torch import nn
 
-import trainer.model
-from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
-from pipeline.precision import autocast
-from stages.rpn import ProposalNet, RPNArch
-from trainer.config import ConfigError, TrainConfig, config_from_dict, make_config, parse_set
-from trainer.detect import detect_image
-from trainer.evaluate import main as evaluate_main
-from trainer.losses import region_logits
-from trainer.model import OpenVocabDetector
-from trainer.train import RESUMABLE_CHANGES, build_optimizer, train_step
-from trainer.train import main as train_main
+from ovdistill import trainer
 
 DIM = 8
 GT = [100.3, 200.7, 900.1, 950.9]  # bf16 would make it [100.5, 201, 900, 952]

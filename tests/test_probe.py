@@ -8,10 +8,9 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 import torch.nn.functional as F
-
-from bench.wds_fixture import write_tiny_cache
-from trainer.config import ConfigError, TrainConfig
-from trainer.probe import (
+from ovdistill.bench.wds_fixture import write_tiny_cache
+from ovdistill.trainer.config import ConfigError, TrainConfig
+from ovdistill.trainer.probe import (
     FEATURES_FILE,
     RESULTS_FILE,
     ProbeConfig,
@@ -204,7 +203,7 @@ def test_image_mode_learns_novel_classes_from_the_targets(toy_problem):
 
 
 def test_negatives_repel_in_the_text_loss_only(toy_problem):
-    from trainer.probe import Heads, probe_losses
+    from ovdistill.trainer.probe import Heads, probe_losses
 
     p = toy_problem
     torch.manual_seed(0)
@@ -238,7 +237,7 @@ def test_probe_config_inherits_the_train_config_and_validates():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny cache + an (untrained) RPN-stage checkpoint + a train answer key."""
-    from stages.rpn import ProposalNet, RPNArch, save_checkpoint
+    from ovdistill.stages.rpn import ProposalNet, RPNArch, save_checkpoint
 
     root = tmp_path_factory.mktemp("probe")
     c = write_tiny_cache(root)
@@ -312,8 +311,8 @@ def test_cli_extracts_once_reuses_and_reports(tiny, tmp_path, capsys):
 
 
 def test_cli_probes_a_trainer_runs_backbone(tiny, tmp_path, capsys):
-    from trainer.config import make_config
-    from trainer.model import OpenVocabDetector
+    from ovdistill.trainer.config import make_config
+    from ovdistill.trainer.model import OpenVocabDetector
 
     cfg = make_config({"test_size": 64, "max_size": 128, "representation_size": 32,
                        "norm": "batch", "returned_layers": [2, 3, 4],

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.cache import atomic_write_json, read_json
-from pipeline.clip_teacher import TeacherSpec, load_teacher, register_model_config
-from pipeline.crops import (
+from ovdistill.pipeline.cache import atomic_write_json, read_json
+from ovdistill.pipeline.clip_teacher import TeacherSpec, load_teacher, register_model_config
+from ovdistill.pipeline.crops import (
     INTERPOLATIONS,
     axis_taps,
     centre_offsets,
@@ -33,10 +33,10 @@ from pipeline.crops import (
     resized_sizes,
     tap_weights,
 )
-from pipeline.images import load_rgb
-from pipeline.manifests import load_manifest
-from pipeline.runner import StageContext, StageMismatch, make_config, run_stage
-from stages import regions
+from ovdistill.pipeline.images import load_rgb
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.runner import StageContext, StageMismatch, make_config, run_stage
+from ovdistill.stages import regions
 
 TINY_MODEL = "d1-tiny-clip"
 TINY_CONFIG = {
@@ -469,7 +469,7 @@ def test_preprocess_resize_reads_the_teachers_own_transform():
 def test_crops_do_not_depend_on_the_size_classes(monkeypatch):
     """Padding a box's patch into a bigger class (CUDA cuts fewer classes) reads only weight-0
     pixels: one class for all boxes, or one box per class, gives the default's crops."""
-    from pipeline import crops
+    from ovdistill.pipeline import crops
 
     rng = np.random.default_rng(8)
     image = torch.from_numpy(np.array(block_noise(rng, 150, 110, block=2))).permute(2, 0, 1)
@@ -696,7 +696,7 @@ def test_rows_made_with_other_crops_are_refused(built, monkeypatch):
 
 
 def test_agreement_tool_reads_a_built_cache(built, capsys):
-    from bench import regions_agreement
+    from ovdistill.bench import regions_agreement
 
     ctx, _, _, _ = built
     manifest = ctx.cache.parent.parent / "mini.yaml"
@@ -708,7 +708,7 @@ def test_agreement_tool_reads_a_built_cache(built, capsys):
 
 
 def test_bench_runs_and_prints_its_table(capsys):
-    from bench import regions_bench
+    from ovdistill.bench import regions_bench
 
     assert regions_bench.main(["--device", "cpu", "--images", "2", "--m", "6", "--size",
                                "96x64", "--batch-size", "8", "--pil-images", "1",

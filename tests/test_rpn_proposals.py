@@ -18,20 +18,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
-from torchvision.models.detection.transform import resize_boxes
-
-from pipeline.boxes import (
+from ovdistill.pipeline.boxes import (
     AnnotationError,
     keep_categories,
     read_annotations,
     recall_at,
     to_original,
 )
-from pipeline.cache import sha256_file
-from pipeline.manifests import load_manifest
-from pipeline.runner import StageContext, StageError, make_config, run_stage
-from stages import proposals, rpn
+from ovdistill.pipeline.cache import sha256_file
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.runner import StageContext, StageError, make_config, run_stage
+from ovdistill.stages import proposals, rpn
+from PIL import Image
+from torchvision.models.detection.transform import resize_boxes
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
@@ -403,7 +402,7 @@ def test_to_original_matches_torchvision_resize_boxes():
 
 
 def _cli(manifest: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "run", "--manifest", str(manifest), "--cache",
+    return [sys.executable, "-m", "ovdistill", "run", "--manifest", str(manifest), "--cache",
             str(cache), "--stages", "rpn,proposals", "--distributor", "local", "--no-progress",
             "--device", "cpu"]
 

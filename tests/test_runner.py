@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.cache import read_json
-from pipeline.manifests import load_manifest
-from pipeline.runner import (
+from ovdistill.pipeline.cache import read_json
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.runner import (
     CacheLock,
     StageContext,
     StageError,
@@ -24,6 +23,7 @@ from pipeline.runner import (
     run_stage,
     stage_status,
 )
+
 from tests import stage_fixture as squares
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def test_uninterrupted_run_writes_every_row_and_manifest(tmp_path):
 KILLABLE = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pipeline.manifests import load_manifest
-    from pipeline.runner import StageContext, make_config, run_stage
+    from ovdistill.pipeline.manifests import load_manifest
+    from ovdistill.pipeline.runner import StageContext, make_config, run_stage
     from tests import stage_fixture as squares
     tmp = Path(sys.argv[1])
     ctx = StageContext(dataset=load_manifest(tmp / "tiny.yaml"), cache=tmp / "cache" / "tiny",
@@ -172,7 +172,7 @@ def test_lock_stops_a_second_run(tmp_path):
                 pass
         holder = subprocess.run(
             [sys.executable, "-c",
-             "import sys; from pipeline.runner import CacheLock\n"
+             "import sys; from ovdistill.pipeline.runner import CacheLock\n"
              "try:\n  CacheLock(sys.argv[1]).__enter__()\n"
              "except Exception as e: print(e); sys.exit(3)", str(cache)],
             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
@@ -210,7 +210,7 @@ def test_status_command_reports_done_total_and_rows(tmp_path):
     run(ctx, n_items=8, reject_item=2)
     (ctx.stage_dir("squares") / "_MANIFEST.json").unlink()
     (ctx.stage_dir("squares") / "part-00001.stats.json").unlink()
-    out = subprocess.run([sys.executable, "-m", "pipeline", "status", "--cache",
+    out = subprocess.run([sys.executable, "-m", "ovdistill", "status", "--cache",
                           str(tmp_path / "cache")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
     line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["squares"])
@@ -219,7 +219,7 @@ def test_status_command_reports_done_total_and_rows(tmp_path):
 
 
 def test_worker_count_never_exceeds_what_the_cluster_places():
-    from pipeline.runner import plan_workers
+    from ovdistill.pipeline.runner import plan_workers
 
     said = []
     gpu = {"num_cpus": 1, "num_gpus": 1}

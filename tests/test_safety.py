@@ -11,23 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from bench.storage_bench import write_synthetic_cache
-from pipeline.manifests import (
+from ovdistill.bench.storage_bench import write_synthetic_cache
+from ovdistill.pipeline.manifests import (
     ManifestError,
     contained_path,
     image_path,
     is_plain_relative,
     load_manifest,
 )
-from pipeline.runner import make_config, run_stage
-from stages import pack
-from stages import teacher as T
-from trainer import evaluate
-from trainer.data import SampleError, decode_sample
-from trainer.model import CheckpointError
-from trainer.train import load_checkpoint
+from ovdistill.pipeline.runner import make_config, run_stage
+from ovdistill.stages import pack
+from ovdistill.stages import teacher as T
+from ovdistill.trainer import evaluate
+from ovdistill.trainer.data import SampleError, decode_sample
+from ovdistill.trainer.model import CheckpointError
+from ovdistill.trainer.train import load_checkpoint
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +60,8 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_the_rpn_stage_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
-    from pipeline.runner import StageError
-    from stages.rpn import load_rpn
+    from ovdistill.pipeline.runner import StageError
+    from ovdistill.stages.rpn import load_rpn
 
     path, marker = crafted_checkpoint(tmp_path)
     with pytest.raises(StageError) as e:

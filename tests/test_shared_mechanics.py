@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ovdistill.pipeline.errors import OvdError, StageError, reject
+from ovdistill.pipeline.optim import NonFiniteLoss, check_finite, warmup_cosine
+from ovdistill.pipeline.precision import autocast_setting
+from ovdistill.trainer.config import ConfigError, parse_set
 
-from pipeline.cli import parse_overrides
-from pipeline.errors import OvdError, StageError, reject
-from pipeline.optim import NonFiniteLoss, check_finite, warmup_cosine
-from pipeline.precision import autocast_setting
-from trainer.config import ConfigError, parse_set
+from ovdistill.cli import parse_overrides
 
 CONFIGS = [(0.02, 50, 1200), (1e-3, 0, 10), (2e-4, 2, 3), (0.1, 7, 7), (3e-4, 100, 1000)]
 
@@ -33,7 +33,7 @@ def old_trainer_multiplier(step, warmup, total):  # trainer/train.py before the 
 
 
 def test_one_schedule_is_bit_identical_to_the_three_it_replaced():
-    from stages import rpn
+    from ovdistill.stages import rpn
 
     for lr, warmup, steps in CONFIGS:
         for step in range(steps + 3):

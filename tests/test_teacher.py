@@ -15,12 +15,11 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip
-
-from pipeline import clip_teacher as T
-from pipeline.cache import atomic_write_json, sha256_file
-from pipeline.manifests import Category, load_manifest
-from pipeline.runner import StageContext, run_stage
-from stages import teacher as TS
+from ovdistill.pipeline import clip_teacher as T
+from ovdistill.pipeline.cache import atomic_write_json, sha256_file
+from ovdistill.pipeline.manifests import Category, load_manifest
+from ovdistill.pipeline.runner import StageContext, run_stage
+from ovdistill.stages import teacher as TS
 
 MICRO = {
     "embed_dim": 32,

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from open_clip import zero_shot_metadata
+from ovdistill.pipeline.cache import atomic_write_json, read_json
+from ovdistill.pipeline.clip_teacher import load_teacher
+from ovdistill.pipeline.manifests import Category
+from ovdistill.pipeline.runner import StageError, StageMismatch, make_config, run_stage
+from ovdistill.stages import text
 
-from pipeline.cache import atomic_write_json, read_json
-from pipeline.clip_teacher import load_teacher
-from pipeline.manifests import Category
-from pipeline.runner import StageError, StageMismatch, make_config, run_stage
-from stages import text
 from tests.test_regions import (
     BASE,
     NOVEL,
@@ -194,7 +194,7 @@ def test_region_mean_is_the_normalized_mean_of_every_region(built):
     assert n == 12
     np.testing.assert_allclose(streamed, want, atol=1e-6)
     # and the trainer's loader reads this file
-    from trainer.inputs import load_negatives, load_region_mean
+    from ovdistill.trainer.inputs import load_negatives, load_region_mean
 
     np.testing.assert_array_equal(load_region_mean(ctx.cache, d).numpy(), got)
     assert load_negatives(ctx.cache, d).shape == (2, d)
@@ -224,9 +224,9 @@ def test_hub_check_printed_sorted_and_recorded(built, capsys):
 
 
 def test_text_runs_after_regions_and_follows_its_fingerprint(built):
-    from pipeline.cli import STAGES
+    from ovdistill.cli import STAGES
 
-    assert STAGES.index("stages.text") > STAGES.index("stages.regions")
+    assert STAGES.index("ovdistill.stages.text") > STAGES.index("ovdistill.stages.regions")
     ctx, cfg, _ = built
     path = ctx.stage_dir("regions") / "_MANIFEST.json"
     original = path.read_bytes()

@@ -7,8 +7,8 @@ import ast
 import re
 from pathlib import Path
 
-from pipeline import layout
-from trainer import data
+from ovdistill.pipeline import layout
+from ovdistill.trainer import data
 
 REPO = Path(__file__).resolve().parents[1]
 

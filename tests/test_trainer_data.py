@@ -6,16 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from bench.storage_bench import write_synthetic_cache
-from bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
-from pipeline.runner import make_config as stage_config
-from pipeline.runner import run_stage
-from stages import pack
-from trainer.config import make_config
-from trainer.data import Augmentation, SampleError, augment, decode_sample, train_pipeline
-from trainer.inputs import CacheMismatch, check_shard_dim, load_vocabulary, shard_urls
-from trainer.train import main as train_main
+from ovdistill.bench.storage_bench import write_synthetic_cache
+from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
+from ovdistill.pipeline.runner import make_config as stage_config
+from ovdistill.pipeline.runner import run_stage
+from ovdistill.stages import pack
+from ovdistill.trainer.config import make_config
+from ovdistill.trainer.data import Augmentation, SampleError, augment, decode_sample, train_pipeline
+from ovdistill.trainer.inputs import CacheMismatch, check_shard_dim, load_vocabulary, shard_urls
+from ovdistill.trainer.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +324,7 @@ def _stream_sample(gt: list[list[float]], labels: list[int]) -> dict:
 
 
 def test_augment_stage_drops_boxes_degenerate_on_either_axis_only():
-    from trainer.data import augment_stage
+    from ovdistill.trainer.data import augment_stage
 
     cfg = make_config({"train_sizes": [40], "max_size": 1000, "flip_prob": 0.0})
     gt = [[60.0, 5.0, 70.0, 30.0],   # kept: 10 x 25, far from the origin
@@ -339,7 +338,7 @@ def test_augment_stage_drops_boxes_degenerate_on_either_axis_only():
 
 
 def test_augmentations_are_reproducible_and_both_flip_settings_are_honoured():
-    from trainer.data import augment_stage, choose_augmentation
+    from ovdistill.trainer.data import augment_stage, choose_augmentation
 
     cfg = make_config({"train_sizes": [32, 48, 64], "max_size": 70, "flip_prob": 0.5})
     samples = [_stream_sample([[0.0, 0.0, 20.0, 10.0]], [1]) for _ in range(12)]
@@ -376,7 +375,7 @@ def test_downscaling_antialiases_and_white_stays_one():
 
 
 def test_resize_for_test_scales_to_the_short_side_under_the_cap():
-    from trainer.data import resize_for_test
+    from ovdistill.trainer.data import resize_for_test
 
     white = torch.full((3, 50, 100), 255, dtype=torch.uint8)
     out, scale = resize_for_test(white, 80, 1000)
@@ -389,7 +388,7 @@ def test_resize_for_test_scales_to_the_short_side_under_the_cap():
 def test_shard_order_changes_every_epoch_and_covers_every_shard():
     from itertools import islice
 
-    from trainer.data import ShardCycle
+    from ovdistill.trainer.data import ShardCycle
 
     urls = [f"s{i}" for i in range(8)]
     order = [d["url"] for d in islice(iter(ShardCycle(urls, seed=1)), 32)]
@@ -415,8 +414,7 @@ def test_stream_splits_shards_between_loader_workers(tiny, monkeypatch):
 
 def test_a_bad_sample_is_logged_and_the_stream_goes_on(tiny, tmp_path, capsys):
     import webdataset as wds
-
-    from trainer.data import log_and_continue
+    from ovdistill.trainer.data import log_and_continue
 
     raws = _raw_samples(tiny.shards[:1])
     path = tmp_path / "bad-000000.tar"

@@ -1,8 +1,7 @@
 """trainer.diagnose: teacher / student agreement on regions with known classes, by hand."""
 import numpy as np
 import torch
-
-from trainer.diagnose import agreement, format_report, matched_regions
+from ovdistill.trainer.diagnose import agreement, format_report, matched_regions
 
 NAMES = ["a", "b", "c"]
 TEXT = torch.eye(3)

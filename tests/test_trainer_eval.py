@@ -4,8 +4,7 @@ import io
 import json
 
 import pytest
-
-from trainer.evaluate import (
+from ovdistill.trainer.evaluate import (
     coco_metrics,
     format_per_class,
     format_row,

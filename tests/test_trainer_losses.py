@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from trainer.losses import (
+from ovdistill.trainer.losses import (
     box_regression_loss,
     center_embeddings,
     confident_mask,
@@ -16,8 +15,8 @@ from trainer.losses import (
     vild_image_loss,
     vild_text_loss,
 )
-from trainer.model import ensemble_scores, postprocess
-from trainer.train import warmup_cosine
+from ovdistill.trainer.model import ensemble_scores, postprocess
+from ovdistill.trainer.train import warmup_cosine
 
 
 def test_region_logits_are_cosines_over_tau_with_background_first():
@@ -174,7 +173,7 @@ def test_center_embeddings_subtracts_the_mean_then_normalizes():
 
 
 def test_vild_text_loss_with_aliases_by_hand():
-    from trainer.losses import vild_text_loss_with_aliases
+    from ovdistill.trainer.losses import vild_text_loss_with_aliases
 
     # columns [bg, base0, base1, alias]; row 0 background, row 1 base class 2 (base1)
     logits = torch.tensor([[0.0, 1.0, 0.0, 2.0],

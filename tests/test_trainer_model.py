@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-
-from trainer.config import ConfigError, make_config, parse_set
-from trainer.model import (
+from ovdistill.trainer.config import ConfigError, make_config, parse_set
+from ovdistill.trainer.model import (
     CheckpointError,
     OpenVocabDetector,
     arch_overrides,
@@ -19,7 +18,7 @@ TINY = {"representation_size": 16, "train_sizes": [64], "returned_layers": [2, 3
 
 
 def test_init_from_rpn_stage_checkpoint_copies_backbone_and_rpn(tmp_path):
-    from stages.rpn import ProposalNet, RPNArch, save_checkpoint
+    from ovdistill.stages.rpn import ProposalNet, RPNArch, save_checkpoint
 
     torch.manual_seed(1)
     rpn = ProposalNet(RPNArch(anchor_sizes=(8, 16, 32, 64)))
@@ -156,7 +155,7 @@ def test_set_vocabulary_centres_texts_and_keeps_mean_and_negatives():
 
 
 def test_forward_with_remedies_negatives_are_background_aliases(monkeypatch):
-    import trainer.model as model_mod
+    import ovdistill.trainer.model as model_mod
 
     dim = 8
     seen = []

@@ -6,10 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-
-from trainer.config import TrainConfig
-from trainer.evaluate import coco_metrics
-from trainer.oracle import (
+from ovdistill.trainer.config import TrainConfig
+from ovdistill.trainer.evaluate import coco_metrics
+from ovdistill.trainer.oracle import (
     format_hub,
     hub_cosines,
     mean_region_embedding,
@@ -74,7 +73,7 @@ def test_a_teacher_that_names_each_gt_box_gives_ap_one_and_a_wrong_one_zero(tmp_
 
 
 def test_a_cache_without_a_teacher_is_one_line_error(tmp_path, capsys):
-    from trainer.oracle import main
+    from ovdistill.trainer.oracle import main
 
     assert main(["--manifest", "data_manifests/toy.yaml", "--cache", str(tmp_path),
                  "--out", str(tmp_path / "out")]) == 2
@@ -93,7 +92,7 @@ def test_hub_cosine_sorted_with_splits():
                    {"name": "star", "split": "novel", "cosine": 0.8},
                    {"name": "box", "split": "base", "cosine": 0.0}]
     assert format_hub(hub).endswith("(* novel): ring* 1.000, star* 0.800, box 0.000")
-    from trainer.inputs import CacheMismatch
+    from ovdistill.trainer.inputs import CacheMismatch
 
     with pytest.raises(CacheMismatch, match="D=3"):
         hub_cosines(text, ("box", "ring", "star"), torch.tensor([True, False, False]),

@@ -9,17 +9,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ovdistill.trainer.train  # noqa: F401 - binds ovdistill.trainer.train
 import pytest
 import torch
+from ovdistill.bench.wds_fixture import BASE, TINY_SETTINGS, write_tiny_cache
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.trainer.diagnose import main as diagnose_main
+from ovdistill.trainer.evaluate import coco_metrics, load_run
+from ovdistill.trainer.evaluate import main as evaluate_main
+from ovdistill.trainer.train import main as train_main
+from ovdistill.trainer.train import warmup_cosine
 
-import trainer.train
-from bench.wds_fixture import BASE, TINY_SETTINGS, write_tiny_cache
-from pipeline.manifests import load_manifest
-from trainer.diagnose import main as diagnose_main
-from trainer.evaluate import coco_metrics, load_run
-from trainer.evaluate import main as evaluate_main
-from trainer.train import main as train_main
-from trainer.train import warmup_cosine
+from ovdistill import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [arg for k, v in TINY_SETTINGS.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
@@ -152,10 +153,9 @@ def _student_embeddings(model, jpgs: list[bytes], boxes: list) -> list[torch.Ten
     import io
 
     import numpy as np
+    from ovdistill.trainer.data import resize_for_test
+    from ovdistill.trainer.model import batch_images
     from PIL import Image
-
-    from trainer.data import resize_for_test
-    from trainer.model import batch_images
 
     images, scaled = [], []
     for jpg, b in zip(jpgs, boxes):
@@ -230,7 +230,7 @@ def _free_port() -> int:
 RANK_STATE = textwrap.dedent("""
     import os, sys
     import torch
-    import trainer.train as T
+    import ovdistill.trainer.train as T
     step, losses = T.train_step, []
     def recorded(ddp, model, *args, **kwargs):
         out = step(ddp, model, *args, **kwargs)
@@ -281,9 +281,9 @@ def test_a_run_with_remedies_evaluates_with_them(tiny, tmp_path):
     """The evaluation model holds what the run trained with: the centred texts and the
     negative prompts as background aliases (without them, regions trained to sit on a
     negative would be scored as the class nearest it)."""
-    from pipeline.manifests import load_manifest
-    from trainer.evaluate import load_run
-    from trainer.inputs import load_negatives
+    from ovdistill.pipeline.manifests import load_manifest
+    from ovdistill.trainer.evaluate import load_run
+    from ovdistill.trainer.inputs import load_negatives
 
     run = tmp_path / "remedies"
     assert _train(tiny, run, "--steps", "1", "--set", "negative_prompts=true",
@@ -299,7 +299,7 @@ def test_a_run_with_remedies_evaluates_with_them(tiny, tmp_path):
 
 
 def test_processes_beyond_the_gpus_stop_with_one_clear_line():
-    from trainer.distributed import DistributedError, process_device
+    from ovdistill.trainer.distributed import DistributedError, process_device
 
     assert process_device("cpu", 4, 3, 0) == torch.device("cpu")
     assert process_device("cuda", 2, 1, 2) == torch.device("cuda", 1)
@@ -315,7 +315,7 @@ def test_processes_beyond_the_gpus_stop_with_one_clear_line():
 
 
 def test_train_cli_reports_too_many_processes_in_one_line(monkeypatch, capsys):
-    from trainer import train as T
+    from ovdistill.trainer import train as T
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

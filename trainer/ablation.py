@@ -1,8 +1,8 @@
-"""`python -m trainer.ablation`: the ViLD paper's central ablation, and the published remedies
+"""`python -m ovdistill.trainer.ablation`: the ViLD paper's central ablation, and the published remedies
 for a collapsed student, as one table on one manifest.
 
 Every row trains with the same steps and seed (the manifest's `trainer:` block, then --steps /
---seed / --set) into <out>/<row>/ and is evaluated there (`python -m trainer.evaluate`):
+--seed / --set) into <out>/<row>/ and is evaluated there (`python -m ovdistill.trainer.evaluate`):
 
     text         --mode text                            ViLD-text
     image        --mode image                           ViLD-image
@@ -26,7 +26,7 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
 `--rows text,vild` (make ablation ROWS=text,vild) runs a subset; the default is every row.
 A row whose eval file exists is finished and skipped; a row whose training stopped resumes
 (`--resume latest`); `calibrated` runs the vild row first when that is not finished. The
-teacher's own ceiling, `python -m trainer.oracle`, runs once into <out>/oracle/.
+teacher's own ceiling, `python -m ovdistill.trainer.oracle`, runs once into <out>/oracle/.
 
 The summary, <out>/ablation.md and <out>/ablation.json, holds every finished row found on disk,
 whichever rows this invocation ran:
@@ -54,12 +54,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cache import read_json
-from pipeline.errors import OvdError, report
-from pipeline.layout import MANIFEST_FILE, TEACHER, DatasetCache
-from pipeline.manifests import ManifestError, load_manifest
-from pipeline.options import add_data_options
-from trainer.evaluate import result_suffix
+from ovdistill.pipeline.cache import read_json
+from ovdistill.pipeline.errors import OvdError, report
+from ovdistill.pipeline.layout import MANIFEST_FILE, TEACHER, DatasetCache
+from ovdistill.pipeline.manifests import ManifestError, load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.trainer.evaluate import result_suffix
 
 # The remedies' settings (TrainConfig keys, passed as --set KEY=VALUE). The `confident`
 # numbers are placeholders to tune.
@@ -144,7 +144,7 @@ def _add_train_time(run: Path, seconds: float) -> None:
 
 def train_command(row: Row, args) -> list[str]:
     run = Path(args.out) / row.name
-    cmd = [sys.executable, "-m", "trainer.train", "--manifest", args.manifest,
+    cmd = [sys.executable, "-m", "ovdistill.trainer.train", "--manifest", args.manifest,
            "--cache", args.cache, "--out", str(run), "--mode", row.mode]
     cmd += ["--heads", row.heads] if row.heads != "shared" else []
     cmd += [f"--steps={args.steps}"] if args.steps else []
@@ -159,7 +159,7 @@ def train_command(row: Row, args) -> list[str]:
 
 def eval_command(row: Row, args) -> list[str]:
     out = Path(args.out)
-    cmd = [sys.executable, "-m", "trainer.evaluate", "--manifest", args.manifest,
+    cmd = [sys.executable, "-m", "ovdistill.trainer.evaluate", "--manifest", args.manifest,
            "--cache", args.cache, "--run", str(out / row.name)]
     if row.reuses:
         cmd += ["--checkpoint", str(out / row.reuses / "latest.pt")]
@@ -208,7 +208,7 @@ def run_oracle(args, log=print) -> Path:
     if path.is_file():
         log(f"[oracle] already evaluated: {path}")
         return path
-    cmd = [sys.executable, "-m", "trainer.oracle", "--manifest", args.manifest,
+    cmd = [sys.executable, "-m", "ovdistill.trainer.oracle", "--manifest", args.manifest,
            "--cache", args.cache, "--out", str(out)]
     log(f"[oracle] {' '.join(cmd)}")
     subprocess.run(cmd, check=True)
@@ -396,7 +396,7 @@ def format_targets(doc: dict) -> list[str]:
                      f"{t3['novel_acc']:.3f} vs {T3_ACCURACY}{worst_s}{below}: "
                      f"{_verdict(t3['met'])}")
     if doc["oracle"]:
-        lines.append(f"teacher oracle (python -m trainer.oracle): AP50 base "
+        lines.append(f"teacher oracle (python -m ovdistill.trainer.oracle): AP50 base "
                      f"{_pct(doc['oracle']['AP50_base'])} / novel "
                      f"{_pct(doc['oracle']['AP50_novel'])}")
     for key in ("steps", "seed"):
@@ -425,7 +425,7 @@ def parse_rows(value: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.ablation", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p)
     p.add_argument("--out", default="runs/ablation")

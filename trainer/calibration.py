@@ -1,4 +1,4 @@
-"""Inference-side calibration of the class logits (`python -m trainer.evaluate --calibration`).
+"""Inference-side calibration of the class logits (`python -m ovdistill.trainer.evaluate --calibration`).
 
 `mean_logit`: a student whose region embeddings share one direction gives one class a high
 logit on every region, whatever the region shows (the modality-gap hub, DESIGN.md). Its
@@ -18,14 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from ovdistill.pipeline.annotations import read_images
+from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.manifests import DatasetManifest, ManifestError, image_path
+from ovdistill.pipeline.precision import autocast_setting
+from ovdistill.trainer.data import resize_for_test
+from ovdistill.trainer.model import OpenVocabDetector, batch_images
 from torch import Tensor
-
-from pipeline.annotations import read_images
-from pipeline.errors import reject
-from pipeline.manifests import DatasetManifest, ManifestError, image_path
-from pipeline.precision import autocast_setting
-from trainer.data import resize_for_test
-from trainer.model import OpenVocabDetector, batch_images
 
 METHODS = ("mean_logit",)
 
@@ -98,7 +97,7 @@ def calibration_images(dataset: DatasetManifest, n: int, test_size: int, max_siz
     """`n` unlabeled images of `split` (default train: never the evaluated split), resized
     as for testing -> (images, their ids, rejects). Only the image list of the annotation
     file is read, none of its boxes."""
-    from pipeline.images import ImageError, load_rgb, to_uint8_tensor
+    from ovdistill.pipeline.images import ImageError, load_rgb, to_uint8_tensor
 
     s = dataset.split(split)
     records = pick_images(read_images(s.annotations), n)

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import OvdError
-from pipeline.options import assignment
-from pipeline.precision import PRECISIONS
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.options import assignment
+from ovdistill.pipeline.precision import PRECISIONS
 
 MODES = ("text", "image", "vild")
 HEADS = ("shared", "separate")

@@ -23,16 +23,15 @@ from functools import partial
 import numpy as np
 import torch
 import webdataset as wds
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.images import ImageError, decode_rgb, to_uint8_tensor
+from ovdistill.trainer.config import TrainConfig
+from ovdistill.trainer.inputs import CacheMismatch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
-
-from pipeline import layout
-from pipeline.errors import OvdError
-from pipeline.images import ImageError, decode_rgb, to_uint8_tensor
-from trainer.config import TrainConfig
-from trainer.inputs import CacheMismatch
 
 # the members of a shard sample (layout.SHARD_MEMBERS, the pack stage writes them);
 # .scores.npy is absent in shards packed before it existed

@@ -1,6 +1,6 @@
-"""`python -m trainer.detect`: a trained run on your own images with your own class names.
+"""`python -m ovdistill.trainer.detect`: a trained run on your own images with your own class names.
 
-    python -m trainer.detect --run runs/toy --cache cache [--manifest data_manifests/toy.yaml] \\
+    python -m ovdistill.trainer.detect --run runs/toy --cache cache [--manifest data_manifests/toy.yaml] \\
         --image a.jpg b.png --classes "red star,green heart,a red square" \\
         [--classes-file names.txt] [--ensemble] [--score 0.3] [--top 10] --out det.png
 
@@ -36,26 +36,25 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
-
-from pipeline.clip_teacher import (
+from ovdistill.pipeline.clip_teacher import (
     TextPrompts,
     category_embeddings,
     prompt_templates,
     teacher_from_cache,
 )
-from pipeline.errors import OvdError, report
-from pipeline.layout import TEXT, DatasetCache
-from pipeline.manifests import Category, DatasetManifest, load_manifest
-from pipeline.options import add_data_options
-from pipeline.precision import autocast_setting, resolve_device
-from trainer import distributed
-from trainer.data import resize_for_test
-from trainer.evaluate import coco_results, load_run
-from trainer.inputs import Vocabulary
-from trainer.model import OpenVocabDetector
-from trainer.pictures import PALETTE, Box, grid, panel, with_header
-from trainer.train import CHECKPOINT
+from ovdistill.pipeline.errors import OvdError, report
+from ovdistill.pipeline.layout import TEXT, DatasetCache
+from ovdistill.pipeline.manifests import Category, DatasetManifest, load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.precision import autocast_setting, resolve_device
+from ovdistill.trainer import distributed
+from ovdistill.trainer.data import resize_for_test
+from ovdistill.trainer.evaluate import coco_results, load_run
+from ovdistill.trainer.inputs import Vocabulary
+from ovdistill.trainer.model import OpenVocabDetector
+from ovdistill.trainer.pictures import PALETTE, Box, grid, panel, with_header
+from ovdistill.trainer.train import CHECKPOINT
+from PIL import Image
 
 
 class DetectError(OvdError, ValueError):
@@ -136,7 +135,7 @@ def class_embeddings(teacher, categories: list[Category], settings: TextPrompts
 def read_images(paths: list[str]) -> list[Image.Image]:
     """Each file decoded the pipeline's way (`pipeline.images.load_rgb`); DetectError (one
     line naming the file) for one that cannot be."""
-    from pipeline.images import ImageError, load_rgb
+    from ovdistill.pipeline.images import ImageError, load_rgb
 
     out = []
     for p in paths:
@@ -153,7 +152,7 @@ def detect_image(model: OpenVocabDetector, image: Image.Image, *, ensemble: bool
     """One image through the model at its test size -> (boxes Tensor[K, 4] x1, y1, x2, y2 in
     the image's pixels, scores Tensor[K], vocabulary indices Tensor[K]), best first, the
     detections at score >= `score`."""
-    from pipeline.images import to_uint8_tensor
+    from ovdistill.pipeline.images import to_uint8_tensor
 
     cfg = model.cfg
     resized, scale = resize_for_test(to_uint8_tensor(image), cfg.test_size, cfg.max_size)
@@ -209,7 +208,7 @@ def detections_picture(paths: list[str], images: list[Image.Image], names: list[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.detect", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.detect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (holds latest.pt)")
     p.add_argument("--checkpoint", default=None, help="default: <run>/latest.pt")

@@ -1,4 +1,4 @@
-"""`python -m trainer.diagnose`: has the student learned its teacher where objects are?
+"""`python -m ovdistill.trainer.diagnose`: has the student learned its teacher where objects are?
 
 On the train shards' cached proposals that overlap a ground-truth box (IoU >= --iou) of a COCO
 json naming EVERY object of those images (toy: `dataset/train_full.json`, whose novel boxes
@@ -14,7 +14,7 @@ below its teacher, with a low cosine and one class named for most regions, has l
 teacher's common direction and not what tells regions apart (see `losses.
 mean_direction_baseline`). Written to <run>/diagnose.json.
 
-    python -m trainer.diagnose --manifest data_manifests/toy.yaml --cache cache \\
+    python -m ovdistill.trainer.diagnose --manifest data_manifests/toy.yaml --cache cache \\
         --run runs/ablation/vild
 """
 from __future__ import annotations
@@ -28,18 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ovdistill.pipeline.annotations import read_json_doc
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.errors import report as report_error
+from ovdistill.pipeline.layout import DATASET, TRAIN_FULL, DatasetCache
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.trainer.data import resize_for_test
+from ovdistill.trainer.inputs import shard_urls
+from ovdistill.trainer.model import OpenVocabDetector, batch_images
 from torch import Tensor
 from torchvision.ops import box_iou
-
-from pipeline.annotations import read_json_doc
-from pipeline.errors import OvdError
-from pipeline.errors import report as report_error
-from pipeline.layout import DATASET, TRAIN_FULL, DatasetCache
-from pipeline.manifests import load_manifest
-from pipeline.options import add_data_options
-from trainer.data import resize_for_test
-from trainer.inputs import shard_urls
-from trainer.model import OpenVocabDetector, batch_images
 
 
 def agreement(student: Tensor, teacher: Tensor, text: Tensor, labels: Tensor,
@@ -113,8 +112,7 @@ def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tup
     """Stream the shards in order, pair every matched cached region's teacher and student
     embeddings, and score them with `agreement`."""
     import webdataset as wds
-
-    from pipeline.images import decode_rgb, to_uint8_tensor
+    from ovdistill.pipeline.images import decode_rgb, to_uint8_tensor
 
     students, teachers, labels, n_images = [], [], [], 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
@@ -158,9 +156,9 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.evaluate import load_run
+    from ovdistill.trainer.evaluate import load_run
 
-    p = argparse.ArgumentParser(prog="python -m trainer.diagnose", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.diagnose", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p)
     p.add_argument("--run", required=True, help="run folder holding latest.pt")

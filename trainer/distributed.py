@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from pipeline.errors import OvdError
+from ovdistill.pipeline.errors import OvdError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""`python -m trainer.evaluate`: detect on the val split over the whole vocabulary (base and
+"""`python -m ovdistill.trainer.evaluate`: detect on the val split over the whole vocabulary (base and
 novel), write COCO-format detections and score them (pycocotools; lvis-api for LVIS manifests).
 
-    python -m trainer.evaluate --manifest data_manifests/toy.yaml --cache cache --run runs/toy \
+    python -m ovdistill.trainer.evaluate --manifest data_manifests/toy.yaml --cache cache --run runs/toy \
         [--ensemble] [--checkpoint PATH] [--max-images N] [--calibration mean_logit]
 
 Writes <run>/detections_val.json and <run>/eval.json (with --ensemble: *_ensemble.json):
@@ -42,25 +42,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from pipeline.annotations import read_images, read_json_doc
-from pipeline.errors import OvdError, reject, report
-from pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
-from pipeline.options import add_data_options
-from pipeline.precision import autocast_setting
-from trainer import distributed
-from trainer.calibration import METHODS as CALIBRATIONS
-from trainer.config import ConfigError, config_from_dict, detections_per_image
-from trainer.data import resize_for_test
-from trainer.inputs import (
+from ovdistill.pipeline.annotations import read_images, read_json_doc
+from ovdistill.pipeline.errors import OvdError, reject, report
+from ovdistill.pipeline.manifests import DatasetManifest, ManifestError, image_path, load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.precision import autocast_setting
+from ovdistill.trainer import distributed
+from ovdistill.trainer.calibration import METHODS as CALIBRATIONS
+from ovdistill.trainer.config import ConfigError, config_from_dict, detections_per_image
+from ovdistill.trainer.data import resize_for_test
+from ovdistill.trainer.inputs import (
     Vocabulary,
     load_vocabulary,
     text_parquet_path,
     vocabulary_extras,
 )
-from trainer.model import OpenVocabDetector
-from trainer.train import CHECKPOINT, load_checkpoint
+from ovdistill.trainer.model import OpenVocabDetector
+from ovdistill.trainer.train import CHECKPOINT, load_checkpoint
+from torch import Tensor
 
 TABLE_KEYS = ("AP50_novel", "AP50_base", "AP50_all", "AP_novel", "AP_base", "AP_all")
 
@@ -216,7 +215,7 @@ def detect_split(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetMa
     """Detections (COCO results format, original pixels) on `split`'s images; `logit_bias`
     Tensor[C] is subtracted from the class logits (`calibration.mean_logit_bias`).
     Returns (detections, evaluated image ids, rejects)."""
-    from pipeline.images import ImageError, load_rgb, to_uint8_tensor
+    from ovdistill.pipeline.images import ImageError, load_rgb, to_uint8_tensor
 
     images = sorted(read_images(dataset.split(split).annotations), key=lambda im: im["id"])
     if max_images:
@@ -302,7 +301,7 @@ def format_per_class(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p, data_root=True, device=True)
     p.add_argument("--run", default="runs/toy", help="run folder (holds latest.pt)")
@@ -329,7 +328,7 @@ def calibrate(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManif
               device: torch.device) -> tuple[Tensor, dict]:
     """The `--calibration mean_logit` bias for the model's current vocabulary, measured on
     `--calibration-images` train images -> (bias Tensor[C], what the result records)."""
-    from trainer.calibration import calibration_images, mean_logit_bias
+    from ovdistill.trainer.calibration import calibration_images, mean_logit_bias
 
     images, ids, rejects = calibration_images(dataset, args.calibration_images,
                                               model.cfg.test_size, model.cfg.max_size,
@@ -397,7 +396,7 @@ def evaluate(args) -> dict:
               "teacher": ckpt.get("teacher")}
     (run / f"eval{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     if getattr(args, "pictures", False):
-        from trainer.pictures import eval_pictures
+        from ovdistill.trainer.pictures import eval_pictures
 
         paths = eval_pictures(run, args.split, suffix, gt, dataset.split(args.split).images,
                               detections, dict(zip(vocab.category_ids, vocab.names)),

@@ -15,11 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import webdataset as wds
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.layout import DatasetCache
 from torch import Tensor
-
-from pipeline import layout
-from pipeline.errors import OvdError
-from pipeline.layout import DatasetCache
 
 
 class CacheMismatch(OvdError, ValueError):

@@ -15,9 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from ovdistill.pipeline.precision import float32_region
 from torch import Tensor
-
-from pipeline.precision import float32_region
 
 
 def region_logits(region_emb: Tensor, bg_emb: Tensor, text_emb: Tensor, tau: float) -> Tensor:

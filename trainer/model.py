@@ -59,19 +59,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
-
-from pipeline.checkpoints import CheckpointError, load_weights
-from pipeline.precision import float32_region
-from pipeline.rpn_net import IMAGE_MEAN, IMAGE_STD, Float32Anchors, Float32RPNHead
-from trainer.config import TrainConfig
-from trainer.losses import (
+from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
+from ovdistill.pipeline.precision import float32_region
+from ovdistill.pipeline.rpn_net import IMAGE_MEAN, IMAGE_STD, Float32Anchors, Float32RPNHead
+from ovdistill.trainer.config import TrainConfig
+from ovdistill.trainer.losses import (
     box_regression_loss,
     center_embeddings,
     confident_mask,
@@ -81,6 +73,13 @@ from trainer.losses import (
     vild_image_loss,
     vild_text_loss_with_aliases,
 )
+from torch import Tensor, nn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 
 
 def _group_norm(channels: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`python -m trainer.oracle`: the teacher itself as a detector, the ceiling of distillation.
+"""`python -m ovdistill.trainer.oracle`: the teacher itself as a detector, the ceiling of distillation.
 
 ViLD-image can at best pass on what its teacher says about the proposals it is shown. This
 runs the cache's teacher on the proposals stage's boxes of the val images (1x + 1.5x crops,
@@ -16,7 +16,7 @@ embedding (`<cache>/<ds>/text/region_mean.npy`, or the mean of the `regions` sta
 embeddings when that file is absent), sorted, recorded as "hub_cosine". The text closest to
 that common direction is the one a student that learns only the mean names everywhere.
 
-    python -m trainer.oracle --manifest data_manifests/toy.yaml --cache cache
+    python -m ovdistill.trainer.oracle --manifest data_manifests/toy.yaml --cache cache
 """
 from __future__ import annotations
 
@@ -30,23 +30,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch import Tensor
-
-from pipeline.annotations import read_images
-from pipeline.clip_teacher import teacher_from_cache
-from pipeline.errors import OvdError, StageError, report
-from pipeline.layout import PROPOSALS, REGION_MEAN_FILE, REGIONS, TEXT, DatasetCache
-from pipeline.manifests import ManifestError, image_path, load_manifest
-from pipeline.options import add_data_options
-from pipeline.precision import resolve_device
-from pipeline.region_embedding import (
+from ovdistill.pipeline.annotations import read_images
+from ovdistill.pipeline.clip_teacher import teacher_from_cache
+from ovdistill.pipeline.errors import OvdError, StageError, report
+from ovdistill.pipeline.layout import PROPOSALS, REGION_MEAN_FILE, REGIONS, TEXT, DatasetCache
+from ovdistill.pipeline.manifests import ManifestError, image_path, load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.precision import resolve_device
+from ovdistill.pipeline.region_embedding import (
     boxes_array,
     embed_regions,
     image_groups,
     settings_from_config,
 )
-from trainer.config import TrainConfig
-from trainer.evaluate import (
+from ovdistill.trainer.config import TrainConfig
+from ovdistill.trainer.evaluate import (
     coco_metrics,
     coco_results,
     format_per_class,
@@ -54,13 +52,14 @@ from trainer.evaluate import (
     restrict_gt,
     top_class,
 )
-from trainer.inputs import (
+from ovdistill.trainer.inputs import (
     CacheMismatch,
     load_region_mean,
     load_vocabulary,
     text_parquet_path,
 )
-from trainer.model import postprocess
+from ovdistill.trainer.model import postprocess
+from torch import Tensor
 
 
 def parquet_mean_embedding(files: list[Path], batch_rows: int = 65536) -> np.ndarray | None:
@@ -196,7 +195,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.oracle", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.oracle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p, data_root=True, device=True)
     p.add_argument("--split", default="val")

@@ -1,5 +1,5 @@
 """Pictures of detections: image panels with labelled boxes, contact sheets, and the
-precision-recall plot, for `python -m trainer.detect` and `trainer.evaluate --pictures`.
+precision-recall plot, for `python -m ovdistill.trainer.detect` and `trainer.evaluate --pictures`.
 
 Boxes are drawn with `torchvision.utils.draw_bounding_boxes` and sheets laid out with
 `torchvision.utils.make_grid`; labels, titles, legends and the PR plot are drawn with PIL
@@ -254,9 +254,9 @@ def eval_pictures(run: Path, split: str, suffix: str, gt_json: Path, images_dir:
     `n_images` images of `gt_json` by id) and `<run>/<split>_pr<suffix>.png` (base and novel
     PR curves at IoU 0.5 from `precision`, [T, R, K] with K in `cat_ids` order; legend AP50
     from `metrics`). names: category id -> name. Returns the two paths."""
-    from pipeline.annotations import read_json_doc
-    from pipeline.images import ImageError, load_rgb
-    from pipeline.manifests import ManifestError, image_path
+    from ovdistill.pipeline.annotations import read_json_doc
+    from ovdistill.pipeline.images import ImageError, load_rgb
+    from ovdistill.pipeline.manifests import ManifestError, image_path
 
     gt = read_json_doc(gt_json)  # the evaluated (restricted) GT, as written
     records = sorted(gt["images"], key=lambda im: im["id"])[:n_images]

@@ -1,4 +1,4 @@
-"""`python -m trainer.probe`: a head-only proxy, so that each distillation idea costs minutes.
+"""`python -m ovdistill.trainer.probe`: a head-only proxy, so that each distillation idea costs minutes.
 
 The backbone and RPN are frozen at the cache's RPN-stage checkpoint (the weights every
 training run starts from; --init-from takes another, e.g. a trainer run's latest.pt). Their 7x7 RoI features are extracted once, at the test size, and
@@ -32,7 +32,7 @@ cached targets (1.0 = only the teacher's common direction learned); the teacher'
 accuracy on the same boxes, the ceiling. With --center-targets the texts, targets and
 teacher are all compared in the centred space.
 
-    python -m trainer.probe --manifest data_manifests/toy.yaml --cache cache --out runs/probe \\
+    python -m ovdistill.trainer.probe --manifest data_manifests/toy.yaml --cache cache --out runs/probe \\
         --mode vild [--heads separate] [--images 300] [--heldout 200] [--steps 2500]
 """
 from __future__ import annotations
@@ -49,20 +49,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torchvision.ops import box_iou
-
-from pipeline.cache import atomic_write_bytes, sha256_file, tmp_path
-from pipeline.errors import OvdError
-from pipeline.errors import report as report_error
-from pipeline.layout import DATASET, TRAIN_FULL, WDS, DatasetCache
-from pipeline.manifests import load_manifest
-from pipeline.optim import check_finite, warmup_cosine
-from pipeline.options import add_data_options
-from trainer.config import HEADS, MODES, ConfigError, TrainConfig, make_config, parse_set
-from trainer.data import SampleError, decode_sample, resize_for_test
-from trainer.diagnose import gt_by_image
-from trainer.inputs import (
+from ovdistill.pipeline.cache import atomic_write_bytes, sha256_file, tmp_path
+from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.errors import report as report_error
+from ovdistill.pipeline.layout import DATASET, TRAIN_FULL, WDS, DatasetCache
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.optim import check_finite, warmup_cosine
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.trainer.config import HEADS, MODES, ConfigError, TrainConfig, make_config, parse_set
+from ovdistill.trainer.data import SampleError, decode_sample, resize_for_test
+from ovdistill.trainer.diagnose import gt_by_image
+from ovdistill.trainer.inputs import (
     CacheMismatch,
     Vocabulary,
     check_shard_dim,
@@ -72,7 +69,7 @@ from trainer.inputs import (
     shard_urls,
     text_parquet_path,
 )
-from trainer.losses import (
+from ovdistill.trainer.losses import (
     center_embeddings,
     confident_mask,
     contrastive_distill_loss,
@@ -82,7 +79,7 @@ from trainer.losses import (
     vild_image_loss,
     vild_text_loss_with_aliases,
 )
-from trainer.model import (
+from ovdistill.trainer.model import (
     EmbeddingTower,
     OpenVocabDetector,
     batch_images,
@@ -90,6 +87,8 @@ from trainer.model import (
     load_init_weights,
     read_init_checkpoint,
 )
+from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 FEATURES_FILE = "features.pt"
 RESULTS_FILE = "probe.json"
@@ -593,7 +592,7 @@ ARCH_KEYS = ("backbone", "returned_layers", "anchor_sizes", "norm")
 def init_overrides(overrides: dict, cache_dir: Path) -> dict:
     """`train.with_init_weights`, and for a trainer run's checkpoint (it holds its "config")
     that run's backbone keys, so a trained student's backbone can be probed as well."""
-    from trainer.train import with_init_weights
+    from ovdistill.trainer.train import with_init_weights
 
     if not overrides.get("init_from"):
         raise ConfigError("the probe needs a backbone: --init-from rpn or a checkpoint path")
@@ -779,7 +778,7 @@ def format_history(history: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.probe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p, device=True, device_help="auto | cpu | cuda")
     p.add_argument("--out", default="runs/probe", help="holds features.pt and probe.json")

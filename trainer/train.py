@@ -1,10 +1,10 @@
-"""`python -m trainer.train`: train the ViLD student on a cache's WebDataset shards.
+"""`python -m ovdistill.trainer.train`: train the ViLD student on a cache's WebDataset shards.
 
-    python -m trainer.train --manifest data_manifests/toy.yaml --cache cache --out runs/toy \
+    python -m ovdistill.trainer.train --manifest data_manifests/toy.yaml --cache cache --out runs/toy \
         [--mode text|image|vild] [--heads shared|separate] [--steps N] [--seed S] \
         [--shards 'cache/toy/wds/train-{000000..000009}.tar'] [--set KEY=VALUE ...] \
         [--resume latest|PATH]
-    torchrun --nproc_per_node 2 -m trainer.train ...      # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node 2 -m ovdistill.trainer.train ...      # DDP (gloo on CPU, nccl on CUDA)
 
 Writes to --out: config.json, metrics.jsonl (one line per logged step), tb/ (TensorBoard),
 latest.pt (model, optimizer, scheduler, step, RNG state, config; replaced atomically).
@@ -24,18 +24,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-
-from pipeline.cache import tmp_path
-from pipeline.checkpoints import load_weights
-from pipeline.errors import OvdError, report
-from pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
-from pipeline.manifests import DatasetManifest, load_manifest
-from pipeline.optim import check_finite, warmup_cosine
-from pipeline.options import add_data_options
-from pipeline.precision import autocast_setting, resolve_precision
-from trainer import distributed
-from trainer.config import (
+from ovdistill.pipeline.cache import tmp_path
+from ovdistill.pipeline.checkpoints import load_weights
+from ovdistill.pipeline.errors import OvdError, report
+from ovdistill.pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
+from ovdistill.pipeline.manifests import DatasetManifest, load_manifest
+from ovdistill.pipeline.optim import check_finite, warmup_cosine
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.precision import autocast_setting, resolve_precision
+from ovdistill.trainer import distributed
+from ovdistill.trainer.config import (
     ConfigError,
     TrainConfig,
     config_from_dict,
@@ -43,8 +41,8 @@ from trainer.config import (
     make_config,
     parse_set,
 )
-from trainer.data import train_loader
-from trainer.inputs import (
+from ovdistill.trainer.data import train_loader
+from ovdistill.trainer.inputs import (
     check_shard_dim,
     load_vocabulary,
     shard_has_scores,
@@ -53,13 +51,14 @@ from trainer.inputs import (
     text_parquet_path,
     vocabulary_extras,
 )
-from trainer.losses import mean_direction_baseline
-from trainer.model import (
+from ovdistill.trainer.losses import mean_direction_baseline
+from ovdistill.trainer.model import (
     OpenVocabDetector,
     arch_overrides,
     load_init_weights,
     read_init_checkpoint,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 CHECKPOINT = "latest.pt"
 # settings a resumed run may change (they do not alter what is learned)
@@ -200,7 +199,7 @@ def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(p, cache_help=f"cache root (holds <dataset>/{WDS}, {TEXT})", data_root=True,
                      device=True, device_help="auto | cpu | cuda | cuda:N (one process)")

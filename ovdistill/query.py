@@ -1,4 +1,4 @@
-"""`python -m pipeline query TEXT`: text -> region search over the faiss index (faiss_index.py).
+"""`python -m ovdistill query TEXT`: text -> region search over the faiss index (faiss_index.py).
 
 The text is embedded by the cache's own teacher (the prompt as given, L2-normalised), the
 index returns the k most similar cached regions, and a contact sheet PNG shows each hit's
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.annotations import read_json_doc
-from pipeline.cache import read_json
-from pipeline.errors import OvdError, report
-from pipeline.layout import INDEX, DatasetCache
-from pipeline.manifests import ManifestError, image_path, load_manifest
-from pipeline.options import add_data_options
-from pipeline.runner import StageContext, StageError
+from ovdistill.pipeline.annotations import read_json_doc
+from ovdistill.pipeline.cache import read_json
+from ovdistill.pipeline.errors import OvdError, report
+from ovdistill.pipeline.layout import INDEX, DatasetCache
+from ovdistill.pipeline.manifests import ManifestError, image_path, load_manifest
+from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.runner import StageContext, StageError
 
 IOU_MATCH = 0.5  # a hit counts for precision@k when its best GT box overlaps this much
 
@@ -152,13 +152,13 @@ def index_record(cache_dir: Path) -> dict:
     path = DatasetCache(cache_dir).manifest_path(INDEX)
     if not path.exists():
         raise StageError(f"the index stage has not finished: {path} is missing; run "
-                         f"`python -m pipeline run --stages index` first")
+                         f"`python -m ovdistill run --stages index` first")
     return read_json(path)
 
 
 def query_embedding(ctx: StageContext, text: str, recorded_teacher: dict) -> np.ndarray:
     """The text's teacher embedding, float32[1, D] L2-normalised."""
-    from pipeline.clip_teacher import teacher_from_cache
+    from ovdistill.pipeline.clip_teacher import teacher_from_cache
 
     teacher = teacher_from_cache(ctx, ctx.resolve_device())
     if teacher.identity != recorded_teacher:
@@ -177,8 +177,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from pipeline.faiss_index import load_index, search
-    from pipeline.images import ImageError, load_rgb
+    from ovdistill.pipeline.faiss_index import load_index, search
+    from ovdistill.pipeline.images import ImageError, load_rgb
 
     cache_dir = Path(args.cache) / args.dataset
     rec = index_record(cache_dir)

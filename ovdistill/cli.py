@@ -1,4 +1,4 @@
-"""`python -m pipeline run | status | query`.
+"""`python -m ovdistill run | status | query`.
 
 `run` executes the stages in order on one dataset manifest; the same command starts and
 resumes. Stages whose `_MANIFEST.json` matches the requested config are skipped.
@@ -9,12 +9,12 @@ import argparse
 import importlib
 from pathlib import Path
 
-from pipeline import layout
-from pipeline.errors import OvdError, report
-from pipeline.manifests import load_manifest
-from pipeline.options import add_data_options, assignment, positive_int
-from pipeline.precision import PRECISIONS
-from pipeline.runner import (
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.errors import OvdError, report
+from ovdistill.pipeline.manifests import load_manifest
+from ovdistill.pipeline.options import add_data_options, assignment, positive_int
+from ovdistill.pipeline.precision import PRECISIONS
+from ovdistill.pipeline.runner import (
     CacheLock,
     StageContext,
     dry_run_stage,
@@ -27,14 +27,14 @@ from pipeline.runner import (
 # The stages, in the order they run. Each is a module of `stages/` (see pipeline/runner.py).
 # `text` follows `regions`: it also writes the mean region embedding (trainer center_targets).
 STAGES = [
-    "stages.dataset",
-    "stages.teacher",
-    "stages.rpn",
-    "stages.proposals",
-    "stages.regions",
-    "stages.text",
-    "stages.pack",
-    "stages.index",
+    "ovdistill.stages.dataset",
+    "ovdistill.stages.teacher",
+    "ovdistill.stages.rpn",
+    "ovdistill.stages.proposals",
+    "ovdistill.stages.regions",
+    "ovdistill.stages.text",
+    "ovdistill.stages.pack",
+    "ovdistill.stages.index",
 ]
 
 
@@ -139,7 +139,7 @@ def cmd_status(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ovdistill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default=None)
     s.set_defaults(func=cmd_status)
 
-    from pipeline import query
+    from ovdistill import query
 
     q = sub.add_parser("query", help="text -> region search over the cache; writes a contact sheet")
     query.add_arguments(q)

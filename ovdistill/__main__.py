@@ -1,0 +1,3 @@
+from ovdistill.cli import main
+
+raise SystemExit(main())
