@@ -63,14 +63,16 @@ def test_a_bare_name_is_refused_in_the_source_tree():
 
 
 def test_the_source_tree_works_without_an_install(tmp_path):
-    """PYTHONPATH=<repo> with the installed finder out of the way (-S: no site-packages .pth):
-    ovdistill/__init__.py finds the folders."""
-    code = ("import sys; sys.path.append(sys.argv[1])\n"
+    """PYTHONPATH=<repo> with the installed (editable) finder taken out: ovdistill/__init__.py
+    finds the folders."""
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            "assert 'ovdistill' not in sys.modules\n"
             "import ovdistill.pipeline.layout as L, ovdistill.stages.text\n"
             "print(L.__file__)")
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    proc = subprocess.run([sys.executable, "-S", "-c", code, site[0]], cwd=tmp_path,
-                          env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(REPO / "pipeline" / "layout.py")
