@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from ovdistill.pipeline.annotations import AnnotationError, load_annotations
+from ovdistill.pipeline.annotations import AnnotationError, images_by_id, load_annotations
 from ovdistill.pipeline.manifests import ManifestError, image_file
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
 
@@ -36,7 +36,7 @@ def read_annotations(path: str | Path) -> dict[int, ImageRecord]:
     degenerate boxes are dropped, overshooting ones clipped to the image. File names follow
     `pipeline.manifests.image_file` (LVIS v1 records have only coco_url)."""
     valid = load_annotations(path)
-    images = {im["id"]: im for im in valid.images}
+    images = images_by_id(valid.images)
     out = {}
     for iid, anns in valid.by_image().items():
         anns = [a for a in anns if not a.get("iscrowd", 0)]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from ovdistill.pipeline import layout
-from ovdistill.pipeline.annotations import load_annotations
+from ovdistill.pipeline.annotations import images_by_id, load_annotations
 from ovdistill.pipeline.cache import atomic_write_json
 from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.manifests import ManifestError, image_file, image_path
@@ -197,7 +197,7 @@ class SplitIndex:
 def load_split(ctx: StageContext, split: str) -> SplitIndex:
     s = ctx.dataset.split(split)
     valid = load_annotations(s.annotations)  # the kept (and clipped) annotations
-    images = {im["id"]: im for im in valid.images}
+    images = images_by_id(valid.images)
     anns = valid.by_image()
     base = frozenset(c.id for c in ctx.dataset.categories() if c.split == "base")
     return SplitIndex(images, anns, s.images, s.annotations, base)

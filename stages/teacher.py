@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from ovdistill.pipeline import layout
-from ovdistill.pipeline.annotations import load_annotations
+from ovdistill.pipeline.annotations import images_by_id, load_annotations
 from ovdistill.pipeline.cache import sha256_file, tmp_path
 from ovdistill.pipeline.clip_teacher import (  # noqa: F401 - the library's names, re-exported
     CONFIG_DIR,
@@ -85,7 +85,7 @@ def gt_boxes(ann_file: Path, category_ids: Sequence[int], max_crops: int | None,
     image then id; a seeded sample of `max_crops` of them when there are more. The file is
     read through `pipeline.annotations.load_annotations` (the kept, clipped boxes)."""
     valid = load_annotations(ann_file)
-    images = {im["id"]: im for im in valid.images}
+    images = images_by_id(valid.images)
     keep = set(category_ids)
     anns = [dict(a) for a in valid.annotations
             if a["category_id"] in keep and not a.get("iscrowd", 0)
