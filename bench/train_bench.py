@@ -24,7 +24,7 @@ from ovdistill.pipeline.manifests import load_manifest
 from ovdistill.pipeline.options import add_data_options
 from ovdistill.trainer import distributed
 from ovdistill.trainer.config import make_config, parse_set
-from ovdistill.trainer.data import train_loader
+from ovdistill.trainer.data import resolve_workers, train_loader
 from ovdistill.trainer.inputs import check_shard_dim, load_vocabulary, shard_urls, text_parquet_path
 from ovdistill.trainer.model import OpenVocabDetector, load_init_weights
 from ovdistill.trainer.train import build_optimizer, to_device, train_step, with_init_weights
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def stream():
         return iter(train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed,
-                                 pin_memory=device.type == "cuda"))
+                                 pin_memory=device.type == "cuda",
+                                 num_workers=resolve_workers(cfg, device)))
 
     source = stream()
     memory = [next(source) for _ in range(warm + n)]
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = times["memory"][0] / times["stream"][0]
 
     print(f"train step: streaming vs in-memory, {steps} steps each, batch {cfg.batch_size}, "
-          f"mode {cfg.mode}, {cfg.num_workers} loader worker(s), device {device}"
+          f"mode {cfg.mode}, {resolve_workers(cfg, device)} loader worker(s), device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"{'source':<8} {'s/step':>8} {'steps/s':>8} {'images/s':>9} {'data wait':>10}")
     for kind, (total, wait) in times.items():

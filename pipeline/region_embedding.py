@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from ovdistill.pipeline.clip_teacher import Teacher
 from ovdistill.pipeline.crops import combine_views, preprocess_resize, region_crops
 from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.images import ImageError, load_rgb, to_uint8_tensor
+from ovdistill.pipeline.prefetch import prefetch, to_device
 
 BATCH_SIZE = 256  # crops per encoder call, cut across images
 CONTEXT_SCALE = 1.5  # the second crop: same centre, width and height x this
@@ -52,15 +51,6 @@ def rebatch(chunks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
             n -= start
     if n:
         yield torch.cat(buf)
-
-
-def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-    """`t` on `device`; a host tensor going to CUDA is copied from pinned memory without
-    blocking the calling thread (a pageable copy waits for the whole stream first)."""
-    device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 _streams = threading.local()
@@ -143,21 +133,6 @@ def region_embeddings(teacher: Teacher, crops: Iterable[torch.Tensor],
         out.append(combine_views(feats[start:start + 2 * n]))
         start += 2 * n
     return torch.cat(out).cpu()
-
-
-def prefetch(fn: Callable, items: Iterable, threads: int) -> Iterator:
-    """`map(fn, items)` in order, computed up to 2 x `threads` items ahead in a thread pool."""
-    if threads <= 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        window: deque = deque()
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) > 2 * threads:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
 
 
 # ----------------------------------------------------------------------------- tables

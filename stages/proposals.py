@@ -25,6 +25,7 @@ from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
 from ovdistill.pipeline.manifests import ManifestError, contained_path
 from ovdistill.pipeline.precision import autocast
+from ovdistill.pipeline.prefetch import chunks, prefetch, to_device
 from ovdistill.pipeline.rpn_net import load_rpn
 from ovdistill.pipeline.runner import (
     Part,
@@ -37,6 +38,9 @@ from ovdistill.pipeline.runner import (
 
 NAME = "proposals"
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
+# images decoded ahead of the RPN in threads (PIL releases the GIL); not a Config field: it
+# changes no output, so it must not change the stage's fingerprint
+DECODE_THREADS = 2
 
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -128,28 +132,27 @@ class Worker:
         self.precision = ctx.resolve_precision()
         self.model = load_rpn(path, device=self.device)
 
-    def _decode(self, iid: int, rejects: list[dict]) -> torch.Tensor | None:
+    def _decode(self, iid: int) -> tuple[int, torch.Tensor | None, dict | None]:
+        """(iid, the image on the device or None, its reject or None); runs in a thread."""
         split, rec = self.images[iid]
         folder = self.ctx.dataset.split(split).images
         path = folder / rec.file_name
         try:
             path = contained_path(folder, rec.file_name)
-            return to_float_tensor(load_rgb(path, self.cfg.max_pixels))
+            image = to_float_tensor(load_rgb(path, self.cfg.max_pixels))
         except (ImageError, ManifestError) as e:
-            rejects.append(reject(iid, path, e))
-            return None
+            return iid, None, reject(iid, path, e)
+        return iid, to_device(image, self.device), None
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         cfg = self.cfg
         rejects: list[dict] = []
         done_ids, results = [], []
-        for s in range(0, len(part.items), cfg.batch_size):
-            batch_ids, batch = [], []
-            for iid in part.items[s : s + cfg.batch_size]:
-                img = self._decode(iid, rejects)
-                if img is not None:
-                    batch_ids.append(iid)
-                    batch.append(img.to(self.device))
+        decoded = prefetch(self._decode, part.items, DECODE_THREADS)
+        for group in chunks(decoded, cfg.batch_size):
+            rejects += [bad for _, _, bad in group if bad is not None]  # in item order
+            batch_ids = [iid for iid, img, _ in group if img is not None]
+            batch = [img for _, img, _ in group if img is not None]
             if not batch:
                 continue
             with autocast(self.device, self.precision):

@@ -3,10 +3,11 @@
 per part (not once per encoder batch), and its CUDA-only helpers are no-ops on the CPU."""
 from __future__ import annotations
 
+import pytest
 import torch
 from ovdistill.bench.wds_fixture import TINY_SETTINGS, write_tiny_cache
 from ovdistill.stages import regions
-from ovdistill.trainer.config import make_config
+from ovdistill.trainer.config import ConfigError, make_config
 from ovdistill.trainer.data import loader_workers, train_loader
 from ovdistill.trainer.inputs import load_vocabulary
 
@@ -71,3 +72,18 @@ def test_cuda_helpers_are_no_ops_on_the_cpu():
     assert regions.crop_stream("cpu") is None
     crops = torch.ones(4, 3, 2, 2)
     assert regions.ready_on_current_stream(crops, None) is crops
+
+
+def test_auto_loader_workers_are_one_on_the_cpu_and_the_nodes_share_on_cuda(monkeypatch):
+    from ovdistill.trainer import data
+    from ovdistill.trainer.config import make_config
+
+    auto = make_config({})
+    assert auto.num_workers is None
+    assert data.resolve_workers(auto, torch.device("cpu")) == 1
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 16)
+    assert data.resolve_workers(auto, torch.device("cuda", 0)) == 8
+    assert data.resolve_workers(auto, torch.device("cuda", 0), ranks=4) == 3
+    assert data.resolve_workers(make_config({"num_workers": 0}), torch.device("cuda")) == 0
+    with pytest.raises(ConfigError, match=r"num_workers must be >= 0 or None \(auto\), got -1"):
+        make_config({"num_workers": -1})

@@ -46,7 +46,8 @@ class TrainConfig:
     test_size: int = 256
     flip_prob: float = 0.5
     shuffle_buffer: int = 64
-    num_workers: int = 1  # DataLoader workers per process
+    num_workers: int | None = None  # DataLoader workers per process; None: 1 on the CPU,
+    # data.loader_workers on CUDA (the node's cores shared by its ranks, less one, <= 8)
     cached_per_image: int = 300  # M: cached proposals used for the ViLD-image loss
     # model
     backbone: str = "resnet18"
@@ -97,6 +98,9 @@ class TrainConfig:
                               f"mode=vild (got mode={self.mode!r})")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 or None (auto), got "
+                              f"{self.num_workers}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"steps and batch_size must be >= 1 (got {self.steps}, "
                               f"{self.batch_size})")

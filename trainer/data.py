@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -219,13 +220,25 @@ def loader_workers(cpus: int, ranks: int = 1, cap: int = 8) -> int:
     return max(1, min(cap, cpus // max(1, ranks) - 1))
 
 
+def resolve_workers(cfg: TrainConfig, device: torch.device, ranks: int = 1) -> int:
+    """`cfg.num_workers`, or for None (auto): 1 on the CPU (the step needs the cores), else
+    `loader_workers` of this node's CPUs over its `ranks` processes."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if torch.device(device).type != "cuda":
+        return 1
+    return loader_workers(os.cpu_count() or 1, ranks)
+
+
 def train_loader(urls: list[str], cfg: TrainConfig, embed_dim: int, labels: dict[int, int],
                  seed: int, pin_memory: bool = False,
                  num_workers: int | None = None) -> wds.WebLoader:
-    """`train_pipeline` behind a DataLoader with `num_workers` (default `cfg.num_workers`)
+    """`train_pipeline` behind a DataLoader with `num_workers` (default: `cfg.num_workers`, or 1
+    when that is None)
     decoding processes. `pin_memory` (pass True when training on CUDA) hands out batches in
     pinned host memory, so the trainer's `non_blocking` copies to the GPU really overlap."""
-    workers = cfg.num_workers if num_workers is None else num_workers
+    workers = num_workers if num_workers is not None else (
+        1 if cfg.num_workers is None else cfg.num_workers)
     pipeline = train_pipeline(urls, cfg, embed_dim, labels, seed)
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
                          persistent_workers=workers > 0, pin_memory=pin_memory,

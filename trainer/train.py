@@ -41,7 +41,7 @@ from ovdistill.trainer.config import (
     make_config,
     parse_set,
 )
-from ovdistill.trainer.data import train_loader
+from ovdistill.trainer.data import resolve_workers, train_loader
 from ovdistill.trainer.inputs import (
     check_shard_dim,
     load_vocabulary,
@@ -264,7 +264,9 @@ def train(args) -> int:
 
     # a resumed stream is seeded by its start step, so it does not replay the first batches
     loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step,
-                          pin_memory=info.device.type == "cuda")
+                          pin_memory=info.device.type == "cuda",
+                          num_workers=resolve_workers(
+                              cfg, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     meta = {"embed_dim": vocab.dim, "dataset": dataset.name, "format": dataset.format,
             "vocabulary": {"path": vocab.path, "category_ids": list(vocab.category_ids),
                            "names": list(vocab.names)},
