@@ -159,7 +159,7 @@ if '$DEV' == 'cuda' and not torch.cuda.is_available():
     raise SystemExit('error: --device cuda but torch sees no GPU (use --cpu)')
 "
 }
-export MODE DEV WORK WHEELS PYTHON RESULTS
+export MODE DEV WORK WHEELS PYTHON RESULTS REPO
 export -f setup
 step setup 120 bash -c setup
 [ -f "$WORK/site_path" ] && export PYTHONPATH=$(cat "$WORK/site_path"):$PYTHONPATH

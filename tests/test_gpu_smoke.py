@@ -48,6 +48,22 @@ def test_the_script_parses_and_documents_its_cpu_mode():
     assert "--no-index" in text  # installs the carried wheels offline
 
 
+def test_the_setup_step_sees_every_variable_it_reads():
+    """setup runs as `bash -c setup` (a new shell): each script variable its body reads must
+    be exported (the rename once left $REPO unexported, and setup read /bench/gpu_wheels.py)."""
+    import re
+
+    text = (REPO / "bench" / "gpu_smoke.sh").read_text()
+    body = text[text.index("\nsetup() {"):text.index("\n}\n", text.index("\nsetup() {"))]
+    local = set(re.findall(r"local (\w+)", body)) | set(re.findall(r"(?m)^\s*(\w+)=", body))
+    read = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", body)) - local - {"PYTHONPATH"}
+    exported = set()
+    for line in re.findall(r"(?m)^export (?!-f)(.+)$", text):
+        exported |= {w.split("=")[0] for w in line.split()}
+    optional = {"FORCE_WHEELS"}  # read as ${FORCE_WHEELS:-}: the caller's environment
+    assert read - optional and read - optional <= exported, sorted(read - optional - exported)
+
+
 def test_tiny_manifest_is_valid_and_every_stage_key_is_known(tmp_path):
     toy = yaml.safe_load((REPO / "data_manifests" / "toy.yaml").read_text())
     doc = gpu_smoke.tiny_manifest(toy)
