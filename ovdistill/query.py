@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ovdistill.pipeline.annotations import read_json_doc
+from ovdistill.pipeline.annotations import gt_boxes, read_json_doc
 from ovdistill.pipeline.cache import read_json
 from ovdistill.pipeline.errors import OvdError, report
 from ovdistill.pipeline.layout import INDEX, DatasetCache
@@ -73,14 +73,8 @@ def image_records(ann_files: list[tuple[Path, Path]],
                      if int(im["id"]) in wanted}
         except ManifestError as e:
             raise ManifestError(f"{ann}: {e}") from None
-        boxes: dict[int, list] = {}
-        cats: set[int] = set()
-        for a in doc.get("annotations", []):
-            i = int(a["image_id"])
-            cats.add(int(a["category_id"]))
-            if i in wanted and not a.get("iscrowd", 0):
-                x, y, w, h = a["bbox"]
-                boxes.setdefault(i, []).append(([x, y, x + w, y + h], int(a["category_id"])))
+        boxes = gt_boxes(doc, images=wanted, skip_crowd=True)
+        cats = {int(a["category_id"]) for a in doc.get("annotations", [])}
         if paths or boxes:
             annotated |= cats
         for i in set(paths) | set(boxes):

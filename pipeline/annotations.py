@@ -222,3 +222,27 @@ def read_images(path: str | Path) -> list[dict]:
 def images_by_id(images: list[dict]) -> dict[int, dict]:
     """{image id: record} of an `images` list."""
     return {int(im["id"]): im for im in images}
+
+
+def xywh_to_xyxy(bbox) -> list:
+    """A COCO box (x, y, w, h) -> [x1, y1, x2, y2], values as given."""
+    x, y, w, h = bbox
+    return [x, y, x + w, y + h]
+
+
+def gt_boxes(doc: dict, images: set[int] | None = None, categories=None,
+             skip_crowd: bool = False) -> dict[int, list[tuple[list, int]]]:
+    """The lenient ground-truth reader (answer keys, `--gt` files and evaluation sets, which
+    are read as given, not validated): {image_id: [([x1, y1, x2, y2], category_id), ...]} in
+    file order, for the `images` ids (None: all), the `categories` ids (None: all), crowd
+    annotations left out when `skip_crowd`."""
+    out: dict[int, list[tuple[list, int]]] = {}
+    for a in doc.get("annotations", []):
+        i, c = int(a["image_id"]), int(a["category_id"])
+        if (images is not None and i not in images) or (
+                categories is not None and c not in categories):
+            continue
+        if skip_crowd and a.get("iscrowd", 0):
+            continue
+        out.setdefault(i, []).append((xywh_to_xyxy(a["bbox"]), c))
+    return out

@@ -18,7 +18,6 @@ annotations are, and the base / novel vocabulary split.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -27,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import yaml
+from ovdistill.pipeline.annotations import AnnotationError, read_json_doc
 from ovdistill.pipeline.cache import sha256_file
 from ovdistill.pipeline.errors import OvdError
 
@@ -159,11 +159,12 @@ def _freeze(d: dict | None):
 def _categories(ann_path: str, _stat: tuple, fmt: str, base, novel, from_frequency,
                 manifest_path: str):
     try:
-        with open(ann_path) as f:
-            cats = json.load(f)["categories"]
+        cats = read_json_doc(ann_path)["categories"]
         names = Counter(str(c["name"]) for c in cats)
         ids = Counter(int(c["id"]) for c in cats)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except AnnotationError as e:  # the file itself: the reader's line names it
+        raise ManifestError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{ann_path}: cannot read categories ({type(e).__name__}: {e})"
                             ) from None
     dup = sorted(n for n, k in names.items() if k > 1) or sorted(i for i, k in ids.items() if k > 1)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from ovdistill.pipeline import layout
-from ovdistill.pipeline.annotations import images_by_id, load_annotations
+from ovdistill.pipeline.annotations import images_by_id, load_annotations, xywh_to_xyxy
 from ovdistill.pipeline.cache import atomic_write_json
 from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.manifests import ManifestError, image_file, image_path
@@ -171,8 +171,7 @@ def sample_meta(image: dict, anns: list[dict], base_ids: set[int]) -> dict:
     for a in anns:
         if a.get("iscrowd", 0) or int(a["category_id"]) not in base_ids:
             continue
-        x, y, w, h = (float(v) for v in a["bbox"])
-        boxes.append([x, y, x + w, y + h])
+        boxes.append(xywh_to_xyxy([float(v) for v in a["bbox"]]))
         cats.append(int(a["category_id"]))
     return {"image_id": int(image["id"]), "file_name": image_file(image),
             "width": int(image["width"]), "height": int(image["height"]),

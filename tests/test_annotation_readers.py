@@ -44,3 +44,20 @@ def test_an_unreadable_file_is_one_line_from_every_reader(tmp_path):
     (tmp_path / "noimages.json").write_text("{}")
     with pytest.raises(AnnotationError, match="no `images` list"):
         read_images(tmp_path / "noimages.json")
+
+
+def test_the_lenient_gt_reader_filters_and_converts_in_file_order():
+    from ovdistill.pipeline.annotations import gt_boxes, xywh_to_xyxy
+
+    doc = {"annotations": [
+        {"image_id": 2, "category_id": 5, "bbox": [10, 20, 30, 40]},
+        {"image_id": 1, "category_id": 6, "bbox": [0.5, 1.5, 2, 3], "iscrowd": 1},
+        {"image_id": 2, "category_id": 6, "bbox": [1, 2, 3, 4]},
+        {"image_id": 3, "category_id": 5, "bbox": [0, 0, 1, 1]}]}  # no "images": not needed
+    assert xywh_to_xyxy([10, 20, 30, 40]) == [10, 20, 40, 60]
+    assert gt_boxes(doc) == {2: [([10, 20, 40, 60], 5), ([1, 2, 4, 6], 6)],
+                             1: [([0.5, 1.5, 2.5, 4.5], 6)], 3: [([0, 0, 1, 1], 5)]}
+    assert gt_boxes(doc, skip_crowd=True).keys() == {2, 3}
+    assert gt_boxes(doc, images={2, 1}, categories={6}) == {
+        2: [([1, 2, 4, 6], 6)], 1: [([0.5, 1.5, 2.5, 4.5], 6)]}
+    assert gt_boxes({"images": []}) == {}

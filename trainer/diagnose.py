@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ovdistill.pipeline.annotations import read_json_doc
+from ovdistill.pipeline.annotations import gt_boxes, read_json_doc
 from ovdistill.pipeline.errors import OvdError
 from ovdistill.pipeline.errors import report as report_error
 from ovdistill.pipeline.layout import DATASET, TRAIN_FULL, DatasetCache
@@ -96,15 +96,9 @@ def student_embeddings(model: OpenVocabDetector, image: Tensor, boxes: Tensor) -
 def gt_by_image(path: Path, category_index: dict[int, int]) -> dict[int, tuple]:
     """COCO json -> {image_id: (boxes float32 [G, 4] x1y1x2y2, vocabulary indices [G])};
     annotations of categories outside the vocabulary are left out."""
-    coco = read_json_doc(path)
-    out: dict[int, list] = {}
-    for a in coco["annotations"]:
-        if a["category_id"] in category_index:
-            x, y, w, h = a["bbox"]
-            out.setdefault(a["image_id"], []).append(([x, y, x + w, y + h],
-                                                      category_index[a["category_id"]]))
-    return {i: (np.asarray([b for b, _ in v], np.float32), np.asarray([c for _, c in v]))
-            for i, v in out.items()}
+    out = gt_boxes(read_json_doc(path), categories=category_index)
+    return {i: (np.asarray([b for b, _ in v], np.float32),
+                np.asarray([category_index[c] for _, c in v])) for i, v in out.items()}
 
 
 def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tuple],

@@ -254,7 +254,7 @@ def eval_pictures(run: Path, split: str, suffix: str, gt_json: Path, images_dir:
     `n_images` images of `gt_json` by id) and `<run>/<split>_pr<suffix>.png` (base and novel
     PR curves at IoU 0.5 from `precision`, [T, R, K] with K in `cat_ids` order; legend AP50
     from `metrics`). names: category id -> name. Returns the two paths."""
-    from ovdistill.pipeline.annotations import read_json_doc
+    from ovdistill.pipeline.annotations import read_json_doc, xywh_to_xyxy
     from ovdistill.pipeline.images import ImageError, load_rgb
     from ovdistill.pipeline.manifests import ManifestError, image_path
 
@@ -272,8 +272,7 @@ def eval_pictures(run: Path, split: str, suffix: str, gt_json: Path, images_dir:
         return BASE_COLOUR if cid in base_ids else NOVEL_COLOUR
 
     def xyxy(bbox):
-        x, y, w, h = bbox
-        return (x, y, x + w, y + h)
+        return tuple(xywh_to_xyxy(bbox))
 
     panels = []
     for rec in records:
