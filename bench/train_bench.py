@@ -62,7 +62,7 @@ def _inputs(args):
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(distributed.resolve(args.device))
+    device = torch.device(distributed.resolve_device(args.device))
     cache_dir, text_path, overrides = _inputs(args)
     overrides.update(parse_set(args.set))
     overrides["mode"] = args.mode

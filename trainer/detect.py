@@ -250,7 +250,7 @@ def detect(args) -> dict:
     if not checkpoint.is_file():
         raise DetectError(f"{checkpoint}: no checkpoint (--run must be a trained run folder "
                           f"holding {CHECKPOINT}, or pass --checkpoint)")
-    device = torch.device(distributed.resolve(args.device))
+    device = torch.device(distributed.resolve_device(args.device))
     dataset: DatasetManifest = load_manifest(args.manifest, cache_root=args.cache,
                                              data_root=args.data_root)
     cache_dir = Path(args.cache) / dataset.name

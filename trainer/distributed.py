@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from ovdistill.pipeline.errors import OvdError
+from ovdistill.pipeline.precision import resolve_device
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,6 @@ class DistInfo:
 
 class DistributedError(OvdError, ValueError):
     """The processes torchrun started cannot each get a device; one line saying what to run."""
-
-
-def resolve(device: str) -> str:
-    """`auto` -> cuda when torch sees a GPU, else cpu; any other name as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def process_device(device: str, world: int, local_rank: int, n_gpus: int) -> torch.device:
@@ -60,7 +54,7 @@ def setup(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK), if any.
 
     `device`: auto | cpu | cuda | cuda:N (see `process_device`)."""
-    device = resolve(device)
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

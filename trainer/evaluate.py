@@ -345,7 +345,7 @@ def calibrate(model: OpenVocabDetector, vocab: Vocabulary, dataset: DatasetManif
 
 
 def evaluate(args) -> dict:
-    device = torch.device(distributed.resolve(args.device))
+    device = torch.device(distributed.resolve_device(args.device))
     run = Path(args.run)
     dataset = load_manifest(args.manifest, cache_root=args.cache, data_root=args.data_root)
     cache_dir = Path(args.cache) / dataset.name
