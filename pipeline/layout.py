@@ -10,6 +10,11 @@
       text/        <dataset>.parquet, negatives.parquet, region_mean.npy
       wds/         train-NNNNNN.tar (members SHARD_MEMBERS), sizes.json
       index/       regions.faiss, ids.parquet
+      pairs/       part-NNNNN.parquet: image-text pairs (no boxes); images/ when generated
+      phrases/     part-NNNNN.parquet: noun phrases and their embeddings per pair image,
+                   dictionary.parquet (the concept dictionary's embeddings)
+      pair_proposals/ part-NNNNN.parquet: the RPN's boxes per pair image (proposals schema)
+      pairs_wds/   pairs-NNNNNN.tar (members PAIR_MEMBERS), sizes.json
     and in every stage folder: _PLAN.json, part-NNNNN.stats.json, _MANIFEST.json
 
 Stages, the trainer, query and bench all name these files through this module; it imports
@@ -31,7 +36,12 @@ REGIONS = "regions"
 TEXT = "text"
 WDS = "wds"  # the pack stage's folder: the contract's shards
 INDEX = "index"
-STAGE_FOLDERS = (DATASET, TEACHER, RPN, PROPOSALS, REGIONS, TEXT, WDS, INDEX)
+PAIRS = "pairs"  # image-text pairs without boxes (DetCLIPv2)
+PHRASES = "phrases"
+PAIR_PROPOSALS = "pair_proposals"
+PAIRS_WDS = "pairs_wds"  # the pair_pack stage's folder (its own: a pack rebuild keeps it)
+STAGE_FOLDERS = (DATASET, PAIRS, TEACHER, RPN, PROPOSALS, REGIONS, TEXT, PHRASES,
+                 PAIR_PROPOSALS, WDS, PAIRS_WDS, INDEX)
 
 # every stage folder
 PLAN_FILE = "_PLAN.json"
@@ -50,10 +60,16 @@ SIZES_FILE = "sizes.json"  # wds: each sample's size in bytes
 SHARD_GLOB = "train-*.tar"
 INDEX_FILE = "regions.faiss"
 IDS_FILE = "ids.parquet"
+PAIR_IMAGES = "images"  # pairs (generated): the pair images, in the pairs folder
+DICTIONARY_FILE = "dictionary.parquet"  # phrases: concept name, embedding, split
+PAIR_SHARD_GLOB = "pairs-*.tar"
 
 # a shard sample's members (webdataset keys); the pack stage hashes " ".join(SHARD_MEMBERS)
 SHARD_MEMBERS = ("jpg", "boxes.npy", "scores.npy", "emb.npy", "json")
 REQUIRED_MEMBERS = ("jpg", "boxes.npy", "emb.npy", "json")  # scores.npy is optional
+# a pair shard sample's members; `.phrases.json` = {"image_id", "width", "height", "caption",
+# "phrases": [str, ...]}, `.phrase_emb.npy` float16[P, D] in that phrase order
+PAIR_MEMBERS = ("jpg", "boxes.npy", "scores.npy", "phrases.json", "phrase_emb.npy")
 
 
 def part_stem(index: int) -> str:
@@ -70,6 +86,10 @@ def stats_file(stage_dir: Path, stem: str) -> Path:
 
 def shard_name(index: int) -> str:
     return f"train-{index:06d}.tar"
+
+
+def pair_shard_name(index: int) -> str:
+    return f"pairs-{index:06d}.tar"
 
 
 def text_file(dataset: str) -> str:
@@ -126,6 +146,15 @@ class DatasetCache:
 
     def shards(self) -> list[Path]:
         return sorted(self.shards_dir().glob(SHARD_GLOB))
+
+    def pair_shards_dir(self) -> Path:
+        return self.stage_dir(PAIRS_WDS)
+
+    def pair_shards(self) -> list[Path]:
+        return sorted(self.pair_shards_dir().glob(PAIR_SHARD_GLOB))
+
+    def dictionary(self) -> Path:
+        return self.stage_dir(PHRASES) / DICTIONARY_FILE
 
     def train_full(self) -> Path:
         return self.stage_dir(DATASET) / TRAIN_FULL

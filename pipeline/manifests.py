@@ -13,6 +13,14 @@ annotations are, and the base / novel vocabulary split.
       novel: [airplane, ...]
       # or, for LVIS:  from_frequency: {base: [f, c], novel: [r]}
     synthetic: {...}                  # only for generated datasets (stages/dataset.py)
+    pairs:                            # optional: image-text pairs without boxes (DetCLIPv2)
+      format: webdataset              # webdataset (img2dataset: <key>.jpg + <key>.txt in
+      path: cc3m/shards               #   .tar files; path = a folder or one .tar) | csv | parquet
+      images: cc3m/images             # csv / parquet: the folder image paths are relative to
+      image_column: image             # csv / parquet column names
+      caption_column: caption
+      concepts: concepts.txt          # optional concept list for the phrases stage
+      # or, generated: synthetic: {n_images: 2000}   (stages/pairs.py PairSpec)
     stages: {proposals: {top_m: 300}} # per-stage config overrides
     trainer: {steps: 700}             # trainer/config.py TrainConfig overrides
 """
@@ -31,6 +39,7 @@ from ovdistill.pipeline.cache import sha256_file
 from ovdistill.pipeline.errors import OvdError
 
 FORMATS = ("coco", "lvis")
+PAIR_FORMATS = ("webdataset", "csv", "parquet")
 LVIS_FREQUENCIES = ("f", "c", "r")  # frequent, common, rare
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+")  # a manifest name: one folder under the cache root
 
@@ -55,6 +64,19 @@ class Category:
 
 
 @dataclass(frozen=True)
+class PairsSource:
+    """The manifest's `pairs:` block: where image-text pairs (no boxes) come from."""
+
+    format: str  # synthetic | webdataset | csv | parquet
+    path: Path | None = None  # webdataset: a folder of .tar files or one .tar; csv/parquet: file
+    images: Path | None = None  # csv / parquet: image paths are relative to it
+    image_column: str = "image"
+    caption_column: str = "caption"
+    concepts: Path | None = None  # a concept list (one per line) for the phrases stage
+    synthetic: dict | None = None  # generated pairs (stages/pairs.py PairSpec)
+
+
+@dataclass(frozen=True)
 class DatasetManifest:
     name: str
     format: str
@@ -68,6 +90,7 @@ class DatasetManifest:
     synthetic: dict | None = None
     stages: dict = field(default_factory=dict)
     trainer: dict = field(default_factory=dict)
+    pairs: PairsSource | None = None
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -315,6 +338,8 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
     if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
         raise ManifestError(f"{path}: stages must map a stage name to its config overrides")
 
+    pairs = _pairs_source(doc.get("pairs"), root, path)
+
     return DatasetManifest(
         name=str(doc["name"]),
         format=doc["format"],
@@ -328,4 +353,41 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         synthetic=doc.get("synthetic"),
         stages=dict(stages),
         trainer=dict(doc.get("trainer") or {}),
+        pairs=pairs,
     )
+
+
+def _pairs_source(block, root: Path, path: Path) -> PairsSource | None:
+    """The `pairs:` block, validated (files are checked by the pairs stage)."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ManifestError(f"{path}: pairs must be a mapping (format, path, ... or synthetic)")
+    known = {"format", "path", "images", "image_column", "caption_column", "concepts",
+             "synthetic"}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ManifestError(f"{path}: pairs: unknown key(s) {unknown}; known: {sorted(known)}")
+    concepts = root / str(block["concepts"]) if block.get("concepts") else None
+    if "synthetic" in block:
+        if not isinstance(block["synthetic"], dict):
+            raise ManifestError(f"{path}: pairs.synthetic must be a mapping")
+        extra = sorted(set(block) - {"synthetic", "concepts"})
+        if extra:
+            raise ManifestError(f"{path}: pairs: generated pairs take no {extra}")
+        return PairsSource("synthetic", concepts=concepts, synthetic=dict(block["synthetic"]))
+    fmt = block.get("format")
+    if fmt not in PAIR_FORMATS:
+        raise ManifestError(f"{path}: pairs.format must be one of {PAIR_FORMATS} (or give "
+                            f"pairs.synthetic), got {fmt!r}")
+    if not block.get("path"):
+        raise ManifestError(f"{path}: pairs.path is required for format {fmt}")
+    where = root / str(block["path"])
+    images = root / str(block["images"]) if block.get("images") else None
+    if fmt == "webdataset" and images is not None:
+        raise ManifestError(f"{path}: pairs.images is for csv / parquet; webdataset images "
+                            f"are inside the .tar files")
+    if fmt != "webdataset" and images is None:
+        images = where.parent
+    return PairsSource(fmt, where, images, str(block.get("image_column", "image")),
+                       str(block.get("caption_column", "caption")), concepts)
