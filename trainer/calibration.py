@@ -19,12 +19,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from ovdistill.pipeline.annotations import read_images
-from ovdistill.pipeline.errors import reject
+from ovdistill.pipeline.errors import OvdError, reject
 from ovdistill.pipeline.manifests import DatasetManifest, ManifestError, image_path
 from ovdistill.pipeline.precision import autocast_setting
 from ovdistill.trainer.data import resize_for_test
 from ovdistill.trainer.model import OpenVocabDetector, batch_images
 from torch import Tensor
+
+
+class CalibrationError(OvdError, ValueError):
+    """A calibration cannot be computed; the message says why, in one line."""
 
 METHODS = ("mean_logit",)
 
@@ -60,7 +64,7 @@ def bias_from_embeddings(embeddings: Sequence[Tensor], text_emb: Tensor,
         total = s if total is None else total + s
         count += len(emb)
     if not count:
-        raise ValueError("mean_logit calibration: no proposals in the calibration images")
+        raise CalibrationError("mean_logit calibration: no proposals in the calibration images")
     return (total / count).float()
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ovdistill.pipeline.annotations import gt_boxes, read_json_doc
+from ovdistill.pipeline.annotations import AnnotationError, gt_boxes, read_json_doc
 from ovdistill.pipeline.errors import OvdError
 from ovdistill.pipeline.errors import report as report_error
 from ovdistill.pipeline.layout import DATASET, TRAIN_FULL, DatasetCache
@@ -39,6 +39,10 @@ from ovdistill.trainer.inputs import shard_urls
 from ovdistill.trainer.model import OpenVocabDetector, batch_images
 from torch import Tensor
 from torchvision.ops import box_iou
+
+
+class DiagnoseError(OvdError, ValueError):
+    """The diagnosis has nothing to measure; the message says why, in one line."""
 
 
 def agreement(student: Tensor, teacher: Tensor, text: Tensor, labels: Tensor,
@@ -128,7 +132,8 @@ def diagnose(model: OpenVocabDetector, vocab, urls: list[str], gt: dict[int, tup
         if n_images >= max_images:
             break
     if not labels:
-        raise ValueError("no cached proposal overlaps a ground-truth box of the given json")
+        raise DiagnoseError("no cached proposal overlaps a ground-truth box of the given json "
+                            "(is --gt the answer key of these shards' images?)")
     report = agreement(torch.cat(students).float(), torch.cat(teachers), model.text_emb,
                        torch.cat(labels), model.is_base, list(vocab.names))
     return {"n_images": n_images, "iou": iou, **report}
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir = Path(args.cache) / dataset.name
         gt_path = Path(args.gt) if args.gt else DatasetCache(cache_dir).train_full()
         if not gt_path.is_file():
-            raise FileNotFoundError(f"{gt_path}: no ground-truth json (pass --gt)")
+            raise AnnotationError(f"{gt_path}: no ground-truth json (pass --gt)")
         model, _, vocab = load_run(Path(args.run) / "latest.pt", dataset, cache_dir,
                                    torch.device("cpu"))
         index = {c: i for i, c in enumerate(vocab.category_ids)}

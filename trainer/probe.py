@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ovdistill.pipeline.annotations import AnnotationError
 from ovdistill.pipeline.cache import atomic_write_bytes, sha256_file, tmp_path
 from ovdistill.pipeline.errors import OvdError
 from ovdistill.pipeline.errors import report as report_error
@@ -56,6 +57,7 @@ from ovdistill.pipeline.layout import DATASET, TRAIN_FULL, WDS, DatasetCache
 from ovdistill.pipeline.manifests import load_manifest
 from ovdistill.pipeline.optim import check_finite, warmup_cosine
 from ovdistill.pipeline.options import add_data_options
+from ovdistill.pipeline.precision import resolve_device
 from ovdistill.trainer.config import HEADS, MODES, ConfigError, TrainConfig, make_config, parse_set
 from ovdistill.trainer.data import SampleError, decode_sample, resize_for_test
 from ovdistill.trainer.diagnose import gt_by_image
@@ -642,14 +644,13 @@ def run(args) -> dict:
         "mode", "heads", "temperature", "image_loss_weight", "contrastive_weight",
         "center_targets", "negative_prompts", "min_score", "top_k", "steps", "batch_size",
         "lr", "seed", "images", "heldout")})
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name))
     urls = shard_urls(args.shards, cache_dir)
     check_shard_dim(urls[0], vocab)
     gt_path = Path(args.gt) if args.gt else DatasetCache(cache_dir).train_full()
     if not gt_path.is_file():
-        raise FileNotFoundError(f"{gt_path}: no answer key naming every object of the train "
+        raise AnnotationError(f"{gt_path}: no answer key naming every object of the train "
                                 f"images (pass --gt)")
 
     negatives = (F.normalize(load_negatives(cache_dir, vocab.dim), dim=-1)
