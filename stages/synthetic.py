@@ -504,3 +504,123 @@ def _overlay_main(rng, scene: Scene, categories: list[str], main_size: float) ->
     main = SceneObject(name, colour, box, area, area)
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     return Scene(image, scene.objects + [main], scene.background)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """The `pairs: synthetic:` block: generated image-text pairs without boxes (DetCLIPv2).
+
+    Scenes like the detection images, drawn from the whole vocabulary (base and novel), each
+    with a caption naming some of its objects (`pair_caption`)."""
+
+    n_images: int = 2000
+    seed: int = 0
+    image_side: tuple[int, int] = (160, 256)  # pairs train at a lower resolution
+    objects_per_image: tuple[int, int] = (2, 6)
+    object_size: tuple[int, int] = (24, 112)  # as the detection images
+    name_prob: float = 0.7  # each category in the scene is named with this probability
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "pairs.synthetic") -> PairSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        kw = {k: (tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else v)
+              for k, v in d.items()}
+        spec = cls(**kw)
+        for name in ("image_side", "objects_per_image", "object_size"):
+            value = getattr(spec, name)
+            if len(value) != 2 or not 0 < value[0] <= value[1]:
+                raise ValueError(f"{where}: {name} must be [min, max] with 0 < min <= max, "
+                                 f"got {list(value)}")
+        for name in ("n_images", "seed"):
+            if not isinstance(getattr(spec, name), int):
+                raise TypeError(f"{where}: {name} must be an integer, got "
+                                f"{getattr(spec, name)!r}")
+        if spec.n_images < 1 or spec.seed < 0:
+            raise ValueError(f"{where}: n_images must be >= 1 and seed >= 0, got "
+                             f"{spec.n_images} and {spec.seed}")
+        if not isinstance(spec.name_prob, (int, float)) or not 0.0 < spec.name_prob <= 1.0:
+            raise ValueError(f"{where}: name_prob must be in (0, 1], got {spec.name_prob!r}")
+        return spec
+
+
+def pair_scene(rng: np.random.Generator, spec: PairSpec, categories: list[str]) -> Scene:
+    """One pair image: size, object count and content drawn from `rng` (as `random_scene`)."""
+    width = int(rng.integers(spec.image_side[0], spec.image_side[1] + 1))
+    height = int(rng.integers(spec.image_side[0], spec.image_side[1] + 1))
+    n = int(rng.integers(spec.objects_per_image[0], spec.objects_per_image[1] + 1))
+    return draw_scene(rng, width, height, categories, spec.object_size, n)
+
+
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+_PAIR_GROUNDS = {"gradient": "smooth gradient", "noisy": "noisy", "striped": "striped",
+                 "spotted": "spotted"}
+
+
+def _mention(rng: np.random.Generator, category: str, colours: list[str],
+             vocabulary: set[str]) -> str:
+    """"a red circle", "two red circles", "some hexagons", "the star", "a blue ring" (the
+    colour of a shape-only category only when all its objects share it and the colour +
+    shape is not itself a category, so a dictionary matcher still finds `category`)."""
+    count = len(colours)
+    name = category
+    coloured = f"{colours[0]} {category}"
+    if (category_parts(category)[1] is None and len(set(colours)) == 1
+            and coloured not in vocabulary and rng.random() < 0.3):
+        name = coloured
+    if count == 1:
+        det = ("the", "one", _article(name))[min(int(rng.integers(6)), 2)]
+        return f"{det} {name}"
+    det = "some" if rng.random() < 0.15 else _COUNT_WORDS.get(count, str(count))
+    return f"{det} {plural(name)}"
+
+
+def pair_caption(rng: np.random.Generator, objects: list[SceneObject], kind: str,
+                 vocabulary: list[str], name_prob: float = 0.7) -> tuple[str, list[bool]]:
+    """A caption naming SOME of a scene's objects, like a web caption describes part of an
+    image: each category present is named with probability `name_prob` (at least one is),
+    with its true count, by its exact vocabulary name or that name's plural (`plural`).
+
+    Returns: (caption, named: one flag per object of `objects`)."""
+    order: list[str] = []
+    for o in objects:
+        if o.category not in order:
+            order.append(o.category)
+    chosen = [c for c in order if rng.random() < name_prob]
+    if not chosen:
+        chosen = [order[int(rng.integers(len(order)))]]
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    vocab = set(vocabulary)
+    items = [_mention(rng, c, [o.colour for o in objects if o.category == c], vocab)
+             for c in chosen]
+    ground = f"a {_PAIR_GROUNDS[kind]} background"
+    body = _join(items)
+    form = int(rng.integers(9))
+    if form in (5, 6) and len(items) < 2:
+        form -= 4  # "next to" / "with" need two mentions
+    if form == 0:
+        caption = body
+    elif form == 1:
+        caption = f"a photo of {body}"
+    elif form == 2:
+        caption = f"{body} on {ground}"
+    elif form == 3:
+        caption = f"an image with {body}"
+    elif form == 4:
+        caption = f"a picture showing {body} against {ground}"
+    elif form == 5:
+        caption = f"{items[0]} next to {_join(items[1:])}"
+    elif form == 6:
+        caption = f"{items[0]} with {_join(items[1:])} on {ground}"
+    elif form == 7:
+        caption = f"a drawing of {body}, {ground}"
+    else:
+        caption = f"{body} in this picture"
+    caption = caption[0].upper() + caption[1:] if rng.random() < 0.3 else caption
+    named = set(chosen)
+    return caption, [o.category in named for o in objects]
