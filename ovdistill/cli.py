@@ -26,14 +26,19 @@ from ovdistill.pipeline.runner import (
 
 # The stages, in the order they run. Each is a module of `stages/` (see pipeline/runner.py).
 # `text` follows `regions`: it also writes the mean region embedding (trainer center_targets).
+# The pairs stages (image-text pairs, DetCLIPv2) plan nothing for a manifest without `pairs:`.
 STAGES = [
     "ovdistill.stages.dataset",
+    "ovdistill.stages.pairs",
     "ovdistill.stages.teacher",
     "ovdistill.stages.rpn",
     "ovdistill.stages.proposals",
     "ovdistill.stages.regions",
     "ovdistill.stages.text",
+    "ovdistill.stages.phrases",
+    "ovdistill.stages.pair_proposals",
     "ovdistill.stages.pack",
+    "ovdistill.stages.pair_pack",
     "ovdistill.stages.index",
 ]
 

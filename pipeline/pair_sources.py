@@ -64,6 +64,12 @@ def pair_image_root(dataset: DatasetManifest, cache: DatasetCache) -> Path:
     return src.images
 
 
+def pair_label(root: Path, file: str, offset: int = -1) -> str:
+    """How errors name a pair's image: its file, and the member's offset inside a .tar."""
+    where = Path(root) / file
+    return f"{where}" if offset < 0 else f"{where} (member at offset {offset})"
+
+
 def pair_image_bytes(root: Path, file: str, offset: int = -1, size: int = -1) -> bytes:
     """The encoded image of one pairs row: the file's bytes, or `size` bytes at `offset` of a
     .tar. Raises ManifestError for a name that leaves `root`, OSError for an unreadable file."""

@@ -25,9 +25,6 @@ and a resumed or repeated run writes the same shards. Every member is plain byte
 """
 from __future__ import annotations
 
-import io
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +37,26 @@ from ovdistill.pipeline.cache import atomic_write_json
 from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.manifests import ManifestError, image_file, image_path
 from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
-from PIL import Image, UnidentifiedImageError
+from ovdistill.pipeline.shards import (  # noqa: F401 - re-exported: pack.plan_shards, ...
+    TAR_BLOCK,
+    TAR_MTIME,
+    TAR_RECORD,
+    is_plain_jpeg,
+    jpeg_payload,
+    json_bytes,
+    npy_bytes,
+    npy_nbytes,
+    plan_shards,
+    sample_tar_bytes,
+    tar_file_bytes,
+    tar_member_bytes,
+)
 
 NAME = "pack"
 FOLDER = layout.WDS  # the contract's shard folder: <cache>/<ds>/wds/
 RESOURCES = {"num_cpus": 1, "num_gpus": 0}
 
-TAR_BLOCK = 512
-TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
 SIZES_FILE = layout.SIZES_FILE
-TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical shards
 
 
 @dataclass(frozen=True)
@@ -70,85 +77,13 @@ def sample_key(image_id: int) -> str:
 # ----------------------------------------------------------------------------- sizes
 
 
-def tar_member_bytes(n: int) -> int:
-    """Bytes one tar member of `n` payload bytes takes: header block + padded payload."""
-    return TAR_BLOCK + TAR_BLOCK * math.ceil(n / TAR_BLOCK)
-
-
-def tar_file_bytes(member_bytes: int) -> int:
-    """Size of a closed tar holding members of `member_bytes` in all (end blocks, record pad)."""
-    return TAR_RECORD * math.ceil((member_bytes + 2 * TAR_BLOCK) / TAR_RECORD)
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_nbytes(shape: tuple[int, ...], dtype) -> int:
-    """Length of `npy_bytes` for an array of `shape` and `dtype`, without making it."""
-    dtype = np.dtype(dtype)
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-              "shape": tuple(int(s) for s in shape)})
-    return buf.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-
-
 def sample_bytes(jpg: int, boxes_npy: int, scores_npy: int, emb_npy: int, meta_json: int
                  ) -> int:
     """Tar bytes of one sample from its five payload lengths."""
     return sum(tar_member_bytes(n) for n in (jpg, boxes_npy, scores_npy, emb_npy, meta_json))
 
 
-def plan_shards(ids: list[int], sizes: list[int], max_samples: int, max_bytes: int) -> list[list[int]]:
-    """Greedy, order-preserving split of `ids` into shards of at most `max_samples` samples
-    whose tar file is at most `max_bytes` (a sample alone above `max_bytes` gets its own
-    shard). `sizes[i]` is the tar bytes of sample `ids[i]` (`sample_bytes`)."""
-    if max_samples < 1 or max_bytes < 1:
-        raise StageError(f"pack: max_samples and max_bytes must be >= 1 "
-                         f"(got {max_samples}, {max_bytes})")
-    shards: list[list[int]] = []
-    cur: list[int] = []
-    cur_bytes = 0
-    for i, size in zip(ids, sizes):
-        if cur and (len(cur) >= max_samples or tar_file_bytes(cur_bytes + size) > max_bytes):
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(i)
-        cur_bytes += size
-    if cur:
-        shards.append(cur)
-    return shards
-
-
 # ----------------------------------------------------------------------------- samples
-
-
-def is_plain_jpeg(path: Path) -> bool:
-    """True when the file's own bytes decode to the same pixels `load_rgb` gives: a JPEG in
-    RGB or gray with no EXIF rotation (CMYK and rotated files are re-encoded)."""
-    try:
-        with Image.open(path) as im:
-            return (im.format == "JPEG" and im.mode in ("RGB", "L")
-                    and im.getexif().get(0x0112, 1) == 1)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
-
-
-def jpeg_payload(path: Path, quality: int) -> tuple[bytes, tuple[int, int]]:
-    """The `.jpg` member for one image and its (width, height) as `load_rgb` sees it.
-
-    Raises `ImageError` (one line naming the file) when the image cannot be decoded."""
-    from ovdistill.pipeline.images import load_rgb
-
-    img = load_rgb(path)
-    if is_plain_jpeg(path):
-        return Path(path).read_bytes(), img.size
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), img.size
 
 
 def planned_jpeg_size(path: Path, quality: int) -> int:
@@ -178,8 +113,7 @@ def sample_meta(image: dict, anns: list[dict], base_ids: set[int]) -> dict:
             "gt_boxes": boxes, "gt_category_ids": cats}
 
 
-def meta_bytes(meta: dict) -> bytes:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+meta_bytes = json_bytes
 
 
 @dataclass(frozen=True)
@@ -352,8 +286,7 @@ class Worker:
                         rejects.append(reject)
                         continue
                     tw.write(sample)
-                    members += sum(tar_member_bytes(len(v)) for k, v in sample.items()
-                                   if k != "__key__")
+                    members += sample_tar_bytes(sample)
                     written += 1
             fh.flush()
             os.fsync(fh.fileno())

@@ -24,9 +24,9 @@ from ovdistill.pipeline.cache import sha256_file
 from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, to_float_tensor
 from ovdistill.pipeline.manifests import ManifestError, contained_path
-from ovdistill.pipeline.precision import autocast
-from ovdistill.pipeline.prefetch import chunks, prefetch, to_device
-from ovdistill.pipeline.rpn_net import load_rpn
+from ovdistill.pipeline.prefetch import to_device
+from ovdistill.pipeline.propose import SCHEMA as PROPOSALS_SCHEMA
+from ovdistill.pipeline.propose import frozen_rpn, proposals_table, propose_images
 from ovdistill.pipeline.runner import (
     Part,
     PartOutput,
@@ -42,12 +42,7 @@ RESOURCES = {"num_cpus": 1, "num_gpus": 1}
 # changes no output, so it must not change the stage's fingerprint
 DECODE_THREADS = 2
 
-SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("rank", pa.int32()),
-    ("box", pa.list_(pa.float32(), 4)),
-    ("score", pa.float32()),
-])
+SCHEMA = PROPOSALS_SCHEMA  # pipeline/propose.py: image_id, rank, box, score
 
 
 @dataclass(frozen=True)
@@ -95,42 +90,15 @@ def plan(ctx: StageContext, cfg: Config) -> list[Part]:
     return chunk_parts(sorted(split_images(ctx, cfg)), cfg.images_per_part)
 
 
-def proposals_table(image_ids: list[int], results: list[tuple[torch.Tensor, torch.Tensor]],
-                    ) -> pa.Table:
-    """Rows of the proposals contract from per-image (boxes Tensor[K, 4], scores Tensor[K])
-    already ranked by descending score."""
-    ids, ranks, boxes, scores = [], [], [], []
-    for iid, (b, s) in zip(image_ids, results):
-        k = int(b.shape[0])
-        ids.append(torch.full((k,), iid, dtype=torch.int64))
-        ranks.append(torch.arange(k, dtype=torch.int32))
-        boxes.append(b.float().reshape(-1, 4))
-        scores.append(s.float())
-    if not ids:
-        return SCHEMA.empty_table()
-    flat = torch.cat(boxes).reshape(-1).numpy()
-    return pa.Table.from_arrays([
-        pa.array(torch.cat(ids).numpy(), pa.int64()),
-        pa.array(torch.cat(ranks).numpy(), pa.int32()),
-        pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), 4),
-        pa.array(torch.cat(scores).numpy(), pa.float32()),
-    ], schema=SCHEMA)
-
-
 class Worker:
     """Loads the frozen RPN once; each part decodes its images in batches and ranks boxes."""
 
     def __init__(self, ctx: StageContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
         self.images = split_images(ctx, cfg)
-        rpn = ctx.upstream(layout.RPN)
-        path = layout.recorded_checkpoint(ctx.stage_dir(layout.RPN), rpn)
-        if not path.is_file() or sha256_file(path) != rpn["checkpoint_sha256"]:
-            raise StageError(f"RPN checkpoint {path} is missing or changed since stage 'rpn' "
-                             f"recorded it; re-run rpn with --rebuild")
         self.device = ctx.resolve_device()
         self.precision = ctx.resolve_precision()
-        self.model = load_rpn(path, device=self.device)
+        self.model = frozen_rpn(ctx.files, self.device)
 
     def _decode(self, iid: int) -> tuple[int, torch.Tensor | None, dict | None]:
         """(iid, the image on the device or None, its reject or None); runs in a thread."""
@@ -146,21 +114,11 @@ class Worker:
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
         cfg = self.cfg
-        rejects: list[dict] = []
-        done_ids, results = [], []
-        decoded = prefetch(self._decode, part.items, DECODE_THREADS)
-        for group in chunks(decoded, cfg.batch_size):
-            rejects += [bad for _, _, bad in group if bad is not None]  # in item order
-            batch_ids = [iid for iid, img, _ in group if img is not None]
-            batch = [img for _, img, _ in group if img is not None]
-            if not batch:
-                continue
-            with autocast(self.device, self.precision):
-                results += self.model.propose(
-                    batch, pre_nms_top_n=cfg.pre_nms_top_n, nms_thresh=cfg.nms_thresh,
-                    score_thresh=cfg.score_thresh, min_box_size=cfg.min_box_size,
-                    top_m=cfg.top_m)
-            done_ids += batch_ids
+        done_ids, results, rejects = propose_images(
+            self.model, part.items, self._decode, device=self.device, precision=self.precision,
+            batch_size=cfg.batch_size, threads=DECODE_THREADS, pre_nms_top_n=cfg.pre_nms_top_n,
+            nms_thresh=cfg.nms_thresh, score_thresh=cfg.score_thresh,
+            min_box_size=cfg.min_box_size, top_m=cfg.top_m)
         table = proposals_table(done_ids, results)
         pq.write_table(table, out.tmp(f"{part.stem}.parquet"))
         return PartResult(rows=table.num_rows, rejects=rejects,
