@@ -22,6 +22,10 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
                  ensemble_residual + confident: the ensemble never reads the image head's
                  background (its softmax is over the classes), so the image head is
                  distilled on object-like proposals only
+    pairs        --mode text + image-text pairs (PAIRS below): DetCLIPv2 without
+                 distillation, detection on base boxes plus the word-region contrastive loss
+                 on captioned images (the only source of novel names here is the captions)
+    vild+pairs   --mode vild + the same pairs: ViLD's distillation and DetCLIPv2's pairs
 
 `--rows text,vild` (make ablation ROWS=text,vild) runs a subset; the default is every row.
 A row whose eval file exists is finished and skipped; a row whose training stopped resumes
@@ -71,6 +75,10 @@ REMEDIES: dict[str, dict] = {
     "centered": {"center_targets": True},
     "negatives": {"negative_prompts": True},
 }
+# DetCLIPv2's image-text pairs (TrainConfig keys), shared by the `pairs` and `vild+pairs`
+# rows: half the iterations on pairs (the pairs_* defaults: batch 8 at 128 px, top 100
+# proposals, tau 0.05, hard max over regions)
+PAIRS: dict = {"pairs_ratio": 0.5}
 CALIBRATION = "mean_logit"  # the `calibrated` row's `trainer.evaluate --calibration`
 
 T1_NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
@@ -105,6 +113,8 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         options={**REMEDIES["centered"], **REMEDIES["contrastive"]}),
     Row("ensemble_confident", "vild", "separate", ensemble=True,
         options={**REMEDIES["centered"], **REMEDIES["contrastive"], **REMEDIES["confident"]}),
+    Row("pairs", "text", options=PAIRS),  # detection on base boxes + pairs, no distillation
+    Row("vild+pairs", "vild", options=PAIRS),  # ViLD + pairs
 )}
 
 

@@ -80,6 +80,21 @@ class TrainConfig:
     contrastive_tau: float = 0.07
     center_targets: bool = False  # modality gap: centre targets and texts by the region mean
     negative_prompts: bool = False  # generic negative texts in the ViLD-text softmax (training)
+    # DetCLIPv2: image-text pairs (pairs_wds/ shards), all off by default. An iteration is a
+    # pair iteration with probability pairs_ratio, drawn from (seed, step): a resumed run and
+    # every DDP rank make the same choices. Pairs train at a lower resolution and a larger
+    # batch; their loss is pairs_weight x the text-to-image contrastive loss on the set
+    # similarity (max over the top-k regions, or softmax-weighted with pairs_soft_tau > 0).
+    pairs_ratio: float = 0.0  # share of iterations on pairs (0 = off)
+    pairs_batch_size: int = 8  # pair images per process
+    pairs_sizes: tuple[int, ...] = (128,)  # shortest side of pair images (one per image)
+    pairs_top_k: int = 100  # cached proposals per pair image, in the shard's objectness order
+    pairs_tau: float = 0.05
+    pairs_weight: float = 1.0
+    pairs_soft_tau: float = 0.0  # 0: max over regions; > 0: the softmax-weighted variant
+    # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
+    # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss
+    dictionary_negatives: int = 0
     # inference
     final_nms: float = 0.5
     detections_per_image: int = 0  # 0: 100 for COCO-format datasets, 300 for LVIS
@@ -122,7 +137,32 @@ class TrainConfig:
             raise ConfigError(f"distill_top_k must be >= 0 (0 = all), got {self.distill_top_k}")
         if self.contrastive_tau <= 0:
             raise ConfigError(f"contrastive_tau must be > 0, got {self.contrastive_tau}")
+        self._validate_pairs()
         return self
+
+    def _validate_pairs(self) -> None:
+        if not 0.0 <= self.pairs_ratio <= 1.0:
+            raise ConfigError(f"pairs_ratio is the share of pair iterations, in [0, 1], got "
+                              f"{self.pairs_ratio}")
+        if self.pairs_batch_size < 2:
+            raise ConfigError(f"pairs_batch_size must be >= 2 (the other images of the batch "
+                              f"are the negatives), got {self.pairs_batch_size}")
+        if not self.pairs_sizes or min(self.pairs_sizes) < 1:
+            raise ConfigError(f"pairs_sizes must name at least one size >= 1, got "
+                              f"{list(self.pairs_sizes)}")
+        if self.pairs_top_k < 1:
+            raise ConfigError(f"pairs_top_k must be >= 1, got {self.pairs_top_k}")
+        if self.pairs_tau <= 0:
+            raise ConfigError(f"pairs_tau must be > 0, got {self.pairs_tau}")
+        for key in ("pairs_weight", "pairs_soft_tau"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.dictionary_negatives < 0:
+            raise ConfigError(f"dictionary_negatives must be >= 0 (0 = off), got "
+                              f"{self.dictionary_negatives}")
+        if self.dictionary_negatives > 0 and self.mode == "image":
+            raise ConfigError("dictionary_negatives are negatives of the ViLD-text loss; mode "
+                              "image has none (use mode text or vild)")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -8,6 +8,9 @@ The remedies of later papers (all off by default, see `TrainConfig`) are plain f
 `confident_mask` (BARON / object-centric OVD: distil only confident proposals),
 `contrastive_distill_loss` (BARON: InfoNCE instead of / beside L1) and `center_embeddings`
 (the modality gap: take the teacher's common direction out of targets and texts).
+
+DetCLIPv2's word-region alignment on image-text pairs: `pair_set_similarity` (each phrase of a
+caption against its best region of an image) and `pair_contrastive_loss` (text-to-image only).
 """
 from __future__ import annotations
 
@@ -157,3 +160,61 @@ def box_regression_loss(box_deltas: Tensor, regression_targets: Tensor, labels: 
     loss = F.smooth_l1_loss(box_deltas[pos], regression_targets[pos], beta=beta,
                             reduction="sum")
     return loss / max(1, labels.numel())
+
+
+def pad_rows(rows: list[Tensor], dim: int) -> tuple[Tensor, Tensor]:
+    """Per-item row sets -> one padded batch.
+
+    rows: B tensors Tensor[n_i, dim]. Returns (Tensor[B, N, dim] float32 with zeros after
+    each item's rows, mask Tensor[B, N] bool, True on real rows), N = max(1, max n_i).
+    """
+    n = max([1, *(int(r.shape[0]) for r in rows)])
+    device = rows[0].device if rows else None
+    out = torch.zeros(len(rows), n, dim, device=device)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r.float()
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def pair_set_similarity(region_emb: Tensor, region_mask: Tensor, phrase_emb: Tensor,
+                        phrase_mask: Tensor, soft_tau: float | None = None) -> Tensor:
+    """DetCLIPv2's set similarity of every image with every caption of a batch.
+
+    region_emb: Tensor[B, K, D], the region embeddings of each image's top-K proposals;
+    region_mask: Tensor[B, K] bool (True = a real region, False = padding);
+    phrase_emb: Tensor[B, P, D], the phrase embeddings of each caption; phrase_mask:
+    Tensor[B, P] bool. Both embeddings L2-normalised. Returns sim Tensor[B, B] float32 with
+    sim[b, a] = s(I_b, T_a) = mean over caption a's phrases p of
+    max over image b's regions k of cos(phrase_p, region_k).
+    soft_tau > 0 (the soft variant) replaces the max by the softmax(cos / soft_tau)-weighted
+    mean of cos over the regions; it tends to the max as soft_tau -> 0. None or 0 = max.
+    Padding changes nothing; an image without regions or a caption without phrases scores 0
+    (the pair stream never batches one). Computed in float32 (autocast off).
+    """
+    with float32_region(region_emb.device):
+        cos = torch.einsum("bkd,apd->bakp", region_emb.float(), phrase_emb.float())
+        valid = region_mask[:, None, :, None]  # [B, 1, K, 1]
+        if soft_tau:
+            # a finite fill: an image without regions gets weights 0, not NaN
+            logits = (cos / soft_tau).masked_fill(~valid, torch.finfo(cos.dtype).min)
+            best = (logits.softmax(dim=2) * valid * cos).sum(dim=2)  # [B, B, P]
+        else:
+            best = cos.masked_fill(~valid, -math.inf).amax(dim=2)
+            best = best.masked_fill(~region_mask.any(dim=1)[:, None, None], 0.0)
+        pm = phrase_mask[None, :, :].float()  # [1, B, P]
+        return (best * pm).sum(dim=2) / pm.sum(dim=2).clamp(min=1.0)
+
+
+def pair_contrastive_loss(sim: Tensor, tau: float) -> Tensor:
+    """DetCLIPv2's contrastive loss, text-to-image only (a caption describes only part of its
+    image, so the images are not asked to pick their caption).
+
+    sim: Tensor[B, B] with sim[b, a] = s(I_b, T_a) (`pair_set_similarity`). For each caption
+    a: cross-entropy of softmax over the B images of sim[:, a] / tau, target image a; the mean
+    over a. Float32.
+    """
+    with float32_region(sim.device):
+        logits = sim.float().t() / tau  # row a: caption a against every image
+        return F.cross_entropy(logits, torch.arange(sim.shape[0], device=sim.device))

@@ -46,8 +46,20 @@ Remedies (`TrainConfig`, all off by default, then nothing below changes a paper 
   (`losses.vild_text_loss_with_aliases`); at inference they join the softmax and their
   probability is dropped with the background's. The image-mode foreground loss keeps
   [bg, base].
+- dictionary_negatives (DetCLIPv2's T_neg): `forward(..., extra_negatives=...)` takes the
+  concept embeddings sampled for this iteration (`pair_data.sample_negatives`); the ViLD-text
+  classifier is [bg, base texts, those concepts, negative prompts]: more classes no proposal
+  is labelled with (`text_classifier`). Training only.
 - `detect(..., logit_bias=...)`: per-class calibration, subtracted from the class logits
   before the softmax (both heads' for the ensemble).
+
+Image-text pairs (DetCLIPv2, `TrainConfig.pairs_ratio`): `forward(images, pairs,
+pairs=True)` runs the backbone on a batch of pair images, RoIAligns each image's cached
+proposals and embeds them with the text tower (the head the classifier uses, also with
+heads=separate; `pair_region_embeddings`); `loss_pairs` = pairs_weight x the text-to-image
+contrastive loss on the set similarity of every image with every caption of the batch
+(`losses.pair_set_similarity`, `losses.pair_contrastive_loss`). The RPN, the box regressor,
+the background embedding and an image tower get no gradient from it.
 
 Precision (`TrainConfig.precision`): under bf16 autocast the backbone, the RPN head's convs,
 the towers and the box regressor run in bf16; anchors, proposals, the sampled proposals'
@@ -69,6 +81,9 @@ from ovdistill.trainer.losses import (
     confident_mask,
     contrastive_distill_loss,
     foreground_loss,
+    pad_rows,
+    pair_contrastive_loss,
+    pair_set_similarity,
     region_logits,
     vild_image_loss,
     vild_text_loss_with_aliases,
@@ -293,9 +308,64 @@ class OpenVocabDetector(nn.Module):
         emb = torch.cat(teacher) if teacher else torch.zeros(0, self.embed_dim)
         return boxes, self._center(emb)
 
+    def text_classifier(self, extra_negatives: Tensor | None = None) -> tuple[Tensor, int]:
+        """The ViLD-text training classifier (without the background) and how many of its last
+        rows are background aliases.
+
+        Rows: [base texts (B), extra_negatives (K: dictionary concepts, never a target), the
+        negative prompts (A, with negative_prompts)]. extra_negatives: Tensor[K, D] or None.
+        Returns (Tensor[B + K + A, D] float32, A).
+        """
+        parts = [self.text_emb[self.is_base]]
+        if extra_negatives is not None and extra_negatives.shape[0] > 0:
+            parts.append(self._center(F.normalize(extra_negatives.float(), dim=-1).to(
+                self.text_emb.device)))
+        n_aliases = 0
+        if self.cfg.negative_prompts:  # labels never point at these
+            if self.neg_emb.shape[0] == 0:
+                raise RuntimeError("negative_prompts needs negative texts: "
+                                   "set_vocabulary(..., negatives=inputs.load_negatives("
+                                   "cache))")
+            parts.append(self.neg_emb)
+            n_aliases = self.neg_emb.shape[0]
+        return torch.cat(parts) if len(parts) > 1 else parts[0], n_aliases
+
+    def pair_region_embeddings(self, images: list[Tensor], boxes: list[Tensor]
+                               ) -> list[Tensor]:
+        """Region embeddings of given boxes on pair images, from the text tower.
+
+        images: list of B Tensor[3, H_i, W_i] in [0, 1] (already augmented); boxes: list of
+        B Tensor[K_i, 4] (x1, y1, x2, y2) in those images' pixels. Returns B Tensor[K_i, D]
+        float32, L2-normalised.
+        """
+        batch = batch_images(images)
+        features = self.backbone(batch.tensors)
+        roi = self._roi_features(features, [b.float() for b in boxes], batch.image_sizes)
+        _, emb = self.text_tower(roi)
+        return list(emb.split([len(b) for b in boxes]))
+
+    def pair_losses(self, images: list[Tensor], pairs: list[dict[str, Tensor]]
+                    ) -> dict[str, Tensor]:
+        """{"loss_pairs"}: pairs_weight x DetCLIPv2's text-to-image contrastive loss.
+
+        images: list of B Tensor[3, H_i, W_i] in [0, 1]; pairs: per image {"boxes":
+        Tensor[K_i, 4] its top-k cached proposals in its pixels, "phrase_emb": Tensor[P_i, D]
+        its caption's phrase embeddings}, K_i, P_i >= 1.
+        """
+        cfg = self.cfg
+        regions = self.pair_region_embeddings(images, [p["boxes"] for p in pairs])
+        region_emb, region_mask = pad_rows(regions, self.embed_dim)
+        phrase_emb, phrase_mask = pad_rows(
+            [self._center(F.normalize(p["phrase_emb"].float(), dim=-1)) for p in pairs],
+            self.embed_dim)
+        sim = pair_set_similarity(region_emb, region_mask, phrase_emb, phrase_mask,
+                                  soft_tau=cfg.pairs_soft_tau or None)
+        return {"loss_pairs": cfg.pairs_weight * pair_contrastive_loss(sim, cfg.pairs_tau)}
+
     # ------------------------------------------------------------------ training
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]],
+                pairs: bool = False, extra_negatives: Tensor | None = None
                 ) -> dict[str, Tensor]:
         """Training losses.
 
@@ -303,8 +373,12 @@ class OpenVocabDetector(nn.Module):
         {"boxes": Tensor[G, 4], "labels": Tensor[G] int64 in [1, B] (base-class column + 1),
         "cached_boxes": Tensor[M, 4], "cached_emb": Tensor[M, D], optional "cached_scores":
         Tensor[M]}, boxes in the pixels of the augmented image. Returns the named losses
-        (each already weighted).
+        (each already weighted). pairs=True: `targets` are pairs and the loss is
+        `pair_losses` (so DDP syncs a pair iteration like any other). extra_negatives:
+        Tensor[K, D], this iteration's dictionary negatives for the ViLD-text classifier.
         """
+        if pairs:
+            return self.pair_losses(images, targets)
         cfg = self.cfg
         batch = batch_images(images)
         features = self.backbone(batch.tensors)
@@ -325,17 +399,10 @@ class OpenVocabDetector(nn.Module):
                                    cfg.temperature)
             losses["loss_foreground"] = foreground_loss(logits, labels)
         else:
-            classifier = base
-            if cfg.negative_prompts:  # [bg, base, negatives]: labels never point at these
-                if self.neg_emb.shape[0] == 0:
-                    raise RuntimeError("negative_prompts needs negative texts: "
-                                       "set_vocabulary(..., negatives=inputs.load_negatives("
-                                       "cache))")
-                classifier = torch.cat([base, self.neg_emb])
+            classifier, n_aliases = self.text_classifier(extra_negatives)
             logits = region_logits(region_emb, self.bg_embedding.float(), classifier,
                                    cfg.temperature)
-            losses["loss_text"] = vild_text_loss_with_aliases(
-                logits, labels, classifier.shape[0] - base.shape[0])
+            losses["loss_text"] = vild_text_loss_with_aliases(logits, labels, n_aliases)
 
         if cfg.mode in ("image", "vild"):
             cached, teacher = self.cached_targets(targets)

@@ -12,6 +12,16 @@ Config precedence: TrainConfig defaults < the manifest's `trainer:` block < --se
 the dedicated flags. A resumed run keeps its checkpoint's config (only --steps may change).
 `--set precision=fp32|bf16` (default auto: bf16 on CUDA, fp32 on CPU) is the autocast of the
 network; anchors, proposals, box targets, logits and losses are float32 either way.
+
+Joint training (DetCLIPv2, `--set pairs_ratio=R`): iteration i is a pair iteration with
+probability R, drawn from (seed, i) (`pair_data.is_pair_iteration`: every rank and a resumed
+run make the same choices). A detection iteration is the step above; a pair iteration takes a
+batch of `pairs_wds/` shards and its loss is `loss_pairs` (`OpenVocabDetector.pair_losses`).
+`steps` counts both; the LR schedule steps on each. metrics.jsonl logs each loss averaged over
+the iterations of the logged steps that had it (loss_pairs only on pair iterations), and the
+pairs skipped in them summed (pairs_skipped_no_phrase, pairs_skipped_no_box, pairs_rejected).
+`--set dictionary_negatives=K` adds K sampled non-base dictionary concepts to the ViLD-text
+classifier of each detection iteration.
 """
 from __future__ import annotations
 
@@ -58,6 +68,15 @@ from ovdistill.trainer.model import (
     load_init_weights,
     read_init_checkpoint,
 )
+from ovdistill.trainer.pair_data import (
+    SKIP_KEYS,
+    check_pair_shard_dim,
+    is_pair_iteration,
+    load_dictionary_negatives,
+    pair_loader,
+    pair_shard_urls,
+    sample_negatives,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 CHECKPOINT = "latest.pt"
@@ -84,12 +103,14 @@ def to_device(images: list, targets: list[dict], device: torch.device):
 
 
 def train_step(ddp: torch.nn.Module, model: torch.nn.Module, optimizer, scheduler,
-               images: list, targets: list[dict], cfg: TrainConfig, device: torch.device):
+               images: list, targets: list[dict], cfg: TrainConfig, device: torch.device,
+               **forward: object):
     """One optimizer step under the autocast of `cfg.precision` resolved for `device` (auto:
-    bf16 on CUDA, fp32 on CPU). `ddp` is the model, DDP-wrapped under torchrun. Returns
+    bf16 on CUDA, fp32 on CPU). `ddp` is the model, DDP-wrapped under torchrun; `forward`
+    are its keyword arguments (pairs=True for a pair batch, extra_negatives). Returns
     (losses, total loss, grad norm, the LR this step used)."""
     with autocast_setting(device, cfg.precision):
-        losses = ddp(images, targets)
+        losses = ddp(images, targets, **forward)
     loss = sum(losses.values())
     check_finite(loss, lambda: f"loss is {loss.item()} "
                                f"({ {k: float(v) for k, v in losses.items()} })")
@@ -250,6 +271,17 @@ def train(args) -> int:
     model.to(info.device)
     model.set_vocabulary(vocab.embeddings, vocab.is_base,
                          **vocabulary_extras(cfg, cache_dir, vocab.dim))
+    pair_urls = pair_shard_urls(cache_dir) if cfg.pairs_ratio > 0 else []
+    if pair_urls:
+        check_pair_shard_dim(pair_urls[0], vocab.dim)
+    dictionary = None  # Tensor[N, D] on the device: the dictionary negatives' pool
+    if cfg.dictionary_negatives > 0:
+        base_names = [n for n, b in zip(vocab.names, vocab.is_base.tolist()) if b]
+        names, dictionary = load_dictionary_negatives(cache_dir, vocab.dim, base_names)
+        dictionary = dictionary.to(info.device)
+        if info.is_main:
+            print(f"dictionary negatives: {min(cfg.dictionary_negatives, len(names))} of "
+                  f"{len(names)} non-base concepts per detection iteration")
     optimizer, scheduler = build_optimizer(model, cfg)
     step = 0
     if resumed is not None:
@@ -259,14 +291,18 @@ def train(args) -> int:
         step = int(resumed["step"])
     ddp = model
     if info.world_size > 1:
+        # a pair iteration leaves the RPN, the box regressor and the background unused
         ddp = DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=cfg.pairs_ratio > 0)
 
     # a resumed stream is seeded by its start step, so it does not replay the first batches
+    workers = resolve_workers(cfg, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step,
-                          pin_memory=info.device.type == "cuda",
-                          num_workers=resolve_workers(
-                              cfg, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+                          pin_memory=info.device.type == "cuda", num_workers=workers)
+    pairs_stream = (pair_loader(pair_urls, cfg, vocab.dim, seed=cfg.seed + step,
+                                num_workers=workers, pin_memory=info.device.type == "cuda")
+                    if pair_urls else None)
     meta = {"embed_dim": vocab.dim, "dataset": dataset.name, "format": dataset.format,
             "vocabulary": {"path": vocab.path, "category_ids": list(vocab.category_ids),
                            "names": list(vocab.names)},
@@ -281,31 +317,48 @@ def train(args) -> int:
         writer = SummaryWriter(str(out / "tb"), purge_step=step + 1 if step else None)
         keep_metrics_until(out / "metrics.jsonl", step)
         metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole loop
+        pairs_note = (f", pairs {cfg.pairs_ratio:g} of the iterations from {len(pair_urls)} "
+                      f"shards" if pair_urls else "")
         print(f"training mode={cfg.mode} heads={cfg.heads} steps={step}->{cfg.steps} "
               f"on {info.world_size} x {info.device} "
               f"({resolve_precision(cfg.precision, info.device)}), {len(urls)} shards, "
-              f"D={vocab.dim}")
+              f"D={vocab.dim}{pairs_note}")
 
     model.train()
     batches = iter(loader)
+    pair_batches = iter(pairs_stream) if pairs_stream is not None else None
     if resumed is not None and "rng" in resumed:
-        # the RPN and RoI proposal samplers draw on it; restored after iter(loader), which
-        # takes a seed from it
+        # the RPN and RoI proposal samplers draw on it; restored after iter(loader) (and the
+        # pairs stream's), which take a seed from it
         set_rng_state(resumed["rng"], info.device)
-    # logged sums stay on the device (float64) until a log step: no host sync per step
+    # logged sums stay on the device (float64) until a log step: no host sync per step;
+    # each key is averaged over the iterations that added it, the skip counters summed
     sums: dict[str, torch.Tensor | float] = {}
+    counts: dict[str, int] = {}
 
     def add(key: str, value) -> None:
         value = value.detach().double() if torch.is_tensor(value) else value
         sums[key] = sums.get(key, 0.0) + value
+        counts[key] = counts.get(key, 0) + 1
 
     last = time.time()
     while step < cfg.steps:
+        pair_iteration = is_pair_iteration(cfg.seed, step, cfg.pairs_ratio)
         t_data = time.time()
-        images, targets = to_device(*next(batches), info.device)
+        if pair_iteration:
+            images, targets, skipped = next(pair_batches)
+            images, targets = to_device(images, targets, info.device)
+            forward = {"pairs": True}
+        else:
+            images, targets = to_device(*next(batches), info.device)
+            forward = {}
+            if dictionary is not None:
+                rows = sample_negatives(len(dictionary), cfg.dictionary_negatives, cfg.seed,
+                                        step)
+                forward["extra_negatives"] = dictionary[rows]
         t_data = time.time() - t_data
         losses, loss, grad_norm, lr = train_step(ddp, model, optimizer, scheduler, images,
-                                                 targets, cfg, info.device)
+                                                 targets, cfg, info.device, **forward)
         step += 1
 
         for k, v in losses.items():
@@ -314,16 +367,25 @@ def train(args) -> int:
         if "loss_image" in losses:  # what loss_image must beat to be more than the mean
             teacher = model.cached_targets(targets)[1]  # the (masked, centred) targets
             add("image_mean_baseline", mean_direction_baseline(teacher, cfg.image_loss_weight))
+        if pair_iteration:
+            for k in SKIP_KEYS:  # summed on logging: every rank adds the same keys
+                add(k, skipped[k])
         add("grad_norm", grad_norm)
         add("data_sec", t_data)
         add("n", 1)
+        add("images", len(images))
         if step % cfg.log_every == 0 or step == cfg.steps:
-            n = sums.pop("n")
-            row = distributed.mean_across({k: float(v) / n for k, v in sums.items()}, info)
+            n, n_images = sums.pop("n"), sums.pop("images")
+            row = {k: float(v) if k in SKIP_KEYS else float(v) / counts[k]
+                   for k, v in sums.items()}
+            row = distributed.mean_across(row, info)
+            for k in SKIP_KEYS:
+                if k in row:
+                    row[k] = round(row[k] * info.world_size)  # summed over the ranks
             now = time.time()
             row.update(step=step, lr=lr, sec_per_step=(now - last) / n,
-                       images_per_sec=n * cfg.batch_size * info.world_size / (now - last))
-            last, sums = now, {}
+                       images_per_sec=float(n_images) * info.world_size / (now - last))
+            last, sums, counts = now, {}, {}
             if info.is_main:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()

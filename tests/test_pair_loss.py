@@ -1,0 +1,117 @@
+"""DetCLIPv2's set similarity and text-to-image contrastive loss against hand-computed values
+on tiny tensors: the max and soft variants, padding, and the direction of the loss."""
+import math
+
+import pytest
+import torch
+from ovdistill.trainer.losses import pad_rows, pair_contrastive_loss, pair_set_similarity
+
+# image 0: regions (1, 0), (0, 1); image 1: region (1, 0) (+ one padded row)
+# caption 0: phrase (1, 0) (+ one padded row); caption 1: phrases (0, 1), (0.6, 0.8)
+PAD = [9.0, 9.0]  # never a unit vector: counted anywhere, it would show
+REGIONS = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], PAD]])
+REGION_MASK = torch.tensor([[True, True], [True, False]])
+PHRASES = torch.tensor([[[1.0, 0.0], PAD], [[0.0, 1.0], [0.6, 0.8]]])
+PHRASE_MASK = torch.tensor([[True, False], [True, True]])
+
+# by hand, sim[b, a] = mean over caption a's phrases of the max over image b's regions:
+#   [0, 0]: max(1, 0) = 1            [0, 1]: (max(0, 1) + max(0.6, 0.8)) / 2 = 0.9
+#   [1, 0]: 1                         [1, 1]: (0 + 0.6) / 2 = 0.3
+HARD = [[1.0, 0.9], [1.0, 0.3]]
+
+
+def _soft(cos: list[float], t: float) -> float:
+    """softmax(cos / t)-weighted mean of cos, written out."""
+    w = [math.exp(c / t) for c in cos]
+    return sum(wi * c for wi, c in zip(w, cos)) / sum(w)
+
+
+def test_set_similarity_is_mean_over_phrases_of_max_over_regions():
+    sim = pair_set_similarity(REGIONS, REGION_MASK, PHRASES, PHRASE_MASK)
+    assert sim.dtype == torch.float32 and sim.shape == (2, 2)
+    torch.testing.assert_close(sim, torch.tensor(HARD))
+
+
+def test_padding_changes_nothing():
+    """Other padding values, and more padded rows, give the same similarity."""
+    regions = torch.cat([REGIONS, torch.full((2, 3, 2), -5.0)], dim=1)
+    regions[1, 1] = torch.tensor([0.0, 1.0])  # a real-looking region, but padded
+    region_mask = torch.cat([REGION_MASK, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+    phrases = PHRASES.clone()
+    phrases[0, 1] = torch.tensor([0.0, 1.0])
+    for soft_tau in (None, 0.5):
+        want = pair_set_similarity(REGIONS, REGION_MASK, PHRASES, PHRASE_MASK, soft_tau)
+        got = pair_set_similarity(regions, region_mask, phrases, PHRASE_MASK, soft_tau)
+        torch.testing.assert_close(got, want)
+    # and the padded rows really would matter if counted
+    unmasked = pair_set_similarity(regions[:, :2], torch.ones(2, 2, dtype=torch.bool),
+                                   phrases, torch.ones(2, 2, dtype=torch.bool))
+    assert unmasked[1, 1] == pytest.approx(0.9)  # image 1's padded (0, 1) would be its best
+
+
+def test_soft_variant_weights_regions_by_softmax():
+    t = 0.5
+    want = [[_soft([1.0, 0.0], t), (_soft([0.0, 1.0], t) + _soft([0.6, 0.8], t)) / 2],
+            [1.0, (0.0 + 0.6) / 2]]  # image 1 has one region: its softmax weight is 1
+    sim = pair_set_similarity(REGIONS, REGION_MASK, PHRASES, PHRASE_MASK, soft_tau=t)
+    torch.testing.assert_close(sim, torch.tensor(want))
+    assert sim[0, 1] < 0.9  # below the max: the other region gets weight
+
+
+def test_soft_variant_tends_to_the_max():
+    soft = pair_set_similarity(REGIONS, REGION_MASK, PHRASES, PHRASE_MASK, soft_tau=1e-3)
+    torch.testing.assert_close(soft, torch.tensor(HARD), atol=1e-5, rtol=0)
+    mid = pair_set_similarity(REGIONS, REGION_MASK, PHRASES, PHRASE_MASK, soft_tau=0.05)
+    assert (mid <= torch.tensor(HARD) + 1e-6).all()
+
+
+def test_pad_rows_and_empty_sets_score_zero():
+    emb, mask = pad_rows([torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(0, 3),
+                          torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])], 3)
+    assert emb.shape == (3, 2, 3) and mask.tolist() == [[True, False], [False, False],
+                                                        [True, True]]
+    # B = 3, D = 3: image 1 has no region, caption 1 no phrase
+    for soft_tau in (None, 0.1):
+        region = emb.clone().requires_grad_(True)
+        sim = pair_set_similarity(region, mask, emb, mask, soft_tau)
+        assert sim[1].tolist() == [0.0, 0.0, 0.0] and sim[:, 1].tolist() == [0.0, 0.0, 0.0]
+        values = sim.detach()
+        assert float(values[0, 0]) == pytest.approx(1.0)
+        assert float(values[2, 2]) == pytest.approx(
+            1.0 if soft_tau is None else _soft([1.0, 0.0], soft_tau), rel=1e-5)
+        sim.sum().backward()
+        assert torch.isfinite(region.grad).all()
+
+
+def test_contrastive_loss_is_text_to_image_only():
+    """For each caption a: softmax over the images of sim[:, a] / tau, target a."""
+    tau = 0.5
+    sim = torch.tensor(HARD)
+    # caption 0: logits [2, 2] -> log 2; caption 1: logits [1.8, 0.6] -> log(1 + e^1.2)
+    want = (math.log(2) + math.log(1 + math.exp(1.2))) / 2
+    assert float(pair_contrastive_loss(sim, tau)) == pytest.approx(want, rel=1e-6)
+    # an image-to-text loss would give another value on this (non-symmetric) matrix
+    image_to_text = (math.log(1 + math.exp(-0.2)) + math.log(1 + math.exp(1.4))) / 2
+    assert abs(want - image_to_text) > 0.03
+
+
+def test_contrastive_loss_three_images():
+    tau = 0.1
+    s = [[0.9, 0.1, 0.2], [0.3, 0.8, 0.0], [0.5, 0.4, 0.7]]
+    want = sum(-s[a][a] / tau + math.log(sum(math.exp(s[b][a] / tau) for b in range(3)))
+               for a in range(3)) / 3
+    sim = torch.tensor(s, requires_grad=True)
+    loss = pair_contrastive_loss(sim, tau)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    # d loss / d sim[b, a] = (softmax_b(sim[:, a] / tau) - [b == a]) / (3 tau)
+    col = [math.exp(s[b][0] / tau) for b in range(3)]
+    assert float(sim.grad[1, 0]) == pytest.approx(col[1] / sum(col) / (3 * tau), rel=1e-4)
+
+
+def test_similarity_under_bf16_autocast_is_float32():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim = pair_set_similarity(REGIONS.bfloat16(), REGION_MASK, PHRASES, PHRASE_MASK)
+        loss = pair_contrastive_loss(sim, 0.5)
+    assert sim.dtype == loss.dtype == torch.float32
+    torch.testing.assert_close(sim, torch.tensor(HARD))

@@ -1,0 +1,265 @@
+"""Joint training on detection and image-text pairs (DetCLIPv2) on the tiny fixture cache plus
+pair shards written here by hand: the pairs stream (decoding, skipped and counted pairs,
+top-k, resize), the seeded iteration pattern and its resume, the pair loss's gradient, the
+missing-shards error and the dictionary negatives."""
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from ovdistill.bench.wds_fixture import BASE, NOVEL, TINY_SETTINGS, write_tiny_cache
+from ovdistill.pipeline import layout
+from ovdistill.pipeline.layout import DatasetCache
+from ovdistill.trainer.config import ConfigError, make_config
+from ovdistill.trainer.model import OpenVocabDetector
+from ovdistill.trainer.pair_data import (
+    NO_BOX,
+    NO_PHRASE,
+    REJECTED,
+    is_pair_iteration,
+    load_dictionary_negatives,
+    pair_pipeline,
+    pair_samples,
+    sample_negatives,
+)
+from ovdistill.trainer.train import main as train_main
+from PIL import Image
+
+SETS = [arg for k, v in TINY_SETTINGS.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+PAIR_SETS = ["--set", "pairs_batch_size=8", "--set", "pairs_sizes=[48]",
+             "--set", "pairs_top_k=4"]
+N_GOOD, SIZE, K = 10, 64, 6
+SEED = 0
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _jpeg(size: int, colour) -> bytes:
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    img.paste(colour, (8, 8, 40, 40))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _pair(image_id: int, phrases: list[str], text: dict, n_boxes: int = K,
+          rng=None) -> dict:
+    rng = rng or np.random.default_rng(image_id)
+    xy = rng.uniform(0, SIZE / 2, (n_boxes, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, SIZE / 2, (n_boxes, 2))], axis=1)
+    dim = len(next(iter(text.values())))
+    emb = np.asarray([text[p] for p in phrases], np.float16).reshape(len(phrases), dim)
+    return {"__key__": f"pair{image_id}",
+            "jpg": _jpeg(SIZE, (200, 40 * (image_id % 5), 40)),
+            "boxes.npy": _npy(boxes.astype(np.float32)),
+            "scores.npy": _npy(np.linspace(1, 0.1, n_boxes).astype(np.float32)),
+            "phrases.json": json.dumps({"image_id": image_id, "width": SIZE, "height": SIZE,
+                                        "caption": " and ".join(phrases) or "nothing here",
+                                        "phrases": phrases}).encode(),
+            "phrase_emb.npy": _npy(emb)}
+
+
+def write_pair_shards(dataset_dir: Path, dim: int) -> list[dict]:
+    """Two pair shards: N_GOOD pairs, one with no phrase, one with no box, one malformed
+    (2 phrases, 1 embedding row); and phrases/dictionary.parquet. Returns the samples in the
+    order written (shard 0, then shard 1)."""
+    table = pq.read_table(dataset_dir / layout.TEXT / "tiny.parquet").to_pydict()
+    text = dict(zip(table["name"], np.asarray(table["embedding"], np.float32)))
+    names = list(BASE + NOVEL)
+    samples = [_pair(i, [names[i % 4], names[(i + 1) % 4]][: 1 + i % 2], text)
+               for i in range(1, N_GOOD + 1)]
+    no_phrase = _pair(101, [], text)
+    no_box = _pair(102, ["ring"], text, n_boxes=0)
+    bad = dict(_pair(103, ["box", "ring"], text), **{"phrase_emb.npy": _npy(
+        np.asarray([text["box"]], np.float16))})
+    # skipped ones mid-shard: their counts ride on the next pair decoded
+    samples = samples[:3] + [no_phrase] + samples[3:5] + [no_box, bad] + samples[5:]
+    cache = DatasetCache(dataset_dir)
+    cache.pair_shards_dir().mkdir(parents=True, exist_ok=True)
+    half = len(samples) // 2
+    for i, part in enumerate((samples[:half], samples[half:])):
+        with wds.TarWriter(str(cache.pair_shards_dir() / layout.pair_shard_name(i))) as w:
+            for s in part:
+                w.write(s)
+    rng = np.random.default_rng(7)
+    concept = rng.normal(size=(3, dim)).astype(np.float32)
+    dictionary = {"box": ("base", text["box"]), "ball": ("base", text["ball"]),
+                  "bar": ("base", text["bar"]), "ring": ("novel", text["ring"]),
+                  "cube": ("concept", concept[0]), "BOX": ("concept", concept[1]),
+                  "disc": ("concept", concept[2])}
+    cache.stage_dir(layout.PHRASES).mkdir(parents=True, exist_ok=True)
+    emb = np.asarray([e for _, e in dictionary.values()], np.float32)
+    pq.write_table(pa.table({
+        "name": pa.array(list(dictionary)),
+        "split": pa.array([s for s, _ in dictionary.values()]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)}),
+        cache.dictionary())
+    return samples
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    t = write_tiny_cache(tmp_path_factory.mktemp("tiny"))
+    write_pair_shards(t.dataset_dir, t.dim)
+    return t
+
+
+def _train(tiny, out, *extra):
+    return train_main(["--manifest", str(tiny.manifest), "--cache", str(tiny.cache),
+                       "--out", str(out), "--device", "cpu", "--seed", str(SEED), *SETS,
+                       *PAIR_SETS, *extra])
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_pass_keeps_the_good_pairs_and_counts_the_skipped(tiny):
+    urls = [str(p) for p in DatasetCache(tiny.dataset_dir).pair_shards()]
+    out = list(pair_samples(urls, tiny.dim, top_k=4))
+    assert [s["image_id"] for s in out] == list(range(1, N_GOOD + 1))
+    skipped = {k: sum(s["skipped"][k] for s in out) for k in (NO_PHRASE, NO_BOX, REJECTED)}
+    assert skipped == {NO_PHRASE: 1, NO_BOX: 1, REJECTED: 1}
+    assert out[3]["skipped"] == {NO_PHRASE: 1, NO_BOX: 0, REJECTED: 0}  # after pair101
+    raw = _pair(1, ["box"], {"box": np.zeros(tiny.dim)})
+    written = np.load(io.BytesIO(raw["boxes.npy"]))
+    assert out[0]["boxes"].tolist() == written[:4].clip(0, SIZE).tolist()  # top-4, in order
+    assert out[0]["phrases"] == ["ball", "bar"] and out[1]["phrases"] == ["bar"]
+    assert out[0]["phrase_emb"].shape == (2, tiny.dim) and out[1]["phrase_emb"].shape == (
+        1, tiny.dim)
+    assert out[0]["phrase_emb"].dtype == torch.float16
+
+
+def test_pair_batches_are_resized_with_their_boxes(tiny):
+    urls = [str(p) for p in DatasetCache(tiny.dataset_dir).pair_shards()]
+    cfg = make_config({**TINY_SETTINGS, "pairs_batch_size": 4, "pairs_sizes": [32],
+                       "flip_prob": 0.0, "pairs_top_k": 3})
+    images, pairs, skipped = next(iter(pair_pipeline(urls, cfg, tiny.dim, seed=0)))
+    assert len(images) == len(pairs) == 4 and set(skipped) == {NO_PHRASE, NO_BOX, REJECTED}
+    originals = {s["image_id"]: s for s in pair_samples(urls, tiny.dim, top_k=3)}
+    for im, p in zip(images, pairs):
+        assert im.shape == (3, 32, 32) and im.dtype == torch.float32
+        want = originals[int(p["image_id"])]["boxes"] * 0.5  # 64 px -> 32 px
+        torch.testing.assert_close(p["boxes"], want)
+
+
+def test_joint_training_pattern_skips_and_resume(tiny, tmp_path, capsys):
+    """6 steps at pairs_ratio 0.5 (and dictionary negatives on the detection iterations), cut
+    at step 3 and resumed: loss_pairs on exactly the seeded pair iterations, loss_text on the
+    others, skipped pairs counted in metrics.jsonl."""
+    pattern = [is_pair_iteration(SEED, i, 0.5) for i in range(6)]
+    assert 2 <= sum(pattern) < 6  # both kinds in these 6 steps, two pair batches or more
+    run = tmp_path / "joint"
+    assert _train(tiny, run, "--steps", "6", "--stop-at", "3",
+                  "--set", "pairs_ratio=0.5", "--set", "dictionary_negatives=2") == 0
+    assert "dictionary negatives: 2 of 3 non-base concepts" in capsys.readouterr().out
+    assert torch.load(run / "latest.pt", weights_only=True)["step"] == 3
+    assert _train(tiny, run, "--resume", "latest") == 0
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert ["loss_pairs" in r for r in rows] == pattern
+    assert ["loss_text" in r for r in rows] == [not p for p in pattern]
+    for r in rows:
+        if "loss_pairs" in r:
+            assert r["loss_pairs"] > 0 and r["loss"] == pytest.approx(r["loss_pairs"])
+            assert {NO_PHRASE, NO_BOX, REJECTED} <= set(r)
+        else:
+            assert NO_PHRASE not in r
+    # 8 pairs a batch, 10 good pairs a pass: by the second pair batch each skip was counted
+    totals = {k: sum(r.get(k, 0) for r in rows) for k in (NO_PHRASE, NO_BOX, REJECTED)}
+    assert all(v >= 1 for v in totals.values()), totals
+    assert json.loads((run / "config.json").read_text())["config"]["pairs_ratio"] == 0.5
+
+
+def test_a_pair_step_trains_the_backbone_and_text_head_only(tiny, tmp_path):
+    run = tmp_path / "pairs_only"
+    assert _train(tiny, run, "--steps", "1", "--set", "pairs_ratio=1.0",
+                  "--heads", "separate") == 0
+    assert "loss_pairs" in _metrics(run)[0] and "loss_text" not in _metrics(run)[0]
+    cfg = make_config({**TINY_SETTINGS, "pairs_batch_size": 8, "pairs_sizes": [48],
+                       "pairs_top_k": 4, "pairs_ratio": 1.0, "heads": "separate",
+                       "seed": SEED})
+    torch.manual_seed(cfg.seed)  # the trainer's initialisation
+    init = OpenVocabDetector(cfg, tiny.dim).state_dict()
+    after = torch.load(run / "latest.pt", weights_only=True)["model"]
+    changed = {k for k, v in init.items() if not torch.equal(after[k], v)}
+    assert "text_tower.proj.weight" in changed and "backbone.body.conv1.weight" in changed
+    untouched = [k for k in init if k.startswith(("rpn.", "roi_heads.box_predictor",
+                                                  "image_tower.", "bg_embedding"))]
+    assert untouched and not changed & set(untouched)
+
+
+def test_pairs_without_pair_shards_is_one_line(tmp_path, capsys):
+    bare = write_tiny_cache(tmp_path / "bare")
+    rc = train_main(["--manifest", str(bare.manifest), "--cache", str(bare.cache),
+                     "--out", str(tmp_path / "run"), "--device", "cpu", *SETS,
+                     "--set", "pairs_ratio=0.5"])
+    err = capsys.readouterr().err
+    folder = bare.dataset_dir / layout.PAIRS_WDS
+    assert rc == 2 and err == (f"error: {folder}: no pairs-*.tar shards, which pairs_ratio > 0 "
+                               f"trains on: run `python -m ovdistill run --stages "
+                               f"pair_pack`\n")
+
+
+def test_pair_options_are_validated_in_one_line():
+    for bad, match in ((("pairs_ratio", 1.5), r"^pairs_ratio is the share .* got 1\.5$"),
+                       (("pairs_batch_size", 1), r"^pairs_batch_size must be >= 2"),
+                       (("pairs_tau", 0.0), r"^pairs_tau must be > 0, got 0\.0$"),
+                       (("pairs_top_k", 0), r"^pairs_top_k must be >= 1, got 0$"),
+                       (("dictionary_negatives", -1), r"^dictionary_negatives must be >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            make_config(dict([bad]))
+    with pytest.raises(ConfigError, match="mode image has none"):
+        make_config({"dictionary_negatives": 4, "mode": "image"})
+    assert make_config({}).pairs_ratio == 0.0  # off by default
+
+
+def test_dictionary_negatives_are_extra_columns_never_base(tiny):
+    names, pool = load_dictionary_negatives(tiny.dataset_dir, tiny.dim, list(BASE))
+    assert names == ["ring", "cube", "disc"]  # not the base rows, nor "BOX" (a base name)
+    assert pool.shape == (3, tiny.dim)
+    torch.testing.assert_close(pool.norm(dim=-1), torch.ones(3))
+    rows = sample_negatives(len(names), 2, seed=0, step=5)
+    assert rows == sample_negatives(3, 2, seed=0, step=5) and len(set(rows)) == 2
+    assert sample_negatives(3, 10, seed=0, step=1) == [0, 1, 2]  # only what it holds
+
+    cfg = make_config({**TINY_SETTINGS, "mode": "text", "dictionary_negatives": 2})
+    model = OpenVocabDetector(cfg, tiny.dim)
+    table = pq.read_table(tiny.dataset_dir / layout.TEXT / "tiny.parquet").to_pydict()
+    text = torch.tensor(table["embedding"])
+    model.set_vocabulary(text, torch.tensor([s == "base" for s in table["split"]]))
+    plain, aliases = model.text_classifier()
+    with_neg, _ = model.text_classifier(pool[rows])
+    assert aliases == 0 and plain.shape == (3, tiny.dim) and with_neg.shape == (5, tiny.dim)
+    torch.testing.assert_close(with_neg[3:], pool[rows])
+    base_rows = torch.nn.functional.normalize(text[:3], dim=-1)
+    assert (with_neg[3:] @ base_rows.t()).max() < 0.999  # no base text among the negatives
+    from ovdistill.trainer.losses import region_logits
+    logits = region_logits(torch.nn.functional.normalize(torch.randn(7, tiny.dim), dim=-1),
+                           model.bg_embedding, with_neg, cfg.temperature)
+    assert logits.shape == (7, 1 + 3 + 2)
+
+
+
+def test_ablation_rows_add_pairs_to_text_and_vild():
+    from types import SimpleNamespace
+
+    from ovdistill.trainer import ablation
+
+    rows = ablation.ROWS
+    assert (rows["pairs"].mode, rows["vild+pairs"].mode) == ("text", "vild")
+    assert rows["pairs"].options == rows["vild+pairs"].options == ablation.PAIRS
+    assert ablation.PAIRS["pairs_ratio"] == 0.5 and make_config(ablation.PAIRS)
+    args = SimpleNamespace(out="o", manifest="m", cache="c", steps=700, seed=0, set=[])
+    cmd = ablation.train_command(rows["vild+pairs"], args)
+    assert cmd[cmd.index("--out") + 1] == str(Path("o") / "vild+pairs")
+    assert cmd[-4:] == ["--steps=700", "--seed=0", "--set", "pairs_ratio=0.5"]
