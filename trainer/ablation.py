@@ -63,6 +63,7 @@ from ovdistill.pipeline.errors import OvdError, report
 from ovdistill.pipeline.layout import MANIFEST_FILE, TEACHER, DatasetCache
 from ovdistill.pipeline.manifests import ManifestError, load_manifest
 from ovdistill.pipeline.options import add_data_options
+from ovdistill.trainer.config import ConfigError
 from ovdistill.trainer.evaluate import result_suffix
 
 # The remedies' settings (TrainConfig keys, passed as --set KEY=VALUE). The `confident`
@@ -426,11 +427,11 @@ def write_summary(out: Path, manifest: str, cache: str) -> dict:
 
 
 def parse_rows(value: str) -> list[str]:
-    """"text, vild" -> ["text", "vild"]; empty -> every row (ValueError for unknown ones)."""
+    """"text, vild" -> ["text", "vild"]; empty -> every row (ConfigError for unknown ones)."""
     names = [n.strip() for n in value.split(",") if n.strip()] or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
-        raise ValueError(f"unknown row(s) {unknown}; known: {list(ROWS)}")
+        raise ConfigError(f"unknown row(s) {unknown}; known: {list(ROWS)}")
     return names
 
 
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         names = parse_rows(args.rows)
-    except ValueError as e:
+    except ConfigError as e:
         return report(e)
     rc = 0
     try:

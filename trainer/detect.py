@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         done = detect(args)
-    except (OvdError, FileNotFoundError) as e:
+    except OvdError as e:
         return report(e)
     doc = done["doc"]
     for im in doc["images"]:

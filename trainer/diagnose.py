@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         index = {c: i for i, c in enumerate(vocab.category_ids)}
         report = diagnose(model, vocab, shard_urls(args.shards, cache_dir),
                           gt_by_image(gt_path, index), args.iou, args.images)
-    except (OvdError, FileNotFoundError, ValueError) as e:
+    except OvdError as e:
         return report_error(e)
     report.update(run=str(args.run), gt=str(gt_path))
     (Path(args.run) / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")

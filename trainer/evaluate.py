@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate(args)
-    except (OvdError, FileNotFoundError) as e:
+    except OvdError as e:
         return report(e)
     print(format_row(result))
     print(format_per_class(result))

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         result = run(args)
-    except (OvdError, FileNotFoundError) as e:
+    except OvdError as e:
         return report(e)
     print(format_row(result))
     print(format_per_class(result))

@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = run(args)
-    except (OvdError, FileNotFoundError, ValueError) as e:
+    except OvdError as e:
         return report_error(e)
     print(format_entry(result["entry"]))
     if len(result["history"]) > 1:

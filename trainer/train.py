@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from ovdistill.pipeline.cache import tmp_path
-from ovdistill.pipeline.checkpoints import load_weights
+from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
 from ovdistill.pipeline.errors import OvdError, report
 from ovdistill.pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
 from ovdistill.pipeline.manifests import DatasetManifest, load_manifest
@@ -155,7 +155,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
     return load_weights(path)
 
 
@@ -176,13 +176,13 @@ def resolve_init_from(value: str, cache_dir: Path) -> tuple[str, dict | None]:
     if value == "rpn":
         manifest = DatasetCache(cache_dir).manifest_path(RPN)
         if not manifest.exists():
-            raise FileNotFoundError(f"{manifest}: not found; run the `rpn` stage first "
-                                    f"(init_from=rpn)")
+            raise CheckpointError(f"{manifest}: not found; run the `rpn` stage first "
+                                  f"(init_from=rpn)")
         with open(manifest) as f:
             record = json.load(f)
         value, arch = recorded_checkpoint(manifest.parent, record), record.get("arch")
     if not Path(value).exists():
-        raise FileNotFoundError(f"{value}: init_from checkpoint not found")
+        raise CheckpointError(f"{value}: init_from checkpoint not found")
     return str(value), arch
 
 
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (OvdError, FileNotFoundError) as e:
+    except OvdError as e:
         distributed.cleanup()
         return report(e)
 
