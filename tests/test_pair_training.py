@@ -263,3 +263,37 @@ def test_ablation_rows_add_pairs_to_text_and_vild():
     cmd = ablation.train_command(rows["vild+pairs"], args)
     assert cmd[cmd.index("--out") + 1] == str(Path("o") / "vild+pairs")
     assert cmd[-4:] == ["--steps=700", "--seed=0", "--set", "pairs_ratio=0.5"]
+
+
+class _Quadratic(torch.nn.Module):
+    """loss = 100 x |w|^2 (pairs: the same, times pairs_weight as pair_losses weights it)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.w = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, images, targets, pairs=False):
+        loss = 100 * (self.w ** 2).sum()
+        return {"loss_pairs": self.cfg.pairs_weight * loss} if pairs else {"loss_text": loss}
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_a_pair_step_is_clipped_to_pairs_weight_times_grad_clip(pairs):
+    """Clipping makes every large step grad_clip long whatever its loss weight; a pair step
+    is clipped at pairs_weight x grad_clip, so pairs_weight is its share of the update."""
+    from ovdistill.trainer.config import make_config
+    from ovdistill.trainer.train import train_step
+
+    cfg = make_config({"pairs_ratio": 0.5, "pairs_weight": 0.25, "grad_clip": 1.0})
+    model = _Quadratic(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    before = model.w.detach().clone()
+    kwargs = {"pairs": True} if pairs else {}
+    _, _, grad_norm, _ = train_step(model, model, optimizer, scheduler, [], [], cfg,
+                                    torch.device("cpu"), **kwargs)
+    step = (before - model.w.detach()).norm().item()
+    weight = 0.25 if pairs else 1.0
+    assert grad_norm.item() == pytest.approx(weight * 200 * 2)  # |d/dw| = 200 |w| = 400
+    assert step == pytest.approx(weight * 1.0, rel=1e-5)

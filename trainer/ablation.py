@@ -79,7 +79,7 @@ REMEDIES: dict[str, dict] = {
 # DetCLIPv2's image-text pairs (TrainConfig keys), shared by the `pairs` and `vild+pairs`
 # rows: half the iterations on pairs (the pairs_* defaults: batch 8 at 128 px, top 100
 # proposals, tau 0.05, hard max over regions)
-PAIRS: dict = {"pairs_ratio": 0.5}
+PAIRS: dict = {"pairs_ratio": 0.5, "pairs_weight": 0.1}  # weight: BENCHMARKS lab log 29
 CALIBRATION = "mean_logit"  # the `calibrated` row's `trainer.evaluate --calibration`
 
 T1_NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
