@@ -26,10 +26,12 @@ from ovdistill.pipeline.runner import (
 
 # The stages, in the order they run. Each is a module of `stages/` (see pipeline/runner.py).
 # `text` follows `regions`: it also writes the mean region embedding (trainer center_targets).
-# The pairs stages (image-text pairs, DetCLIPv2) plan nothing for a manifest without `pairs:`.
+# The pairs stages (image-text pairs, DetCLIPv2) plan nothing for a manifest without `pairs:`,
+# the grounding stage (GLIP's grounding data) nothing without `grounding:`.
 STAGES = [
     "ovdistill.stages.dataset",
     "ovdistill.stages.pairs",
+    "ovdistill.stages.grounding",
     "ovdistill.stages.teacher",
     "ovdistill.stages.rpn",
     "ovdistill.stages.proposals",

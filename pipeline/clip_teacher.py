@@ -203,6 +203,64 @@ class Teacher:
         with self.autocast():
             return self.model.encode_text(tokens).float()
 
+    def encode_tokens(self, texts: Sequence[str] | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token text features, as GLIP's language features: texts (B strings, or their
+        token ids LongTensor[B, L] from `self.tokenizer`) -> (Tensor[B, L, W] float32, the text
+        transformer's outputs after `ln_final`, before pooling and `text_projection`;
+        Tensor[B, L] bool, True on the real tokens: start-of-text, the text's tokens and
+        end-of-text, so the end-of-text position is `mask.sum(1) - 1`).
+
+        The steps of open_clip's `CLIP.encode_text` (and of a `TextTransformer` tower's
+        forward), stopped before the pooling: the end-of-text row times `text_projection` is
+        exactly `encode_text`'s unnormalised output. Runs under the caller's grad mode, so a
+        trainable text encoder gets gradients; wrap it in `torch.no_grad()` when frozen."""
+        tower = _text_tower(self.model)
+        ids = texts if isinstance(texts, torch.Tensor) else self.tokenizer(list(texts))
+        ids = ids.to(self.device)
+        with self.autocast():
+            cast_dtype = tower.transformer.get_cast_dtype()
+            x = tower.token_embedding(ids).to(cast_dtype)
+            x = x + tower.positional_embedding[:ids.shape[1]].to(cast_dtype)
+            attn_mask = tower.attn_mask
+            if attn_mask is not None:
+                attn_mask = attn_mask[:ids.shape[1], :ids.shape[1]]
+            x = tower.transformer(x, attn_mask=attn_mask)
+            x = tower.ln_final(x)
+        eot = _eot_positions(tower, ids)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot[:, None]
+        return x.float(), mask
+
+
+def _text_tower(model: torch.nn.Module):
+    """The module holding the text transformer's parts: a `CLIP` itself, or the
+    `TextTransformer` of a `CustomTextCLIP`; other towers (Hugging Face, CoCa's class token,
+    padding masks) are refused."""
+    tower = model
+    if not hasattr(model, "token_embedding") and hasattr(model, "text"):
+        tower = model.text
+    for part in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+        if not hasattr(tower, part):
+            raise TeacherError(f"teacher text tower {type(tower).__name__} has no {part}: "
+                               f"per-token features need open_clip's own text transformer")
+    if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+        raise TeacherError(f"teacher text tower {type(tower).__name__} uses a class token or "
+                           f"a padding mask; per-token features support causal CLIP towers")
+    return tower
+
+
+def _eot_positions(tower, ids: torch.Tensor) -> torch.Tensor:
+    """ids: LongTensor[B, L] -> LongTensor[B], each text's end-of-text position, found as
+    open_clip's pooling finds it (argmax: the highest id; eos: the first eos id)."""
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    if pool == "argmax":
+        return ids.argmax(dim=-1)
+    eos = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+    if pool == "eos" and eos is not None:
+        return (ids == eos).int().argmax(dim=-1)
+    raise TeacherError(f"teacher text pooling '{pool}' has no end-of-text position; per-token "
+                       f"features support open_clip's 'argmax' and 'eos' pooling")
+
 
 def load_teacher(spec: TeacherSpec, device: str = "cpu", precision: str = "auto") -> Teacher:
     """Load `spec` with open_clip's own API (`create_model_and_transforms`) in eval mode;

@@ -11,6 +11,7 @@
       wds/         train-NNNNNN.tar (members SHARD_MEMBERS), sizes.json
       index/       regions.faiss, ids.parquet
       pairs/       part-NNNNN.parquet: image-text pairs (no boxes); images/ when generated
+      grounding/   grounding.json (MDETR format) and images/ when generated; part-NNNNN.json
       phrases/     part-NNNNN.parquet: noun phrases and their embeddings per pair image,
                    dictionary.parquet (the concept dictionary's embeddings)
       pair_proposals/ part-NNNNN.parquet: the RPN's boxes per pair image (proposals schema)
@@ -37,10 +38,11 @@ TEXT = "text"
 WDS = "wds"  # the pack stage's folder: the contract's shards
 INDEX = "index"
 PAIRS = "pairs"  # image-text pairs without boxes (DetCLIPv2)
+GROUNDING = "grounding"  # captions whose phrases point at boxes (GLIP, MDETR's format)
 PHRASES = "phrases"
 PAIR_PROPOSALS = "pair_proposals"
 PAIRS_WDS = "pairs_wds"  # the pair_pack stage's folder (its own: a pack rebuild keeps it)
-STAGE_FOLDERS = (DATASET, PAIRS, TEACHER, RPN, PROPOSALS, REGIONS, TEXT, PHRASES,
+STAGE_FOLDERS = (DATASET, PAIRS, GROUNDING, TEACHER, RPN, PROPOSALS, REGIONS, TEXT, PHRASES,
                  PAIR_PROPOSALS, WDS, PAIRS_WDS, INDEX)
 
 # every stage folder
@@ -63,6 +65,8 @@ IDS_FILE = "ids.parquet"
 PAIR_IMAGES = "images"  # pairs (generated): the pair images, in the pairs folder
 DICTIONARY_FILE = "dictionary.parquet"  # phrases: concept name, embedding, split
 PAIR_SHARD_GLOB = "pairs-*.tar"
+GROUNDING_FILE = "grounding.json"  # grounding (generated): the MDETR-format annotation file
+GROUNDING_IMAGES = "images"  # grounding (generated): its images, in the grounding folder
 
 # a shard sample's members (webdataset keys); the pack stage hashes " ".join(SHARD_MEMBERS)
 SHARD_MEMBERS = ("jpg", "boxes.npy", "scores.npy", "emb.npy", "json")

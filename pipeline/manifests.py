@@ -21,6 +21,10 @@ annotations are, and the base / novel vocabulary split.
       caption_column: caption
       concepts: concepts.txt          # optional concept list for the phrases stage
       # or, generated: synthetic: {n_images: 2000}   (stages/pairs.py PairSpec)
+    grounding:                        # optional: captions with phrases tied to boxes (GLIP)
+      annotations: flickr/final_flickr_separateGT_train.json   # MDETR format
+      images: flickr/images           # the folder its file_names are relative to
+      # or, generated: synthetic: {n_images: 1000}   (stages/synthetic.py GroundingSpec)
     stages: {proposals: {top_m: 300}} # per-stage config overrides
     trainer: {steps: 700}             # trainer/config.py TrainConfig overrides
 """
@@ -77,6 +81,17 @@ class PairsSource:
 
 
 @dataclass(frozen=True)
+class GroundingSource:
+    """The manifest's `grounding:` block: where grounding data (MDETR's format: captions whose
+    `tokens_positive` spans point at boxes) comes from."""
+
+    format: str  # synthetic | mdetr
+    annotations: Path | None = None  # mdetr: the COCO-format json with captions and spans
+    images: Path | None = None  # mdetr: the folder its images' file_names are relative to
+    synthetic: dict | None = None  # generated grounding data (stages/synthetic.py GroundingSpec)
+
+
+@dataclass(frozen=True)
 class DatasetManifest:
     name: str
     format: str
@@ -91,6 +106,7 @@ class DatasetManifest:
     stages: dict = field(default_factory=dict)
     trainer: dict = field(default_factory=dict)
     pairs: PairsSource | None = None
+    grounding: GroundingSource | None = None
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -339,6 +355,7 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         raise ManifestError(f"{path}: stages must map a stage name to its config overrides")
 
     pairs = _pairs_source(doc.get("pairs"), root, path)
+    grounding = _grounding_source(doc.get("grounding"), root, path)
 
     return DatasetManifest(
         name=str(doc["name"]),
@@ -354,6 +371,7 @@ def load_manifest(path: str | Path, cache_root: str | Path | None = None,
         stages=dict(stages),
         trainer=dict(doc.get("trainer") or {}),
         pairs=pairs,
+        grounding=grounding,
     )
 
 
@@ -391,3 +409,29 @@ def _pairs_source(block, root: Path, path: Path) -> PairsSource | None:
         images = where.parent
     return PairsSource(fmt, where, images, str(block.get("image_column", "image")),
                        str(block.get("caption_column", "caption")), concepts)
+
+
+def _grounding_source(block, root: Path, path: Path) -> GroundingSource | None:
+    """The `grounding:` block, validated (the files are checked by the grounding stage)."""
+    if block is None:
+        return None
+    known = ("annotations", "images", "synthetic")
+    if not isinstance(block, dict):
+        raise ManifestError(f"{path}: grounding must be a mapping (annotations and images, "
+                            f"or synthetic)")
+    unknown = sorted(set(block) - set(known))
+    if unknown:
+        raise ManifestError(f"{path}: grounding: unknown key(s) {unknown}; known: "
+                            f"{sorted(known)}")
+    if "synthetic" in block:
+        if not isinstance(block["synthetic"], dict):
+            raise ManifestError(f"{path}: grounding.synthetic must be a mapping")
+        extra = sorted(set(block) - {"synthetic"})
+        if extra:
+            raise ManifestError(f"{path}: grounding: generated grounding data takes no {extra}")
+        return GroundingSource("synthetic", synthetic=dict(block["synthetic"]))
+    missing = [k for k in ("annotations", "images") if not block.get(k)]
+    if missing:
+        raise ManifestError(f"{path}: grounding needs {' and '.join(missing)} (an MDETR-format "
+                            f"json and its image folder) or synthetic")
+    return GroundingSource("mdetr", root / str(block["annotations"]), root / str(block["images"]))

@@ -624,3 +624,137 @@ def pair_caption(rng: np.random.Generator, objects: list[SceneObject], kind: str
     caption = caption[0].upper() + caption[1:] if rng.random() < 0.3 else caption
     named = set(chosen)
     return caption, [o.category in named for o in objects]
+
+
+# ----------------------------------------------------------------------------- grounding
+
+GROUNDING_REDRAWS = 8  # a grounding scene is redrawn (same stream) until it holds a base object
+
+
+@dataclass(frozen=True)
+class GroundingSpec:
+    """The `grounding: synthetic:` block: generated grounding data (GLIP / MDETR's format).
+
+    Scenes like the pair images, drawn from the whole vocabulary, whose captions name objects
+    of BASE categories only, each named phrase tied to all the boxes of its category by a
+    character span (`grounding_caption`). Novel objects may be in the picture: never named,
+    never boxed, so the novel protocol stays honest."""
+
+    n_images: int = 1000
+    seed: int = 0
+    image_side: tuple[int, int] = (160, 256)
+    objects_per_image: tuple[int, int] = (1, 6)
+    object_size: tuple[int, int] = (24, 112)  # as the detection images
+    name_prob: float = 1.0  # each base category in the scene is named with this probability
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "grounding.synthetic") -> GroundingSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()}
+        spec = cls(**kw)
+        for name in ("image_side", "objects_per_image", "object_size"):
+            value = getattr(spec, name)
+            if not (isinstance(value, tuple) and len(value) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+                    and 0 < value[0] <= value[1]):
+                raise ValueError(f"{where}: {name} must be [min, max] integers with "
+                                 f"0 < min <= max, got {value!r}")
+        for name in ("n_images", "seed"):
+            value = getattr(spec, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{where}: {name} must be an integer, got {value!r}")
+        if spec.n_images < 1 or spec.seed < 0:
+            raise ValueError(f"{where}: n_images must be >= 1 and seed >= 0, got "
+                             f"{spec.n_images} and {spec.seed}")
+        p = spec.name_prob
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+            raise ValueError(f"{where}: name_prob must be in (0, 1], got {p!r}")
+        return spec
+
+
+def grounding_scene(rng: np.random.Generator, spec: GroundingSpec, categories: list[str],
+                    base: set[str]) -> Scene:
+    """One grounding image drawn from all of `categories` (as `pair_scene`), redrawn from the
+    same stream up to GROUNDING_REDRAWS times until it holds an object of a `base` category
+    (the last draw is kept either way: its caption then names nothing)."""
+    for _ in range(GROUNDING_REDRAWS):
+        width = int(rng.integers(spec.image_side[0], spec.image_side[1] + 1))
+        height = int(rng.integers(spec.image_side[0], spec.image_side[1] + 1))
+        n = int(rng.integers(spec.objects_per_image[0], spec.objects_per_image[1] + 1))
+        scene = draw_scene(rng, width, height, categories, spec.object_size, n)
+        if any(o.category in base for o in scene.objects):
+            break
+    return scene
+
+
+def _compose(pieces: list) -> tuple[str, dict[str, tuple[int, int]]]:
+    """Join text pieces: a str is plain text, a (text, key) pair is text whose [start, end)
+    character span is recorded under `key`. Returns (text, {key: (start, end)})."""
+    text, spans = "", {}
+    for p in pieces:
+        if isinstance(p, tuple):
+            spans[p[1]] = (len(text), len(text) + len(p[0]))
+            p = p[0]
+        text += p
+    return text, spans
+
+
+def _join_pieces(items: list[list]) -> list:
+    """`_join` over piece lists: A; A and B; A, B and C."""
+    out = list(items[0])
+    for k, item in enumerate(items[1:], 1):
+        out += [" and " if k == len(items) - 1 else ", ", *item]
+    return out
+
+
+def grounding_caption(rng: np.random.Generator, objects: list[SceneObject], kind: str,
+                      vocabulary: list[str], base: set[str], name_prob: float = 1.0
+                      ) -> tuple[str, list[tuple[tuple[int, int], ...]]]:
+    """A caption naming the scene's BASE categories (each with probability `name_prob`, at
+    least one when there is one), worded like `pair_caption` ("two red circles next to the
+    blue star on a striped background"); novel objects are never named.
+
+    A named category's phrase is its mention without the determiner ("red circles", "blue
+    star": it holds the vocabulary name or its plural) and every object of that category
+    points at it. Returns: (caption, spans: per object of `objects`, a tuple of [start, end)
+    character spans into the caption: one span for a named object, none for the others)."""
+    order: list[str] = []
+    for o in objects:
+        if o.category in base and o.category not in order:
+            order.append(o.category)
+    ground = f"a {_PAIR_GROUNDS[kind]} background"
+    if not order:
+        return f"{ground} with nothing to name", [() for _ in objects]
+    chosen = [c for c in order if rng.random() < name_prob]
+    if not chosen:
+        chosen = [order[int(rng.integers(len(order)))]]
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    vocab = set(vocabulary)
+    items = []
+    for c in chosen:
+        det, noun = _mention(rng, c, [o.colour for o in objects if o.category == c],
+                             vocab).split(" ", 1)
+        items.append([f"{det} ", (noun, c)])
+    body = _join_pieces(items)
+    form = int(rng.integers(9))
+    if form in (5, 6) and len(items) < 2:
+        form -= 4  # "next to" / "with" need two mentions
+    pieces = {
+        0: body,
+        1: ["a photo of ", *body],
+        2: [*body, f" on {ground}"],
+        3: ["an image with ", *body],
+        4: ["a picture showing ", *body, f" against {ground}"],
+        5: [*items[0], " next to ", *_join_pieces(items[1:])] if len(items) > 1 else None,
+        6: ([*items[0], " with ", *_join_pieces(items[1:]), f" on {ground}"]
+            if len(items) > 1 else None),
+        7: ["a drawing of ", *body, f", {ground}"],
+        8: [*body, " in this picture"],
+    }[form]
+    caption, where = _compose(pieces)
+    if rng.random() < 0.3:  # the first character is always a determiner's, never a phrase's
+        caption = caption[0].upper() + caption[1:]
+    return caption, [(where[o.category],) if o.category in where else () for o in objects]

@@ -41,6 +41,8 @@ def test_the_answer_key_reads_the_generator_records_not_the_done_markers(tmp_pat
         {"image_id": 3, "objects": [{"category": "red star", "box": [1, 2, 3, 4],
                                      "named": True}]}]))
     (folder / "part-00000.stats.json").write_text(json.dumps({"part": 0, "rows": 1}))
+    (folder / "part-00000.parquet").write_bytes(b"")  # only a part's name is read here
+    (folder / "part-00001.parquet").write_bytes(b"")  # a real source: no records beside it
     assert answer_key(DatasetCache(tmp_path)) == {3: [("red star", [1.0, 2.0, 3.0, 4.0])]}
     assert answer_key(DatasetCache(tmp_path / "none")) == {}
 

@@ -53,9 +53,9 @@ def answer_key(cache: DatasetCache) -> dict[int, list[tuple[str, list[float]]]]:
     """{pair image_id: [(category name, box x1 y1 x2 y2), ...]} from the generated pairs'
     records; {} when the pairs are not generated (a real source has no boxes)."""
     key = {}
-    folder = cache.stage_dir(layout.PAIRS)
-    for path in sorted(folder.glob("part-*.json")):
-        if path.name.endswith(".stats.json"):  # the parts' done-markers
+    for part in cache.parts(layout.PAIRS):  # each part's records sit beside its rows
+        path = part.with_suffix(".json")
+        if not path.is_file():
             continue
         for record in read_json(path):
             key[int(record["image_id"])] = [(o["category"], [float(v) for v in o["box"]])
