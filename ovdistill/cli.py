@@ -39,6 +39,8 @@ STAGES = [
     "ovdistill.stages.text",
     "ovdistill.stages.phrases",
     "ovdistill.stages.pair_proposals",
+    "ovdistill.stages.pair_regions",
+    "ovdistill.stages.pseudo_boxes",
     "ovdistill.stages.pack",
     "ovdistill.stages.pair_pack",
     "ovdistill.stages.index",

@@ -15,6 +15,10 @@
       phrases/     part-NNNNN.parquet: noun phrases and their embeddings per pair image,
                    dictionary.parquet (the concept dictionary's embeddings)
       pair_proposals/ part-NNNNN.parquet: the RPN's boxes per pair image (proposals schema)
+      pair_regions/ part-NNNNN.parquet: the teacher's embedding of each pair proposal (regions
+                   schema, the top_k first by rank)
+      pseudo_boxes/ pseudo_grounding.json (MDETR format: per phrase its best-matching pair
+                   proposal above a threshold); part-NNNNN.parquet: every phrase's best match
       pairs_wds/   pairs-NNNNNN.tar (members PAIR_MEMBERS), sizes.json
     and in every stage folder: _PLAN.json, part-NNNNN.stats.json, _MANIFEST.json
 
@@ -41,9 +45,11 @@ PAIRS = "pairs"  # image-text pairs without boxes (DetCLIPv2)
 GROUNDING = "grounding"  # captions whose phrases point at boxes (GLIP, MDETR's format)
 PHRASES = "phrases"
 PAIR_PROPOSALS = "pair_proposals"
+PAIR_REGIONS = "pair_regions"  # the teacher's region embeddings of the pair proposals
+PSEUDO_BOXES = "pseudo_boxes"  # GLIP's pseudo-grounding of the pairs, from the cache
 PAIRS_WDS = "pairs_wds"  # the pair_pack stage's folder (its own: a pack rebuild keeps it)
 STAGE_FOLDERS = (DATASET, PAIRS, GROUNDING, TEACHER, RPN, PROPOSALS, REGIONS, TEXT, PHRASES,
-                 PAIR_PROPOSALS, WDS, PAIRS_WDS, INDEX)
+                 PAIR_PROPOSALS, PAIR_REGIONS, PSEUDO_BOXES, WDS, PAIRS_WDS, INDEX)
 
 # every stage folder
 PLAN_FILE = "_PLAN.json"
@@ -67,6 +73,7 @@ DICTIONARY_FILE = "dictionary.parquet"  # phrases: concept name, embedding, spli
 PAIR_SHARD_GLOB = "pairs-*.tar"
 GROUNDING_FILE = "grounding.json"  # grounding (generated): the MDETR-format annotation file
 GROUNDING_IMAGES = "images"  # grounding (generated): its images, in the grounding folder
+PSEUDO_FILE = "pseudo_grounding.json"  # pseudo_boxes: the pseudo-grounding (MDETR format)
 
 # a shard sample's members (webdataset keys); the pack stage hashes " ".join(SHARD_MEMBERS)
 SHARD_MEMBERS = ("jpg", "boxes.npy", "scores.npy", "emb.npy", "json")

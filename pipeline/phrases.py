@@ -6,7 +6,9 @@ the concepts of an optional concept-list file (split "concept"). A concept's sur
 its name and synonyms (underscores read as spaces) and the simple English plural of the last
 word of each (box -> boxes, star -> stars, berry -> berries), all lower-case. Text is compared
 as runs of letters and digits, so matches fall on word boundaries ("star" never matches inside
-"starfish") and punctuation or spacing between words does not matter.
+"starfish") and punctuation or spacing between words does not matter. `phrase_spans` gives
+the character span in the caption of every match `extract_phrases` counts (MDETR's
+`tokens_positive`, for the pseudo-grounding of stage pseudo_boxes).
 
 `phrases/part-NNNNN.parquet`, one row per pair (`phrases_schema`):
 
@@ -151,29 +153,64 @@ def read_concept_list(path: Path) -> list[str]:
 # ----------------------------------------------------------------------------- extraction
 
 
-def extract_phrases(caption: str, dictionary: ConceptDictionary) -> list[tuple[str, int]]:
-    """(canonical name, matches in `caption`) per concept the caption names, in order of first
-    mention. Longest match first: every (start, length) word span that is a surface form is a
-    candidate; the longest are taken first, a candidate overlapping one already taken is
-    dropped (ties: the earlier start wins). Case-insensitive, on word boundaries."""
-    w = words(caption)
+def _chosen(w: Sequence[str], dictionary: ConceptDictionary) -> list[tuple[int, int, str]]:
+    """The matches of the word sequence `w`: (first word, word count, canonical name), in
+    the order they are taken (longest first, ties: the earlier start). Every (start, length)
+    word span that is a surface form is a candidate; one overlapping a taken one is dropped."""
     candidates = []  # (-length, start, name)
     for start in range(len(w)):
         for n in range(min(dictionary.max_words, len(w) - start), 0, -1):
-            name = dictionary.forms.get(w[start:start + n])
+            name = dictionary.forms.get(tuple(w[start:start + n]))
             if name is not None:
                 candidates.append((-n, start, name))
     taken = [False] * len(w)
-    chosen = []  # (start, name)
+    chosen = []
     for neg_n, start, name in sorted(candidates):
         span = range(start, start - neg_n)
         if not any(taken[i] for i in span):
             for i in span:
                 taken[i] = True
-            chosen.append((start, name))
-    counts = Counter(name for _, name in chosen)
-    first = dict.fromkeys(name for _, name in sorted(chosen))
+            chosen.append((start, -neg_n, name))
+    return chosen
+
+
+def extract_phrases(caption: str, dictionary: ConceptDictionary) -> list[tuple[str, int]]:
+    """(canonical name, matches in `caption`) per concept the caption names, in order of first
+    mention. Longest match first: every (start, length) word span that is a surface form is a
+    candidate; the longest are taken first, a candidate overlapping one already taken is
+    dropped (ties: the earlier start wins). Case-insensitive, on word boundaries."""
+    chosen = _chosen(words(caption), dictionary)
+    counts = Counter(name for _, _, name in chosen)
+    first = dict.fromkeys(name for _, _, name in sorted(chosen))
     return [(name, counts[name]) for name in first]
+
+
+def _lowered_offsets(text: str) -> list[int]:
+    """offsets[j] = the index in `text` of the character that made character j of
+    `text.lower()` (lower-casing may turn one character into several: "\u0130" -> "i\u0307");
+    one extra entry maps the end."""
+    out = []
+    for i, c in enumerate(text):
+        out.extend([i] * len(c.lower()))
+    out.append(len(text))
+    return out
+
+
+def phrase_spans(caption: str, dictionary: ConceptDictionary) -> list[tuple[str, int, int]]:
+    """(canonical name, start, end) of every match `extract_phrases` counts, in caption
+    order: caption[start:end] runs from the first letter of the match's first word to the
+    last letter of its last word ("two Red  Stars." -> ("red star", 4, 14)). The same
+    longest-match rule, so each name appears exactly as many times as its count."""
+    lowered = caption.lower()
+    found = list(_WORD.finditer(lowered))
+    chosen = _chosen([m.group() for m in found], dictionary)
+    where = _lowered_offsets(caption)
+
+    def original_end(j: int) -> int:  # the end, in `caption`, of lowered[:j]
+        return where[j - 1] + 1 if j > 0 else 0
+
+    return [(name, where[found[s].start()], original_end(found[s + n - 1].end()))
+            for s, n, name in sorted(chosen)]
 
 
 @lru_cache(maxsize=2)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ from ovdistill.pipeline.crops import combine_views, preprocess_resize, region_cr
 from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.images import ImageError, load_rgb, to_uint8_tensor
 from ovdistill.pipeline.prefetch import prefetch, to_device
+from PIL import Image
 
 BATCH_SIZE = 256  # crops per encoder call, cut across images
 CONTEXT_SCALE = 1.5  # the second crop: same centre, width and height x this
@@ -164,12 +165,15 @@ def boxes_array(table: pa.Table) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 4)
 
 
-def embed_regions(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple[int, Path]],
+def embed_regions(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple[int, Any]],
                   *, batch_size: int = BATCH_SIZE, context_scale: float = CONTEXT_SCALE,
-                  decode_threads: int = DECODE_THREADS) -> tuple[pa.Table, list[dict]]:
-    """The regions table of the images `files` ((image id, path) pairs) from their rows of
+                  decode_threads: int = DECODE_THREADS,
+                  load: Callable[[Any], Image.Image] = load_rgb) -> tuple[pa.Table, list[dict]]:
+    """The regions table of the images `files` ((image id, source) pairs) from their rows of
     `proposals` -> (proposal columns + embedding, sorted by image_id then rank; rejects).
 
+    `load(source)` decodes an image (default `load_rgb` of a path; the pair stages pass a
+    loader of pair images) and raises ImageError; `str(source)` names the reject's file.
     An image that cannot be decoded, or whose boxes do not fit it, is a reject and has no rows.
     `batch_size` crops per encoder call (cut across images); the context crop is
     `context_scale` x the box; `decode_threads` decode and crop (0: inline).
@@ -184,7 +188,7 @@ def embed_regions(teacher: Teacher, proposals: pa.Table, files: Sequence[tuple[i
     def decode(item):
         iid, path = item
         try:
-            image = to_uint8_tensor(load_rgb(path))
+            image = to_uint8_tensor(load(path))
         except ImageError as e:
             return iid, str(path), None, str(e)
         f, c = where.get(iid, (0, 0))
