@@ -229,3 +229,32 @@ class PromptCache:
         while len(self._rows) > self.max_items:
             self._rows.popitem(last=False)
         return tuple(torch.stack(parts) for parts in zip(*rows))
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def caption_token_spans(caption: str, char_spans: Sequence[tuple[int, int]],
+                        tokenize: Tokenize) -> list[tuple[int, int]]:
+    """MDETR's `tokens_positive` character spans -> token spans of the tokenized caption.
+
+    caption: the grounding caption (the whole prompt); char_spans: [start, end) character
+    offsets into it (a box's spans). Returns one (first token, last token + 1) per span,
+    indexed as `Prompt.spans` (position 0 = start-of-text): the tokens that overlap the
+    characters, found with the tokenizer itself (`_span_by_prefixes`), so a word the span
+    cuts keeps its whole token."""
+    ids = list(tokenize(caption))
+    tokenize = _memo(tokenize)
+    out = []
+    for start, end in char_spans:
+        if not 0 <= start < end <= len(caption):
+            raise PromptError(f"span [{start}, {end}] is outside its caption "
+                              f"({len(caption)} characters) or empty")
+        out.append(_span_by_prefixes(caption, start, end, ids, tokenize))
+    return out
+
+
+def caption_tokens(caption: str, tokenize: Tokenize) -> int:
+    """Real tokens of `caption` as a prompt, start- and end-of-text included (compare with
+    the context length; `Prompt.n_tokens` of a class prompt)."""
+    return len(list(tokenize(caption))) + 2

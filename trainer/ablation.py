@@ -26,6 +26,14 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
                  distillation, detection on base boxes plus the word-region contrastive loss
                  on captioned images (the only source of novel names here is the captions)
     vild+pairs   --mode vild + the same pairs: ViLD's distillation and DetCLIPv2's pairs
+    grounding    --mode grounding (GLIP): detection as grounding on base boxes (class-name
+                 prompts, region-token alignment, focal loss) + the grounding split's
+                 captions (GROUNDING below), no fusion; evaluated by its alignment scores
+    grounding+fusion
+                 grounding + one layer of language-aware deep fusion (X-MHA)
+    grounding+pseudo
+                 grounding + pseudo-grounding iterations on the pair images (the
+                 pseudo_boxes stage's file)
 
 `--rows text,vild` (make ablation ROWS=text,vild) runs a subset; the default is every row.
 A row whose eval file exists is finished and skipped; a row whose training stopped resumes
@@ -80,6 +88,10 @@ REMEDIES: dict[str, dict] = {
 # rows: half the iterations on pairs (the pairs_* defaults: batch 8 at 128 px, top 100
 # proposals, tau 0.05, hard max over regions)
 PAIRS: dict = {"pairs_ratio": 0.5, "pairs_weight": 0.1}  # weight: BENCHMARKS lab log 29
+# GLIP's rows (TrainConfig keys): a quarter of the iterations on the grounding split, the
+# rest detection as grounding; grounding+pseudo gives another quarter to pseudo-grounding
+GROUNDING: dict = {"grounding_ratio": 0.25}
+PSEUDO: dict = {"pseudo_ratio": 0.25}
 CALIBRATION = "mean_logit"  # the `calibrated` row's `trainer.evaluate --calibration`
 
 T1_NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
@@ -116,6 +128,9 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         options={**REMEDIES["centered"], **REMEDIES["contrastive"], **REMEDIES["confident"]}),
     Row("pairs", "text", options=PAIRS),  # detection on base boxes + pairs, no distillation
     Row("vild+pairs", "vild", options=PAIRS),  # ViLD + pairs
+    Row("grounding", "grounding", options=GROUNDING),  # GLIP, no fusion
+    Row("grounding+fusion", "grounding", options={**GROUNDING, "fusion_layers": 1}),
+    Row("grounding+pseudo", "grounding", options={**GROUNDING, **PSEUDO}),
 )}
 
 

@@ -15,7 +15,7 @@ from ovdistill.pipeline.errors import OvdError
 from ovdistill.pipeline.options import assignment
 from ovdistill.pipeline.precision import PRECISIONS
 
-MODES = ("text", "image", "vild")
+MODES = ("text", "image", "vild", "grounding")
 HEADS = ("shared", "separate")
 NORMS = ("group", "batch")
 
@@ -28,6 +28,7 @@ class ConfigError(OvdError, ValueError):
 class TrainConfig:
     # what is trained
     mode: str = "vild"  # text: ViLD-text only | image: ViLD-image only | vild: both
+    # | grounding: GLIP's detection as grounding (region-token alignment, focal loss)
     heads: str = "shared"  # separate: a text head and an image head (for ViLD-ensemble)
     # optimisation
     steps: int = 1500
@@ -95,6 +96,26 @@ class TrainConfig:
     # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
     # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss
     dictionary_negatives: int = 0
+    # GLIP: detection as grounding (mode grounding), all unused in the other modes. A
+    # detection image's prompt is its GT classes' names plus up to grounding_negatives other
+    # base names, shuffled per (seed, step, image) and chunked to the teacher's context
+    # (pipeline.prompts.detection_prompts). 8 for the 18-class toy (3 to 5 classes per image):
+    # about half the base vocabulary per prompt, one or two chunks of a 32-token context;
+    # GLIP uses up to 85 of LVIS's. Token features: the cache's teacher's text transformer
+    # (frozen unless train_text_encoder) -> a projection started at its text_projection ->
+    # fusion_layers of X-MHA with the regions (0 = none) -> alignment logits.
+    grounding_negatives: int = 8
+    fusion_layers: int = 0
+    fusion_heads: int = 4  # must divide the embedding dim D
+    train_text_encoder: bool = False  # the teacher's text tower trains too (saved in latest.pt)
+    grounding_tau: float = 0.07  # initial temperature of the alignment logits (learned)
+    text_bias: bool = False  # GLIP's text-conditioned bias beside the scalar one
+    grounding_weight: float = 1.0  # weight of loss_grounding
+    # iteration types beside detection (after the pair draw, from a draw of their own per
+    # (seed, step)): a grounding-data iteration (the grounding split's captions as prompts)
+    # with probability grounding_ratio, a pseudo-grounding one with pseudo_ratio
+    grounding_ratio: float = 0.0
+    pseudo_ratio: float = 0.0
     # inference
     final_nms: float = 0.5
     detections_per_image: int = 0  # 0: 100 for COCO-format datasets, 300 for LVIS
@@ -138,7 +159,37 @@ class TrainConfig:
         if self.contrastive_tau <= 0:
             raise ConfigError(f"contrastive_tau must be > 0, got {self.contrastive_tau}")
         self._validate_pairs()
+        self._validate_grounding()
         return self
+
+    def _validate_grounding(self) -> None:
+        if self.grounding_negatives < 0:
+            raise ConfigError(f"grounding_negatives must be >= 0, got {self.grounding_negatives}")
+        if self.fusion_layers < 0 or self.fusion_heads < 1:
+            raise ConfigError(f"fusion_layers must be >= 0 and fusion_heads >= 1, got "
+                              f"{self.fusion_layers}, {self.fusion_heads}")
+        if self.grounding_tau <= 0 or self.grounding_weight < 0:
+            raise ConfigError(f"grounding_tau must be > 0 and grounding_weight >= 0, got "
+                              f"{self.grounding_tau}, {self.grounding_weight}")
+        for key in ("grounding_ratio", "pseudo_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key} is a share of iterations, in [0, 1], got "
+                                  f"{getattr(self, key)}")
+        if self.grounding_ratio + self.pseudo_ratio > 1.0:
+            raise ConfigError(f"grounding_ratio + pseudo_ratio must be <= 1, got "
+                              f"{self.grounding_ratio + self.pseudo_ratio:g}")
+        grounding_only = {"grounding_ratio": self.grounding_ratio > 0,
+                          "pseudo_ratio": self.pseudo_ratio > 0,
+                          "fusion_layers": self.fusion_layers > 0,
+                          "train_text_encoder": self.train_text_encoder,
+                          "text_bias": self.text_bias}
+        used = [k for k, on in grounding_only.items() if on]
+        if used and self.mode != "grounding":
+            raise ConfigError(f"{used[0]} is a GLIP option; it needs mode=grounding (got "
+                              f"mode={self.mode!r})")
+        if self.mode == "grounding" and self.dictionary_negatives > 0:
+            raise ConfigError("dictionary_negatives are ViLD-text negatives; mode grounding "
+                              "uses grounding_negatives")
 
     def _validate_pairs(self) -> None:
         if not 0.0 <= self.pairs_ratio <= 1.0:

@@ -16,6 +16,12 @@ mean logit over the RPN proposals of `--calibration-images N` (default 100) unla
 images, spread evenly over the train split by image id; files *_mean_logit.json, the result
 records "calibration" and the subtracted "logit_bias" per class.
 
+A run of mode grounding (GLIP) scores class c by the mean sigmoid of its alignment logits
+over c's tokens in `all_class_prompts(vocabulary)` (base and novel, chunked to the teacher's
+context, encoded once); the cache's teacher must be the one the run recorded. The
+detections, their cap and the AP are as for the other modes; `--ensemble` and
+`--calibration` are ViLD's and refused for it.
+
 `--vocabulary base` is a diagnostic, not the open-vocabulary metric: the classifier gets only
 the base texts and only base categories are scored (files *_base_vocab.json). Set beside the
 full-vocabulary AP50_base it tells a student that cannot classify base objects from one whose
@@ -188,12 +194,31 @@ def load_run(checkpoint: Path, dataset: DatasetManifest, cache_dir: Path,
     vocab = load_vocabulary(text_parquet_path(cache_dir, dataset.name),
                             expect_dim=int(ckpt["embed_dim"]))
     model = OpenVocabDetector(cfg, vocab.dim, detections_per_image(cfg, dataset.format))
+    if cfg.mode == "grounding":  # before the weights: token_proj (and text_encoder) are in
+        attach_grounding_teacher(model, ckpt, cache_dir, device, checkpoint)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     # negative prompts are background aliases at inference too (OpenVocabDetector.detect)
     model.set_vocabulary(vocab.embeddings, vocab.is_base,
                          **vocabulary_extras(cfg, cache_dir, vocab.dim))
+    if cfg.mode == "grounding":
+        model.set_class_prompts(list(vocab.names))
     return model, ckpt, vocab
+
+
+def attach_grounding_teacher(model: OpenVocabDetector, ckpt: dict, cache_dir: Path,
+                             device: torch.device, checkpoint: Path) -> None:
+    """A grounding run's text encoder: the cache's teacher (refused when it is not the one
+    the run recorded), its class prompts encoded once (`PromptCache`)."""
+    from ovdistill.pipeline.clip_teacher import teacher_from_cache
+    from ovdistill.pipeline.layout import DatasetCache
+    from ovdistill.trainer.train import check_teacher
+
+    teacher = teacher_from_cache(DatasetCache(cache_dir), device=str(device),
+                                 precision=model.cfg.precision)
+    check_teacher(ckpt.get("teacher"), teacher.identity, str(checkpoint))
+    model.eval()
+    model.attach_teacher(teacher, cache_prompts=True)
 
 
 def coco_results(image_id: int, boxes: Tensor, scores: Tensor, labels: Tensor,
@@ -354,10 +379,15 @@ def evaluate(args) -> dict:
     if args.ensemble and model.image_tower is None:
         raise ConfigError(f"{args.checkpoint or run / CHECKPOINT}: --ensemble needs a run "
                           f"trained with --heads separate (this one has heads=shared)")
+    if model.cfg.mode == "grounding" and (args.ensemble or args.calibration != "none"):
+        raise ConfigError("--ensemble and --calibration score ViLD's softmax; a grounding run "
+                          "scores its alignment logits (drop them)")
     base_vocab = args.vocabulary == "base"
     if base_vocab:
         vocab = vocab.base_only()
         model.set_vocabulary(vocab.embeddings, vocab.is_base)
+        if model.cfg.mode == "grounding":
+            model.set_class_prompts(list(vocab.names))
     calibration = None if args.calibration == "none" else args.calibration
     bias, calibration_info = None, {}
     if calibration:

@@ -61,6 +61,22 @@ contrastive loss on the set similarity of every image with every caption of the 
 (`losses.pair_set_similarity`, `losses.pair_contrastive_loss`). The RPN, the box regressor,
 the background embedding and an image tower get no gradient from it.
 
+Detection as grounding (GLIP, `TrainConfig.mode="grounding"`): the ViLD-text softmax is
+replaced by alignment logits between the text tower's region embeddings [N, D] and the
+tokens of text prompts [T, D] (`trainer.grounding`): the cache's teacher (`attach_teacher`)
+encodes each prompt per token (`Teacher.encode_tokens`, frozen unless train_text_encoder),
+`token_proj` (started at the teacher's text_projection) maps them to D, `fusion`
+(fusion_layers of X-MHA, optional) fuses regions and tokens, `alignment` gives the logits.
+`forward(..., prompts=...)` takes per image its `grounding_data.PromptTargets` (the
+detection prompts of its classes, or its caption on grounding data); a sampled proposal's
+target row is the positive row of its matched GT box (zeros for background), and
+`loss_grounding` = grounding_weight x the sigmoid focal loss summed over every (image,
+prompt) and divided by their positive tokens. `detect` scores class c by the mean sigmoid
+over c's span in `all_class_prompts(vocabulary)` (encoded once, `PromptCache`); the RPN and
+the box regression are as in the other modes. A frozen teacher is not part of the state
+dict (the run records its identity; evaluation loads it from the cache again); a trainable
+one is (`text_encoder.*`).
+
 Precision (`TrainConfig.precision`): under bf16 autocast the backbone, the RPN head's convs,
 the towers and the box regressor run in bf16; anchors, proposals, the sampled proposals'
 matching and regression targets, the box decoding, the logits and the losses are float32.
@@ -73,8 +89,22 @@ import torch
 import torch.nn.functional as F
 from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
 from ovdistill.pipeline.precision import float32_region
+from ovdistill.pipeline.prompts import (
+    PromptCache,
+    all_class_prompts,
+    max_prompt_tokens,
+    open_clip_tokenize,
+)
 from ovdistill.pipeline.rpn_net import IMAGE_MEAN, IMAGE_STD, Float32Anchors, Float32RPNHead
 from ovdistill.trainer.config import TrainConfig
+from ovdistill.trainer.grounding import (
+    AlignmentHead,
+    FusionStack,
+    GroundingError,
+    TokenProjection,
+    class_scores,
+    sigmoid_focal_alignment_loss,
+)
 from ovdistill.trainer.losses import (
     box_regression_loss,
     center_embeddings,
@@ -235,6 +265,19 @@ class OpenVocabDetector(nn.Module):
         # negative_prompts: generic negative texts for the training softmax ([K, D])
         self.register_buffer("neg_emb", torch.zeros(0, embed_dim), persistent=False)
         self._neg_raw = torch.zeros(0, embed_dim)
+        # GLIP (mode grounding): the token projection is made by attach_teacher (its width)
+        self.token_proj: TokenProjection | None = None
+        self.alignment = self.fusion = None
+        if cfg.mode == "grounding":
+            if embed_dim % cfg.fusion_heads and cfg.fusion_layers:
+                raise GroundingError(f"fusion_heads={cfg.fusion_heads} does not divide the "
+                                     f"embedding dim {embed_dim}")
+            self.alignment = AlignmentHead(embed_dim, tau=cfg.grounding_tau,
+                                           text_bias=cfg.text_bias)
+            self.fusion = FusionStack(cfg.fusion_layers, embed_dim, cfg.fusion_heads)
+        self._teacher = None  # a pipeline Teacher, not a submodule unless it trains
+        self._prompt_cache: PromptCache | None = None
+        self.class_prompts: list = []  # detect's all_class_prompts of the vocabulary
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -277,6 +320,122 @@ class OpenVocabDetector(nn.Module):
         if self.region_mean.numel() == 0:
             return emb
         return center_embeddings(emb, self.region_mean)
+
+    # ------------------------------------------------------------------ grounding
+
+    def attach_teacher(self, teacher, cache_prompts: bool = False) -> None:
+        """The text encoder of mode grounding: `teacher` (a pipeline Teacher on this model's
+        device). Makes `token_proj` from its text_projection the first time; with
+        train_text_encoder its model becomes the submodule `text_encoder` (saved, trained;
+        its image tower frozen). `cache_prompts`: encode each prompt text once
+        (`PromptCache`; refused for a trainable encoder)."""
+        if self.cfg.mode != "grounding":
+            raise GroundingError(f"attach_teacher is for mode grounding (got {self.cfg.mode})")
+        tower = teacher.model if hasattr(teacher.model, "text_projection") else getattr(
+            teacher.model, "text", teacher.model)
+        projection = getattr(tower, "text_projection", None)
+        if not isinstance(projection, Tensor) or projection.ndim != 2:
+            raise GroundingError(f"teacher text tower {type(tower).__name__} has no "
+                                 f"[W, D] text_projection tensor to start token_proj from")
+        if projection.shape[1] != self.embed_dim:
+            raise GroundingError(f"teacher embeds in D={projection.shape[1]}, the model in "
+                                 f"D={self.embed_dim}; the cache holds another teacher")
+        device = self.bg_embedding.device
+        if self.token_proj is None:
+            self.token_proj = TokenProjection.from_text_projection(projection.float()).to(device)
+        self._teacher = teacher
+        if self.cfg.train_text_encoder:
+            if cache_prompts and self.training:
+                raise GroundingError("a trainable text encoder cannot cache its prompts")
+            self.text_encoder = teacher.model
+            for p in getattr(teacher.model, "visual", nn.Module()).parameters():
+                p.requires_grad_(False)
+        else:
+            for p in teacher.model.parameters():
+                p.requires_grad_(False)
+        self._prompt_cache = PromptCache(self._encode_frozen) if cache_prompts else None
+        self.tokenize = open_clip_tokenize(teacher.tokenizer)
+        self.context_length = int(teacher.tokenizer.context_length)
+        self.max_tokens = max_prompt_tokens(self.context_length)
+
+    def set_class_prompts(self, names: list[str]) -> None:
+        """Detect's prompts: every name of the vocabulary once (`all_class_prompts`)."""
+        self._need_teacher()
+        self.class_prompts = all_class_prompts(list(names), self.max_tokens, self.tokenize)
+
+    def _need_teacher(self) -> None:
+        if self._teacher is None:
+            raise GroundingError("mode grounding needs its text encoder: "
+                                 "model.attach_teacher(teacher_from_cache(cache))")
+
+    @torch.no_grad()
+    def _encode_frozen(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        return self._teacher.encode_tokens(texts)
+
+    def encode_prompts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """K prompt texts -> (token features Tensor[K, L, D] in the region space, real-token
+        mask Tensor[K, L] bool); L = the teacher's context length."""
+        self._need_teacher()
+        if self._prompt_cache is not None:
+            feats, mask = self._prompt_cache.get(texts)
+        elif self.cfg.train_text_encoder:
+            feats, mask = self._teacher.encode_tokens(texts)
+        else:
+            feats, mask = self._encode_frozen(texts)
+        return self.token_proj(feats), mask
+
+    def alignment_scores(self, regions: list[Tensor], tokens: Tensor, token_mask: Tensor
+                         ) -> list[Tensor]:
+        """regions: K Tensor[N_k, D] (the regions each prompt is scored against); tokens:
+        Tensor[K, L, D]; token_mask: Tensor[K, L] bool. Fusion (when on) runs on the padded
+        batch; returns K logits Tensor[N_k, L] float32."""
+        counts = [len(r) for r in regions]
+        if len(self.fusion.layers):
+            padded, region_mask = pad_rows(regions, self.embed_dim)
+            padded, tokens = self.fusion(padded, tokens, token_mask,
+                                         region_mask)
+            regions = [padded[k, :n] for k, n in enumerate(counts)]
+        return [self.alignment(r, tokens[k]) for k, r in enumerate(regions)]
+
+    def grounding_loss(self, region_emb: list[Tensor], matched: list[Tensor],
+                       labels: list[Tensor], prompts: list[list]) -> Tensor:
+        """grounding_weight x GLIP's focal alignment loss of a batch.
+
+        region_emb, matched, labels: per image the sampled proposals' embeddings Tensor[N_i,
+        D], matched GT index Tensor[N_i] and label Tensor[N_i] (0 = background); prompts: per
+        image its PromptTargets (positive Tensor[G_i, L]). The focal sums of every (image,
+        prompt) over real tokens, divided by all their positive tokens (max 1)."""
+        chunks = [(i, p) for i, ps in enumerate(prompts) for p in ps]
+        if not chunks:
+            return sum(e.sum() for e in region_emb) * 0.0
+        tokens, mask = self.encode_prompts([p.text for _, p in chunks])
+        logits = self.alignment_scores([region_emb[i] for i, _ in chunks], tokens, mask)
+        total = positives = 0.0
+        for (i, p), lg, m in zip(chunks, logits, mask):
+            positive = p.positive.to(lg.device).float()
+            if positive.shape[0] == 0:
+                target = torch.zeros_like(lg)
+            else:
+                target = positive[matched[i]] * (labels[i] > 0)[:, None].float()
+            n_pos = (target * m[None]).sum()
+            total = total + sigmoid_focal_alignment_loss(lg, target, m) * n_pos.clamp(min=1)
+            positives = positives + n_pos
+        return self.cfg.grounding_weight * total / torch.as_tensor(positives).clamp(min=1)
+
+    def grounding_scores(self, emb: list[Tensor]) -> list[Tensor]:
+        """emb: per image its proposals' embeddings Tensor[N_i, D] -> per image class scores
+        Tensor[N_i, C] (C = the class prompts' vocabulary): the mean sigmoid over each
+        class's span, summed over the prompts (a class is in exactly one)."""
+        if not self.class_prompts:
+            raise RuntimeError("no class prompts: call set_class_prompts(names) first")
+        n_classes = sum(len(p.classes) for p in self.class_prompts)
+        tokens, mask = self.encode_prompts([p.text for p in self.class_prompts])
+        out = []
+        for e in emb:
+            logits = self.alignment_scores([e] * len(self.class_prompts), tokens, mask)
+            out.append(sum(class_scores(lg, p.spans, n_classes)
+                           for lg, p in zip(logits, self.class_prompts)))
+        return out
 
     # ------------------------------------------------------------------ pieces
 
@@ -365,8 +524,8 @@ class OpenVocabDetector(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]],
-                pairs: bool = False, extra_negatives: Tensor | None = None
-                ) -> dict[str, Tensor]:
+                pairs: bool = False, extra_negatives: Tensor | None = None,
+                prompts: list[list] | None = None) -> dict[str, Tensor]:
         """Training losses.
 
         images: list of Tensor[3, H_i, W_i] in [0, 1] (already augmented); targets: per image
@@ -376,6 +535,8 @@ class OpenVocabDetector(nn.Module):
         (each already weighted). pairs=True: `targets` are pairs and the loss is
         `pair_losses` (so DDP syncs a pair iteration like any other). extra_negatives:
         Tensor[K, D], this iteration's dictionary negatives for the ViLD-text classifier.
+        prompts (mode grounding): per image its `grounding_data.PromptTargets`; the labels
+        then only tell foreground from background (any label >= 1 is an object).
         """
         if pairs:
             return self.pair_losses(images, targets)
@@ -385,8 +546,9 @@ class OpenVocabDetector(nn.Module):
         proposals, losses = self.rpn(batch, features, targets)
         losses = dict(losses)
 
-        sampled, _, labels, regression_targets = self.roi_heads.select_training_samples(
+        sampled, matched, labels, regression_targets = self.roi_heads.select_training_samples(
             proposals, targets)
+        per_image = labels
         labels = torch.cat(labels)
         hidden, region_emb = self.text_tower(
             self._roi_features(features, sampled, batch.image_sizes))
@@ -394,7 +556,14 @@ class OpenVocabDetector(nn.Module):
         losses["loss_box_reg"] = box_regression_loss(
             deltas, torch.cat(regression_targets).float(), labels)
         base = self.text_emb[self.is_base]
-        if cfg.mode == "image":
+        if cfg.mode == "grounding":
+            if prompts is None or len(prompts) != len(images):
+                raise GroundingError("mode grounding trains on prompts: forward(images, "
+                                     "targets, prompts=[[PromptTargets, ...] per image])")
+            losses["loss_grounding"] = self.grounding_loss(
+                list(region_emb.split([len(s) for s in sampled])), matched, per_image,
+                prompts)
+        elif cfg.mode == "image":
             logits = region_logits(region_emb, self.bg_embedding.float(), base,
                                    cfg.temperature)
             losses["loss_foreground"] = foreground_loss(logits, labels)
@@ -417,6 +586,18 @@ class OpenVocabDetector(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
+    def _detect_grounding(self, images: list[Tensor]) -> list[Detections]:
+        """detect() of mode grounding: class scores from `grounding_scores`."""
+        batch = batch_images(images)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        hidden, emb = self.text_tower(self._roi_features(features, proposals,
+                                                         batch.image_sizes))
+        deltas = self.roi_heads.box_predictor(hidden).float()
+        scores = self.grounding_scores(list(emb.split([len(p) for p in proposals])))
+        return _finish(self, deltas, proposals, torch.cat(scores), batch.image_sizes)
+
+    @torch.no_grad()
     def detect(self, images: list[Tensor], ensemble: bool = False,
                logit_bias: Tensor | None = None) -> list[Detections]:
         """Detections over the whole vocabulary (base and novel).
@@ -429,6 +610,8 @@ class OpenVocabDetector(nn.Module):
         """
         if self.text_emb.shape[0] == 0:
             raise RuntimeError("no vocabulary: call set_vocabulary(text_emb, is_base) first")
+        if self.cfg.mode == "grounding":
+            return self._detect_grounding(images)
         if ensemble and self.image_tower is None:
             raise ValueError("ViLD-ensemble needs a model trained with heads=separate "
                              "(a text head and an image head); this one has one shared head")
@@ -469,6 +652,16 @@ class OpenVocabDetector(nn.Module):
                                self.detections_per_image)
             out.append(Detections(*kept))
         return out
+
+
+def _finish(model: OpenVocabDetector, deltas: Tensor, proposals: list[Tensor],
+            scores: Tensor, image_sizes) -> list[Detections]:
+    """Decoded boxes + class scores Tensor[sum N_i, C] -> per-class NMS'd detections."""
+    boxes = model.roi_heads.box_coder.decode(deltas, proposals).reshape(-1, 4)
+    counts = [len(p) for p in proposals]
+    return [Detections(*postprocess(b, s, size, model.cfg.score_thresh, model.cfg.final_nms,
+                                    model.detections_per_image))
+            for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)]
 
 
 def read_init_checkpoint(path: str) -> dict:

@@ -22,6 +22,17 @@ the iterations of the logged steps that had it (loss_pairs only on pair iteratio
 pairs skipped in them summed (pairs_skipped_no_phrase, pairs_skipped_no_box, pairs_rejected).
 `--set dictionary_negatives=K` adds K sampled non-base dictionary concepts to the ViLD-text
 classifier of each detection iteration.
+
+Detection as grounding (GLIP, `--mode grounding`): the cache's teacher
+(`teacher_from_cache`) encodes the prompts per token; a detection iteration's prompt per
+image is its GT base classes plus grounding_negatives other base names, shuffled per
+(seed, step, image) (`grounding_data.detection_prompt_targets`). With `--set
+grounding_ratio=R` (`pseudo_ratio=R'`) an iteration that is not a pair iteration is a
+grounding-data (pseudo-grounding) iteration with that probability, drawn from (seed, step)
+(`grounding_data.iteration_kind`): a batch of the grounding split (`--grounding-file`,
+default the grounding stage's) or of the pseudo-grounding file (`--pseudo-file`, default
+the pseudo_boxes stage's), prompts = the captions. A frozen teacher is not saved in
+latest.pt; its identity is, and a resumed run refuses another teacher.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ from pathlib import Path
 import torch
 from ovdistill.pipeline.cache import tmp_path
 from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
+from ovdistill.pipeline.clip_teacher import teacher_from_cache
 from ovdistill.pipeline.errors import OvdError, report
 from ovdistill.pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
 from ovdistill.pipeline.manifests import DatasetManifest, load_manifest
@@ -52,6 +64,16 @@ from ovdistill.trainer.config import (
     parse_set,
 )
 from ovdistill.trainer.data import resolve_workers, train_loader
+from ovdistill.trainer.grounding_data import (
+    GROUNDING,
+    GROUNDING_SKIPPED,
+    PAIRS,
+    PSEUDO,
+    GroundingStream,
+    detection_prompt_targets,
+    grounding_files,
+    iteration_kind,
+)
 from ovdistill.trainer.inputs import (
     check_shard_dim,
     load_vocabulary,
@@ -71,7 +93,6 @@ from ovdistill.trainer.model import (
 from ovdistill.trainer.pair_data import (
     SKIP_KEYS,
     check_pair_shard_dim,
-    is_pair_iteration,
     load_dictionary_negatives,
     pair_loader,
     pair_shard_urls,
@@ -80,6 +101,7 @@ from ovdistill.trainer.pair_data import (
 from torch.nn.parallel import DistributedDataParallel
 
 CHECKPOINT = "latest.pt"
+SUMMED_KEYS = (*SKIP_KEYS, GROUNDING_SKIPPED)  # logged summed over the steps, not averaged
 # settings a resumed run may change (they do not alter what is learned)
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers"}
 
@@ -223,6 +245,43 @@ def resolve_config(args, dataset: DatasetManifest, cache_dir: Path, resumed: dic
     return wanted
 
 
+def check_teacher(recorded: dict | None, teacher_identity_now: dict, where: str) -> None:
+    """Refuse a run whose recorded teacher (sha256) is not the cache's teacher now."""
+    if recorded and recorded.get("sha256") != teacher_identity_now.get("sha256"):
+        raise CheckpointError(f"{where} was trained with teacher {recorded.get('model')} "
+                              f"sha256 {str(recorded.get('sha256'))[:12]}, the cache's is "
+                              f"{teacher_identity_now.get('model')} sha256 "
+                              f"{str(teacher_identity_now.get('sha256'))[:12]}; use that "
+                              f"cache or retrain")
+
+
+def setup_grounding(model: OpenVocabDetector, cfg: TrainConfig, args, dataset, cache_dir: Path,
+                    info, resumed: dict | None, base_names: list[str]) -> dict:
+    """Mode grounding: attach the cache's teacher (checked against a resumed run's) and
+    find the grounding / pseudo-grounding files the ratios ask for. Returns {"base_names",
+    "files": {kind: (json, images folder)}} (empty for the other modes)."""
+    if cfg.mode != "grounding":
+        return {"base_names": [], "files": {}}
+    teacher = teacher_from_cache(DatasetCache(cache_dir), device=str(info.device),
+                                 precision=cfg.precision)
+    if resumed is not None:
+        check_teacher(resumed.get("teacher"), teacher.identity, "the resumed run")
+    model.attach_teacher(teacher)
+    files = {}
+    for kind, ratio in ((GROUNDING, cfg.grounding_ratio), (PSEUDO, cfg.pseudo_ratio)):
+        if ratio > 0:
+            files[kind] = grounding_files(dataset, cache_dir, kind,
+                                          getattr(args, f"{kind}_file", None),
+                                          getattr(args, f"{kind}_images", None))
+    if info.is_main:
+        print(f"grounding: teacher {teacher.identity.get('model')} "
+              f"(context {model.context_length}, text encoder "
+              f"{'trained' if cfg.train_text_encoder else 'frozen'}), "
+              f"{cfg.grounding_negatives} negatives per prompt, fusion layers "
+              f"{cfg.fusion_layers}" + "".join(f", {k} {p}" for k, (p, _) in files.items()))
+    return {"base_names": list(base_names), "files": files}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ovdistill.trainer.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/toy", help="run folder")
     p.add_argument("--shards", default=None,
                    help="brace pattern of shards (local or pipe:); default: <cache>/<ds>/wds/")
-    p.add_argument("--mode", choices=("text", "image", "vild"), default=None)
+    p.add_argument("--mode", choices=("text", "image", "vild", "grounding"), default=None)
     p.add_argument("--heads", choices=("shared", "separate"), default=None,
                    help="separate: text + image heads, for `trainer.evaluate --ensemble`")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
@@ -241,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint with backbone.* / rpn.* weights (e.g. the RPN stage's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one TrainConfig field (repeatable)")
+    for kind in (GROUNDING, PSEUDO):
+        p.add_argument(f"--{kind}-file", default=None,
+                       help=f"MDETR-format json of the {kind} iterations (default: the "
+                            f"{'grounding' if kind == GROUNDING else 'pseudo_boxes'} stage's)")
+        p.add_argument(f"--{kind}-images", default=None,
+                       help=f"folder the --{kind}-file file_names are relative to")
     p.add_argument("--resume", default=None, help="'latest' (= <out>/latest.pt) or a path")
     p.add_argument("--stop-at", type=int, default=None,
                    help="checkpoint and exit after this step (the schedule still ends at --steps)")
@@ -286,6 +351,8 @@ def train(args) -> int:
         if info.is_main:
             print(f"dictionary negatives: {min(cfg.dictionary_negatives, len(names))} of "
                   f"{len(names)} non-base concepts per detection iteration")
+    grounding = setup_grounding(model, cfg, args, dataset, cache_dir, info, resumed,
+                                [n for n, b in zip(vocab.names, vocab.is_base.tolist()) if b])
     optimizer, scheduler = build_optimizer(model, cfg)
     step = 0
     if resumed is not None:
@@ -298,7 +365,7 @@ def train(args) -> int:
         # a pair iteration leaves the RPN, the box regressor and the background unused
         ddp = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            find_unused_parameters=cfg.pairs_ratio > 0)
+            find_unused_parameters=cfg.pairs_ratio > 0 or cfg.mode == "grounding")
 
     # a resumed stream is seeded by its start step, so it does not replay the first batches
     workers = resolve_workers(cfg, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -331,6 +398,10 @@ def train(args) -> int:
     model.train()
     batches = iter(loader)
     pair_batches = iter(pairs_stream) if pairs_stream is not None else None
+    streams = {kind: GroundingStream.from_file(
+        path, images_dir, cfg, model.tokenize, model.max_tokens, model.context_length,
+        seed=cfg.seed + step + (0 if kind == GROUNDING else 1), rank=info.rank,
+        world_size=info.world_size) for kind, (path, images_dir) in grounding["files"].items()}
     if resumed is not None and "rng" in resumed:
         # the RPN and RoI proposal samplers draw on it; restored after iter(loader) (and the
         # pairs stream's), which take a seed from it
@@ -347,15 +418,25 @@ def train(args) -> int:
 
     last = time.time()
     while step < cfg.steps:
-        pair_iteration = is_pair_iteration(cfg.seed, step, cfg.pairs_ratio)
+        kind = iteration_kind(cfg.seed, step, cfg)
+        pair_iteration = kind == PAIRS
         t_data = time.time()
         if pair_iteration:
             images, targets, skipped = next(pair_batches)
             images, targets = to_device(images, targets, info.device)
             forward = {"pairs": True}
+        elif kind in streams:  # grounding or pseudo-grounding data: captions as prompts
+            images, targets, prompts, n_skipped = next(streams[kind])
+            images, targets = to_device(images, targets, info.device)
+            forward = {"prompts": prompts}
         else:
             images, targets = to_device(*next(batches), info.device)
             forward = {}
+            if cfg.mode == "grounding":
+                forward["prompts"] = detection_prompt_targets(
+                    [t["labels"] for t in targets], grounding["base_names"], cfg.seed, step,
+                    cfg.grounding_negatives, model.max_tokens, model.tokenize,
+                    model.context_length)
             if dictionary is not None:
                 rows = sample_negatives(len(dictionary), cfg.dictionary_negatives, cfg.seed,
                                         step)
@@ -374,16 +455,18 @@ def train(args) -> int:
         if pair_iteration:
             for k in SKIP_KEYS:  # summed on logging: every rank adds the same keys
                 add(k, skipped[k])
+        if kind in streams:
+            add(GROUNDING_SKIPPED, n_skipped)
         add("grad_norm", grad_norm)
         add("data_sec", t_data)
         add("n", 1)
         add("images", len(images))
         if step % cfg.log_every == 0 or step == cfg.steps:
             n, n_images = sums.pop("n"), sums.pop("images")
-            row = {k: float(v) if k in SKIP_KEYS else float(v) / counts[k]
+            row = {k: float(v) if k in SUMMED_KEYS else float(v) / counts[k]
                    for k, v in sums.items()}
             row = distributed.mean_across(row, info)
-            for k in SKIP_KEYS:
+            for k in SUMMED_KEYS:
                 if k in row:
                     row[k] = round(row[k] * info.world_size)  # summed over the ranks
             now = time.time()
