@@ -258,12 +258,13 @@ def test_ablation_rows_add_pairs_to_text_and_vild():
     rows = ablation.ROWS
     assert (rows["pairs"].mode, rows["vild+pairs"].mode) == ("text", "vild")
     assert rows["pairs"].options == rows["vild+pairs"].options == ablation.PAIRS
-    assert ablation.PAIRS == {"pairs_ratio": 0.5, "pairs_weight": 0.1} and make_config(ablation.PAIRS)
+    assert ablation.PAIRS == {"pairs_ratio": 0.5, "pairs_weight": 0.1, "pairs_top_k": 10}
+    assert make_config(ablation.PAIRS)
     args = SimpleNamespace(out="o", manifest="m", cache="c", steps=700, seed=0, set=[])
     cmd = ablation.train_command(rows["vild+pairs"], args)
     assert cmd[cmd.index("--out") + 1] == str(Path("o") / "vild+pairs")
-    assert cmd[-6:] == ["--steps=700", "--seed=0", "--set", "pairs_ratio=0.5", "--set",
-                        "pairs_weight=0.1"]
+    assert cmd[-8:] == ["--steps=700", "--seed=0", "--set", "pairs_ratio=0.5", "--set",
+                        "pairs_weight=0.1", "--set", "pairs_top_k=10"]
 
 
 class _Quadratic(torch.nn.Module):

@@ -87,7 +87,7 @@ REMEDIES: dict[str, dict] = {
 # DetCLIPv2's image-text pairs (TrainConfig keys), shared by the `pairs` and `vild+pairs`
 # rows: half the iterations on pairs (the pairs_* defaults: batch 8 at 128 px, top 100
 # proposals, tau 0.05, hard max over regions)
-PAIRS: dict = {"pairs_ratio": 0.5, "pairs_weight": 0.1}  # weight: BENCHMARKS lab log 29
+PAIRS: dict = {"pairs_ratio": 0.5, "pairs_weight": 0.1, "pairs_top_k": 10}  # lab log 30, 32
 # GLIP's rows (TrainConfig keys): a quarter of the iterations on the grounding split, the
 # rest detection as grounding; grounding+pseudo gives another quarter to pseudo-grounding
 GROUNDING: dict = {"grounding_ratio": 0.25}
