@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,29 @@ def tar_file_bytes(member_bytes: int) -> int:
 def sample_tar_bytes(sample: dict) -> int:
     """Tar bytes of one webdataset sample {"__key__", member: bytes, ...} (its members only)."""
     return sum(tar_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
+
+
+def write_shard(path: Path, items, make_sample) -> tuple[int, int, list[dict]]:
+    """Write the tar shard at `path`: `make_sample(item)` gives (sample dict of plain bytes
+    members with its "__key__", None) or (None, a reject) for each of `items`, in order.
+    Members get the fixed mtime TAR_MTIME (the same inputs give byte-identical shards); the
+    file is fsynced. Returns (samples written, their member bytes, the rejects)."""
+    import webdataset as wds
+
+    rejects, written, members = [], 0, 0
+    with open(path, "wb") as fh:
+        with wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
+            for item in items:
+                sample, bad = make_sample(item)
+                if bad is not None:
+                    rejects.append(bad)
+                    continue
+                tw.write(sample)
+                members += sample_tar_bytes(sample)
+                written += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    return written, members, rejects
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

@@ -50,6 +50,7 @@ from ovdistill.pipeline.shards import (  # noqa: F401 - re-exported: pack.plan_s
     sample_tar_bytes,
     tar_file_bytes,
     tar_member_bytes,
+    write_shard,
 )
 
 NAME = "pack"
@@ -266,8 +267,6 @@ class Worker:
                 "json": meta_bytes(meta)}, None
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
-        import webdataset as wds
-
         by_file: dict[Path, list[int]] = {}
         for i in part.items:
             by_file.setdefault(self.where[i][0], []).append(i)
@@ -277,19 +276,8 @@ class Worker:
 
         name = shard_name(part.index)
         path = out.tmp(name)
-        rejects, written, members = [], 0, 0
-        with open(path, "wb") as fh:
-            with wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
-                for i in part.items:
-                    sample, reject = self.sample(i, regions)
-                    if reject is not None:
-                        rejects.append(reject)
-                        continue
-                    tw.write(sample)
-                    members += sample_tar_bytes(sample)
-                    written += 1
-            fh.flush()
-            os.fsync(fh.fileno())
+        written, members, rejects = write_shard(path, part.items,
+                                                lambda i: self.sample(i, regions))
         return PartResult(rows=written, rejects=rejects,
                           extra={"shard": name, "bytes": os.path.getsize(path),
                                  "expected_bytes": tar_file_bytes(members)})

@@ -39,16 +39,15 @@ from ovdistill.pipeline.pair_sources import (
 from ovdistill.pipeline.propose import proposal_counts, read_ranked
 from ovdistill.pipeline.runner import Part, PartOutput, PartResult, StageContext, StageError
 from ovdistill.pipeline.shards import (
-    TAR_MTIME,
     is_plain_jpeg,
     jpeg_payload,
     json_bytes,
     npy_bytes,
     npy_nbytes,
     plan_shards,
-    sample_tar_bytes,
     tar_file_bytes,
     tar_member_bytes,
+    write_shard,
 )
 
 NAME = "pair_pack"
@@ -256,8 +255,6 @@ class Worker:
                 "phrase_emb.npy": npy_bytes(emb)}, None
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:
-        import webdataset as wds
-
         phrases, proposals = {}, {}
         for f, ids in by_file(part.items, self.index.phrases).items():
             phrases.update(read_phrases(f, ids, self.index.dim))
@@ -266,19 +263,8 @@ class Worker:
 
         name = layout.pair_shard_name(part.index)
         path = out.tmp(name)
-        rejects, written, members = [], 0, 0
-        with open(path, "wb") as fh:
-            with wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME) as tw:
-                for i in part.items:
-                    sample, bad = self.sample(i, phrases, proposals)
-                    if bad is not None:
-                        rejects.append(bad)
-                        continue
-                    tw.write(sample)
-                    members += sample_tar_bytes(sample)
-                    written += 1
-            fh.flush()
-            os.fsync(fh.fileno())
+        written, members, rejects = write_shard(path, part.items,
+                                                lambda i: self.sample(i, phrases, proposals))
         return PartResult(rows=written, rejects=rejects,
                           extra={"shard": name, "bytes": os.path.getsize(path),
                                  "expected_bytes": tar_file_bytes(members)})
