@@ -358,6 +358,18 @@ def read_candidates(ctx: StageContext) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
 
 
+def recorded_root(root: Path | None, cache: Path) -> str | None:
+    """The pair image root as the pseudo file records it: relative to the dataset's cache
+    folder when inside it ("pairs" for generated pairs, so a moved or copied cache still
+    finds its images; the reader joins it to the cache folder), else absolute."""
+    if root is None:
+        return None
+    try:
+        return Path(root).resolve().relative_to(Path(cache).resolve()).as_posix()
+    except ValueError:
+        return str(Path(root).resolve())
+
+
 def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     table = read_candidates(ctx)
     scores = table["score"].to_numpy() if len(table) else np.zeros(0, np.float32)
@@ -372,7 +384,7 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
                                               "width", "height"])
         pairs = {r["image_id"]: r for r in rows.to_pylist()}
     categories = vocabulary(ctx)
-    info = {"image_root": str(root) if root else None, "threshold": threshold, "rule": rule,
+    info = {"image_root": recorded_root(root, ctx.cache), "threshold": threshold, "rule": rule,
             "source": "ovdistill pseudo_boxes"}
     dictionary = concept_dictionary(ctx) if kept else None
     doc, no_span = grounding_doc(kept, pairs, dictionary, categories, info)

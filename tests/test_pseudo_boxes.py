@@ -40,6 +40,7 @@ from ovdistill.stages.pseudo_boxes import (
     best_matches,
     keep_mask,
     precision_report,
+    recorded_root,
     text_spans,
 )
 
@@ -284,7 +285,10 @@ def test_planted_best_regions_and_a_fixed_threshold(planted):
     doc = kept_json(planted)
     assert [im["id"] for im in doc["images"]] == [1]
     assert doc["images"][0]["caption"] == CAPTIONS[1]
-    assert doc["info"]["image_root"] == str(planted.stage_dir(layout.PAIRS))
+    # recorded relative to the dataset's cache folder: a moved cache still finds its images
+    assert doc["info"]["image_root"] == layout.PAIRS
+    assert recorded_root(planted.stage_dir(layout.PAIRS), planted.cache) == "pairs"
+    assert recorded_root(Path("/elsewhere/imgs"), planted.cache) == "/elsewhere/imgs"
     circle, star = doc["annotations"]
     assert circle["bbox"] == [10.0, 10.0, 20.0, 20.0] and circle["category_id"] == 1
     assert [CAPTIONS[1][s:e] for s, e in circle["tokens_positive"]] == ["circle", "circle"]
@@ -434,3 +438,18 @@ def test_pair_regions_equal_the_regions_path_and_the_pil_reference(tiny_pairs):
                                          table["box"].to_pylist())])
     cos = F.cosine_similarity(torch.from_numpy(emb(table).astype(np.float32)), pil)
     assert cos.min() >= 0.99, cos.min()
+
+
+def test_the_trainer_finds_the_pseudo_images_in_a_moved_cache(planted, tmp_path):
+    import shutil
+
+    from ovdistill.trainer.grounding_data import PSEUDO, grounding_files
+
+    run_stage(pseudo_boxes, planted, pseudo_boxes.Config(threshold=0.5), distributor="local",
+              progress=False, log=lambda *_: None)
+    moved = tmp_path / "moved" / planted.cache.name
+    shutil.copytree(planted.cache, moved)
+    shutil.rmtree(planted.cache)
+    path, images = grounding_files(planted.dataset, moved, PSEUDO)
+    assert path == moved / layout.PSEUDO_BOXES / layout.PSEUDO_FILE
+    assert images == moved / layout.PAIRS

@@ -119,7 +119,8 @@ def grounding_files(dataset, cache_dir: str | Path, kind: str, file: str | None 
         default_images = cache.stage_dir(layout.PAIRS) / layout.PAIR_IMAGES
         if images is None and default_file.is_file():  # the stage records its image root
             root = (read_json(default_file).get("info") or {}).get("image_root")
-            default_images = Path(root) if root else default_images
+            if root:  # relative: to the dataset's cache folder (stages/pseudo_boxes.py)
+                default_images = Path(root) if Path(root).is_absolute() else cache.root / root
     else:
         default_file, default_images = Path(file), Path(images or Path(file).parent)
     path, folder = Path(default_file), Path(images) if images else Path(default_images)
