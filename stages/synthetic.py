@@ -525,28 +525,38 @@ class PairSpec:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "pairs.synthetic") -> PairSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        kw = {k: (tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else v)
-              for k, v in d.items()}
-        spec = cls(**kw)
-        for name in ("image_side", "objects_per_image", "object_size"):
-            value = getattr(spec, name)
-            if len(value) != 2 or not 0 < value[0] <= value[1]:
-                raise ValueError(f"{where}: {name} must be [min, max] with 0 < min <= max, "
-                                 f"got {list(value)}")
-        for name in ("n_images", "seed"):
-            if not isinstance(getattr(spec, name), int):
-                raise TypeError(f"{where}: {name} must be an integer, got "
-                                f"{getattr(spec, name)!r}")
-        if spec.n_images < 1 or spec.seed < 0:
-            raise ValueError(f"{where}: n_images must be >= 1 and seed >= 0, got "
-                             f"{spec.n_images} and {spec.seed}")
-        if not isinstance(spec.name_prob, (int, float)) or not 0.0 < spec.name_prob <= 1.0:
-            raise ValueError(f"{where}: name_prob must be in (0, 1], got {spec.name_prob!r}")
-        return spec
+        return scene_spec_from_dict(cls, d, where)
+
+
+def scene_spec_from_dict(cls, d: dict, where: str):
+    """A PairSpec / GroundingSpec (n_images, seed, image_side, objects_per_image, object_size,
+    name_prob) from a manifest block, validated: unknown keys, ranges that are not [min, max]
+    integers with 0 < min <= max, a non-integer or out-of-range n_images / seed, a name_prob
+    outside (0, 1] are one-line errors naming `where`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()}
+    spec = cls(**kw)
+    for name in ("image_side", "objects_per_image", "object_size"):
+        value = getattr(spec, name)
+        if not (isinstance(value, tuple) and len(value) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+                and 0 < value[0] <= value[1]):
+            raise ValueError(f"{where}: {name} must be [min, max] integers with "
+                             f"0 < min <= max, got {list(value) if isinstance(value, tuple) else value!r}")
+    for name in ("n_images", "seed"):
+        value = getattr(spec, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{where}: {name} must be an integer, got {value!r}")
+    if spec.n_images < 1 or spec.seed < 0:
+        raise ValueError(f"{where}: n_images must be >= 1 and seed >= 0, got "
+                         f"{spec.n_images} and {spec.seed}")
+    p = spec.name_prob
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+        raise ValueError(f"{where}: name_prob must be in (0, 1], got {p!r}")
+    return spec
 
 
 def pair_scene(rng: np.random.Generator, spec: PairSpec, categories: list[str]) -> Scene:
@@ -649,30 +659,7 @@ class GroundingSpec:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "grounding.synthetic") -> GroundingSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()}
-        spec = cls(**kw)
-        for name in ("image_side", "objects_per_image", "object_size"):
-            value = getattr(spec, name)
-            if not (isinstance(value, tuple) and len(value) == 2
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-                    and 0 < value[0] <= value[1]):
-                raise ValueError(f"{where}: {name} must be [min, max] integers with "
-                                 f"0 < min <= max, got {value!r}")
-        for name in ("n_images", "seed"):
-            value = getattr(spec, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{where}: {name} must be an integer, got {value!r}")
-        if spec.n_images < 1 or spec.seed < 0:
-            raise ValueError(f"{where}: n_images must be >= 1 and seed >= 0, got "
-                             f"{spec.n_images} and {spec.seed}")
-        p = spec.name_prob
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
-            raise ValueError(f"{where}: name_prob must be in (0, 1], got {p!r}")
-        return spec
+        return scene_spec_from_dict(cls, d, where)
 
 
 def grounding_scene(rng: np.random.Generator, spec: GroundingSpec, categories: list[str],
