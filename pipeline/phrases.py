@@ -319,3 +319,11 @@ def read_dictionary(path: Path) -> tuple[list[str], list[str], np.ndarray]:
                          f"dictionary contract (name, split, embedding float32[D])")
     emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return table.column("name").to_pylist(), table.column("split").to_pylist(), emb
+
+
+def manifest_dictionary(dataset) -> ConceptDictionary:
+    """The phrases stage's dictionary of a manifest (pipeline.manifests.DatasetManifest): its
+    categories (names, synonyms) plus the `pairs.concepts` list when it names one. The
+    pseudo_boxes stage rebuilds the same one to find its phrases' spans."""
+    path = dataset.pairs.concepts if dataset.pairs else None
+    return ConceptDictionary.build(dataset.categories(), read_concept_list(path) if path else ())

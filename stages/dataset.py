@@ -86,16 +86,7 @@ def synthetic_spec(ctx: StageContext) -> synthetic.SyntheticSpec | None:
 
 def vocabulary(ctx: StageContext) -> list[str]:
     """Synthetic category names in id order (ids 1..K): base, then novel."""
-    ds = ctx.dataset
-    if ds.base is None:
-        raise ManifestError(f"{ds.path}: a synthetic dataset needs explicit base/novel lists")
-    names = list(ds.base) + list(ds.novel or ())
-    for n in names:
-        try:
-            synthetic.category_parts(n)
-        except ValueError as e:
-            raise ManifestError(f"{ds.path}: {e}") from None
-    return names
+    return synthetic.drawable_vocabulary(ctx.dataset, "a synthetic dataset needs")
 
 
 def image_id(spec: synthetic.SyntheticSpec, split: str, index: int) -> int:

@@ -80,17 +80,8 @@ def grounding_spec(ctx: StageContext) -> GroundingSpec | None:
 def vocabulary(ctx: StageContext) -> tuple[list[str], set[str]]:
     """(every category name, base then novel, in manifest order; the base names) of generated
     grounding data: the generator must be able to draw each one."""
-    ds = ctx.dataset
-    if ds.base is None:
-        raise ManifestError(f"{ds.path}: generated grounding data needs explicit base/novel "
-                            f"lists")
-    names = list(ds.base) + list(ds.novel or ())
-    for n in names:
-        try:
-            synthetic.category_parts(n)
-        except ValueError as e:
-            raise ManifestError(f"{ds.path}: grounding.synthetic: {e}") from None
-    return names, set(ds.base)
+    names = synthetic.drawable_vocabulary(ctx.dataset, "generated grounding data needs", "grounding.synthetic")
+    return names, set(ctx.dataset.base)
 
 
 def item_rng(seed: int, index: int) -> np.random.Generator:

@@ -80,16 +80,8 @@ def pair_spec(ctx: StageContext) -> PairSpec | None:
 def vocabulary(ctx: StageContext) -> tuple[list[str], set[str]]:
     """(every category name, base and novel, in manifest order; the base names) of a
     generated pairs source: the generator must be able to draw each one."""
-    ds = ctx.dataset
-    if ds.base is None:
-        raise ManifestError(f"{ds.path}: generated pairs need explicit base/novel lists")
-    names = list(ds.base) + list(ds.novel or ())
-    for n in names:
-        try:
-            synthetic.category_parts(n)
-        except ValueError as e:
-            raise ManifestError(f"{ds.path}: pairs.synthetic: {e}") from None
-    return names, set(ds.base)
+    names = synthetic.drawable_vocabulary(ctx.dataset, "generated pairs need", "pairs.synthetic")
+    return names, set(ctx.dataset.base)
 
 
 def item_rng(seed: int, index: int) -> np.random.Generator:

@@ -37,12 +37,11 @@ from ovdistill.pipeline.errors import reject
 from ovdistill.pipeline.manifests import Category
 from ovdistill.pipeline.pair_sources import read_pairs
 from ovdistill.pipeline.phrases import (
-    ConceptDictionary,
     dictionary_table,
     extract_phrases,
     load_spacy,
+    manifest_dictionary,
     phrases_table,
-    read_concept_list,
     spacy_noun_chunks,
     spacy_version,
 )
@@ -74,19 +73,13 @@ def text_prompts(ctx: StageContext) -> TextPrompts:
     return TextPrompts.from_dict(ctx.upstream(layout.TEXT)["config"])
 
 
-def concept_dictionary(ctx: StageContext) -> ConceptDictionary:
-    """The vocabulary's categories plus the manifest's concept list (when it names one)."""
-    path = ctx.dataset.pairs.concepts if ctx.dataset.pairs else None
-    return ConceptDictionary.build(ctx.dataset.categories(),
-                                   read_concept_list(path) if path else ())
-
 
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     out = {"pairs": ctx.fingerprint(layout.PAIRS)}
     if ctx.dataset.pairs is None:
         return out
     out.update(teacher=ctx.fingerprint(layout.TEACHER), text=ctx.fingerprint(layout.TEXT),
-               dictionary=concept_dictionary(ctx).fingerprint())
+               dictionary=manifest_dictionary(ctx.dataset).fingerprint())
     if ctx.dataset.pairs.concepts:
         out["concepts_sha256"] = sha256_file(ctx.dataset.pairs.concepts)
     if cfg.extractor == "spacy":
@@ -133,7 +126,7 @@ class Worker:
         self.teacher = teacher_from_cache(ctx, ctx.resolve_device())
         self.prompts = text_prompts(ctx)
         self.templates = prompt_templates(self.prompts.templates)
-        self.dictionary = concept_dictionary(ctx)
+        self.dictionary = manifest_dictionary(ctx.dataset)
         self.concepts = {c.name: c for c in self.dictionary.concepts}
         self.files = ctx.files.parts(layout.PAIRS)
         self.embedding: dict[str, np.ndarray] = {}  # phrase -> float32[D], once per worker
@@ -200,7 +193,7 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
         print("[phrases] no image-text pairs (the manifest has no pairs: block or the pairs "
               "stage kept none): nothing to do")
         return {"pairs": 0, "with_phrases": 0, "without_phrases": 0, "distinct_phrases": 0}
-    dictionary = concept_dictionary(ctx)
+    dictionary = manifest_dictionary(ctx.dataset)
     mentions: Counter = Counter()
     for s in stats:
         mentions.update(s["mentions"])

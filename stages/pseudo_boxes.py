@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from ovdistill.pipeline import layout
 from ovdistill.pipeline.cache import atomic_write_bytes, canonical_hash, read_json
 from ovdistill.pipeline.pair_sources import pair_image_root, read_pairs
-from ovdistill.pipeline.phrases import ConceptDictionary, phrase_spans, read_concept_list, words
+from ovdistill.pipeline.phrases import ConceptDictionary, manifest_dictionary, phrase_spans, words
 from ovdistill.pipeline.runner import (
     Part,
     PartOutput,
@@ -291,12 +291,6 @@ def pair_records(stage_dir: Path) -> dict[int, list[dict]]:
     return out
 
 
-def concept_dictionary(ctx: StageContext) -> ConceptDictionary:
-    """The phrases stage's dictionary: the vocabulary plus the manifest's concept list."""
-    path = ctx.dataset.pairs.concepts if ctx.dataset.pairs else None
-    return ConceptDictionary.build(ctx.dataset.categories(),
-                                   read_concept_list(path) if path else ())
-
 
 def vocabulary(ctx: StageContext) -> list[dict]:
     return [{"id": c.id, "name": c.name, "split": c.split} for c in ctx.dataset.categories()]
@@ -386,7 +380,7 @@ def finalize(ctx: StageContext, cfg: Config, stats: list[dict]) -> dict:
     categories = vocabulary(ctx)
     info = {"image_root": recorded_root(root, ctx.cache), "threshold": threshold, "rule": rule,
             "source": "ovdistill pseudo_boxes"}
-    dictionary = concept_dictionary(ctx) if kept else None
+    dictionary = manifest_dictionary(ctx.dataset) if kept else None
     doc, no_span = grounding_doc(kept, pairs, dictionary, categories, info)
     path = ctx.stage_dir(NAME) / layout.PSEUDO_FILE
     atomic_write_bytes(path, (json.dumps(doc) + "\n").encode())

@@ -134,6 +134,24 @@ def category_parts(name: str) -> tuple[str, str | None]:
                      f"optionally after a colour of {list(COLOURS)} (e.g. 'red circle')")
 
 
+def drawable_vocabulary(dataset, what: str, where: str | None = None) -> list[str]:
+    """Every category name of a generated dataset's manifest (pipeline.manifests.
+    DatasetManifest), base then novel (ids 1..K in that order); ManifestError naming the file
+    when it has no explicit base/novel lists ("<file>: <what> needs explicit base/novel
+    lists") or a name the generator cannot draw ("<file>: <where>: <why>")."""
+    from ovdistill.pipeline.manifests import ManifestError
+
+    if dataset.base is None:
+        raise ManifestError(f"{dataset.path}: {what} explicit base/novel lists")
+    names = list(dataset.base) + list(dataset.novel or ())
+    for n in names:
+        try:
+            category_parts(n)
+        except ValueError as e:
+            raise ManifestError(f"{dataset.path}: {where + ': ' if where else ''}{e}") from None
+    return names
+
+
 def shape_polygons(name: str) -> list[tuple[np.ndarray, int]]:
     """Outline of shape `name` in unit coordinates, as (points: float[K, 2], fill) pairs drawn
     in order; fill 255 adds area, 0 cuts a hole. The shape spans about [-1, 1]^2."""
