@@ -31,13 +31,16 @@ import pyarrow.parquet as pq
 from ovdistill.pipeline import layout
 from ovdistill.pipeline.cache import canonical_hash, sha256_file
 from ovdistill.pipeline.errors import StageError
+from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 from ovdistill.pipeline.layout import DatasetCache
 from ovdistill.pipeline.manifests import (
     DatasetManifest,
+    ManifestError,
     PairsSource,
     contained_path,
     is_plain_relative,
 )
+from PIL import Image
 
 PAIRS_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -245,3 +248,35 @@ def source_fingerprint(source: PairsSource) -> str:
     if not Path(source.path).is_file():
         raise StageError(f"pairs source {source.path} is missing (a {source.format} file)")
     return sha256_file(source.path)
+
+
+class PairImage(NamedTuple):
+    """Where one pair's image is (a pairs row) and the size the pairs stage decoded;
+    `str()` is the file a reject names."""
+
+    root: str
+    file: str
+    offset: int
+    size: int
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return str(Path(self.root) / self.file)
+
+
+def load_pair_image(source: PairImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The decoded RGB image of a pair; ImageError (one line naming the pair) when it cannot
+    be read or decoded or is no longer the size its pairs row recorded."""
+    name = pair_label(Path(source.root), source.file, source.offset)
+    try:
+        data = pair_image_bytes(Path(source.root), source.file, source.offset, source.size)
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read ({e.strerror or e})") from None
+    except ManifestError as e:
+        raise ImageError(str(e)) from None
+    image = decode_rgb(data, name, max_pixels)
+    if image.size != (source.width, source.height):
+        raise ImageError(f"{name}: decoded size {image.width}x{image.height} differs from the "
+                         f"pairs row's {source.width}x{source.height}")
+    return image

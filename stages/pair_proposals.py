@@ -19,12 +19,11 @@ import pyarrow.parquet as pq
 import torch
 from ovdistill.pipeline import layout
 from ovdistill.pipeline.errors import reject
-from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, to_float_tensor
-from ovdistill.pipeline.manifests import ManifestError
+from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, to_float_tensor
 from ovdistill.pipeline.pair_sources import (
-    pair_image_bytes,
+    PairImage,
+    load_pair_image,
     pair_image_root,
-    pair_label,
     read_pairs,
 )
 from ovdistill.pipeline.prefetch import to_device
@@ -89,18 +88,12 @@ class Worker:
     def _decode(self, iid: int) -> tuple[int, torch.Tensor | None, dict | None]:
         """(iid, the image on the device or None, its reject or None); runs in a thread."""
         r = self.rows[iid]
-        name = pair_label(self.root, r["file"], r["offset"])
-        file = str(self.root / r["file"])
+        source = PairImage(str(self.root), r["file"], r["offset"], r["size"], r["width"],
+                           r["height"])
         try:
-            data = pair_image_bytes(self.root, r["file"], r["offset"], r["size"])
-            img = decode_rgb(data, name, self.cfg.max_pixels)
-        except OSError as e:
-            return iid, None, reject(iid, file, f"{name}: cannot read ({e.strerror or e})")
-        except (ImageError, ManifestError) as e:
-            return iid, None, reject(iid, file, e)
-        if img.size != (r["width"], r["height"]):
-            return iid, None, reject(iid, file, f"{name}: decoded size {img.width}x{img.height} "
-                                     f"differs from the pairs row's {r['width']}x{r['height']}")
+            img = load_pair_image(source, self.cfg.max_pixels)
+        except ImageError as e:
+            return iid, None, reject(iid, str(source), e)
         return iid, to_device(to_float_tensor(img), self.device), None
 
     def run_part(self, part: Part, out: PartOutput) -> PartResult:

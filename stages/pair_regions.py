@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,12 +29,11 @@ import pyarrow.parquet as pq
 from ovdistill.pipeline import layout
 from ovdistill.pipeline.clip_teacher import teacher_from_cache
 from ovdistill.pipeline.crops import CROPS_VERSION
-from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
-from ovdistill.pipeline.manifests import ManifestError
+from ovdistill.pipeline.images import DEFAULT_MAX_PIXELS
 from ovdistill.pipeline.pair_sources import (
-    pair_image_bytes,
+    PairImage,
+    load_pair_image,
     pair_image_root,
-    pair_label,
     read_pairs,
 )
 from ovdistill.pipeline.propose import SCHEMA as PROPOSALS_SCHEMA
@@ -53,7 +51,6 @@ from ovdistill.pipeline.runner import (
     StageError,
     chunk_parts,
 )
-from PIL import Image
 
 NAME = layout.PAIR_REGIONS
 RESOURCES = {"num_cpus": 1, "num_gpus": 1}
@@ -67,38 +64,6 @@ class Config:
     top_k: int = 100  # embed only the first top_k proposals of each pair by rank
     images_per_part: int = 100
     max_pixels: int = DEFAULT_MAX_PIXELS
-
-
-class PairImage(NamedTuple):
-    """Where one pair's image is (a pairs row) and the size the pairs stage decoded;
-    `str()` is the file a reject names."""
-
-    root: str
-    file: str
-    offset: int
-    size: int
-    width: int
-    height: int
-
-    def __str__(self) -> str:
-        return str(Path(self.root) / self.file)
-
-
-def load_pair_image(source: PairImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The decoded RGB image of a pair; ImageError (one line naming the pair) when it cannot
-    be read or decoded or is no longer the size its pairs row recorded."""
-    name = pair_label(Path(source.root), source.file, source.offset)
-    try:
-        data = pair_image_bytes(Path(source.root), source.file, source.offset, source.size)
-    except OSError as e:
-        raise ImageError(f"{name}: cannot read ({e.strerror or e})") from None
-    except ManifestError as e:
-        raise ImageError(str(e)) from None
-    image = decode_rgb(data, name, max_pixels)
-    if image.size != (source.width, source.height):
-        raise ImageError(f"{name}: decoded size {image.width}x{image.height} differs from the "
-                         f"pairs row's {source.width}x{source.height}")
-    return image
 
 
 def top_proposals(files: list[Path], image_ids, top_k: int) -> pa.Table:
