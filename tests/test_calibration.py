@@ -51,8 +51,9 @@ def test_mean_logit_bias_batches_images_and_restores_train_mode(monkeypatch):
     model = _StubModel()
     bias = mean_logit_bias(model, [torch.zeros(3, 8, 8)] * 4, batch_size=3)
     assert seen == [(3, False), (1, False)] and model.training
-    # 4 proposals: 2 x [1, 0] and 2 x [0, 1] -> mean cosines [.5, .5, .7], / 0.1
-    assert bias.tolist() == pytest.approx([5.0, 5.0, 7.0], rel=1e-6)
+    # 4 proposals: 2 x [1, 0] and 2 x [0, 1] -> mean cosines [.5, .5, .7], / 0.1 = [5, 5, 7],
+    # centred over the 3 classes (mean 17 / 3): the background's odds are left as they were
+    assert bias.tolist() == pytest.approx([5 - 17 / 3, 5 - 17 / 3, 7 - 17 / 3], rel=1e-6)
 
 
 def test_train_images_are_spread_evenly_by_id():
@@ -100,7 +101,7 @@ def test_evaluate_with_mean_logit_calibration(tiny_run, capsys):
     train_ids = sorted(im["id"] for im in train["images"])
     assert result["calibration_images"] == [train_ids[i] for i in (0, 2, 3, 5)]  # never val
 
-    # the recorded bias is the model's mean class logit over those images' proposals
+    # the recorded bias is the model's mean class logit over those images' proposals, centred
     dataset = load_manifest(tiny.manifest, cache_root=tiny.cache)
     model, _, vocab = load_run(run / "latest.pt", dataset, tiny.dataset_dir,
                                torch.device("cpu"))
@@ -109,6 +110,7 @@ def test_evaluate_with_mean_logit_calibration(tiny_run, capsys):
     with torch.no_grad():
         emb = torch.cat([calibration.proposal_embeddings(model, [im]) for im in images])
     want = (emb @ model.text_emb.t() / model.cfg.temperature).mean(0)
+    want = want - want.mean()
     assert list(result["logit_bias"]) == list(vocab.names)
     assert list(result["logit_bias"].values()) == pytest.approx(want.tolist(), abs=1e-3)
 

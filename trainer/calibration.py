@@ -4,13 +4,17 @@
 logit on every region, whatever the region shows (the modality-gap hub, DESIGN.md). Its
 per-class bias is measured without labels: the mean, over the RPN proposals of a few
 unlabeled TRAIN images, of each class's logit cos(region, text_c) / tau -- the logits the
-model's text head produces for the class columns (1:) of `losses.region_logits`. Evaluation
-subtracts it from every proposal's class logits before the softmax
-(`OpenVocabDetector.detect(..., logit_bias=bias)`).
+model's text head produces for the class columns (1:) of `losses.region_logits`, centred
+over the classes (its mean over the C classes removed). Evaluation subtracts it from every
+proposal's class logits before the softmax (`OpenVocabDetector.detect(..., logit_bias=bias)`).
+Centring keeps the background's odds: the raw mean logits are ~cos 0.6 / tau (60 at tau
+0.01), so subtracting them whole lowers every class against the background column by that
+much, a score threshold in disguise (vild's 1,000-step row: AP50 base / novel 17.1 / 8.1
+uncalibrated, 0.8 / 4.0 raw, 11.6 / 5.1 centred; BENCHMARKS.md lab log 41).
 
     images (train split, deterministic choice) -> backbone -> RPN proposals -> RoIAlign
         -> text tower -> region embedding [N, D] -> logits [N, C] = emb @ text.T / tau
-        -> mean over N (all proposals of all images) -> bias [C]
+        -> mean over N (all proposals of all images) -> minus its mean over C -> bias [C]
 """
 from __future__ import annotations
 
@@ -72,7 +76,8 @@ def mean_logit_bias(model: OpenVocabDetector, images: list[Tensor],
                     batch_size: int = 8) -> Tensor:
     """Per-class mean logit of `model` over the RPN proposals of `images` (list of
     Tensor[3, H_i, W_i] in [0, 1], on the model's device) -> Tensor[C] for the model's
-    current vocabulary (`model.text_emb`). Subtract it from the class logits to calibrate."""
+    current vocabulary (`model.text_emb`), centred (sums to 0 over the classes). Subtract it
+    from the class logits to calibrate."""
     was_training = model.training
     model.eval()
     device = images[0].device if images else torch.device("cpu")
@@ -83,7 +88,8 @@ def mean_logit_bias(model: OpenVocabDetector, images: list[Tensor],
                     for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
-    return bias_from_embeddings(embs, model.text_emb, model.cfg.temperature)
+    bias = bias_from_embeddings(embs, model.text_emb, model.cfg.temperature)
+    return bias - bias.mean()
 
 
 def pick_images(records: list[dict], n: int) -> list[dict]:

@@ -12,7 +12,7 @@ gets null. "top_class" is the most frequent class among the written detections a
 of them: a student whose regions collapse onto one text shows a share far above 1 / C.
 
 `--calibration mean_logit` (`trainer/calibration.py`) subtracts from each class's logits its
-mean logit over the RPN proposals of `--calibration-images N` (default 100) unlabeled train
+mean logit (centred over the classes) over the RPN proposals of `--calibration-images N` (default 100) unlabeled train
 images, spread evenly over the train split by image id; files *_mean_logit.json, the result
 records "calibration" and the subtracted "logit_bias" per class.
 
