@@ -89,20 +89,24 @@ def detection_prompts(names: Sequence[str], positives: Iterable[int], rng: rando
     return _chunk(names, chosen, max_tokens, tokenize)
 
 
-def all_class_prompts(names: Sequence[str], max_tokens: int, tokenize: Tokenize
-                      ) -> list[Prompt]:
+def all_class_prompts(names: Sequence[str], max_tokens: int, tokenize: Tokenize,
+                      names_per_prompt: int = 0) -> list[Prompt]:
     """Evaluation prompts: every class of `names` once, in order, chunked as
-    `detection_prompts` does. Deterministic, so the prompts' encodings can be cached
-    (`PromptCache`)."""
-    return _chunk(names, list(range(len(names))), max_tokens, tokenize)
+    `detection_prompts` does, with at most `names_per_prompt` names a prompt (0: as many as
+    fit `max_tokens`; 1: one prompt per class, no other name in its context). Deterministic,
+    so the prompts' encodings can be cached (`PromptCache`)."""
+    if names_per_prompt < 0:
+        raise PromptError(f"names_per_prompt must be >= 0, got {names_per_prompt}")
+    return _chunk(names, list(range(len(names))), max_tokens, tokenize, names_per_prompt)
 
 
 # ----------------------------------------------------------------------------- building
 
 
-def _chunk(names: Sequence[str], order: list[int], max_tokens: int, tokenize: Tokenize
-           ) -> list[Prompt]:
-    """Greedy chunks of `order` whose prompts fit `max_tokens`."""
+def _chunk(names: Sequence[str], order: list[int], max_tokens: int, tokenize: Tokenize,
+           max_names: int = 0) -> list[Prompt]:
+    """Greedy chunks of `order` whose prompts fit `max_tokens` (and hold at most `max_names`
+    names when > 0)."""
     tokenize = _memo(tokenize)
     end_len = len(tokenize(END))
     lengths = {}
@@ -117,7 +121,8 @@ def _chunk(names: Sequence[str], order: list[int], max_tokens: int, tokenize: To
                                   f"with its '{END}', more than a prompt's {max_tokens}")
     prompts, chunk, used = [], [], 0
     for c in order:
-        if chunk and used + lengths[c] + end_len > max_tokens:
+        if chunk and (used + lengths[c] + end_len > max_tokens
+                      or 0 < max_names <= len(chunk)):
             prompts.append(_prompt(names, chunk, max_tokens, tokenize))
             chunk, used = [], 0
         chunk.append(c)

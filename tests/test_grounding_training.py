@@ -3,6 +3,7 @@ open_clip teacher (embed_dim = the fixture's D, an 8-token context so the 4-clas
 is chunked into two prompts) and a grounding.json written here by hand: caption token spans,
 the iteration pattern, the focal targets, the loss on a fixed batch, fusion, the grounding
 scoring of evaluate against a reference, training, resume and the teacher check."""
+import dataclasses
 import json
 
 import numpy as np
@@ -323,10 +324,29 @@ def test_grounding_stream_batches(tiny):
         assert " and " in ps[0].text or ps[0].text in BASE
 
 
+def _reference_scores(model, teacher, names, emb):
+    """Each name's score by another path: its own prompt's tokens found by searching the
+    name's ids, the mean sigmoid over them. emb: Tensor[N, D] -> Tensor[N, C]."""
+    want = torch.zeros(len(emb), len(names))
+    with torch.no_grad():
+        for prompt in model.class_prompts:
+            feats, mask = teacher.encode_tokens([prompt.text])
+            tokens = model.token_proj(feats)[0]
+            fused, tokens = model.fusion(emb[None], tokens[None], mask)
+            cos = F.normalize(fused[0], dim=-1) @ F.normalize(tokens[0], dim=-1).t()
+            logits = cos / model.alignment.log_scale.exp() + model.alignment.bias
+            ids = [None, *model.tokenize(prompt.text)]
+            for c in prompt.classes:
+                name = list(model.tokenize(names[c]))
+                at = next(i for i in range(1, len(ids)) if ids[i:i + len(name)] == name)
+                want[:, c] = torch.sigmoid(logits[:, at:at + len(name)]).mean(1)
+    return want
+
+
 def test_evaluate_scores_the_mean_sigmoid_over_each_span(tiny, tmp_path):
     run = tmp_path / "ev"
     assert _train(tiny, run, "--steps", "2", "--set", "fusion_layers=1",
-                  "--set", "fusion_heads=2") == 0
+                  "--set", "fusion_heads=2", "--set", "grounding_eval_names=0") == 0
     dataset_cache = tiny.dataset_dir
     from ovdistill.pipeline.manifests import load_manifest
 
@@ -340,28 +360,27 @@ def test_evaluate_scores_the_mean_sigmoid_over_each_span(tiny, tmp_path):
     assert len(model._prompt_cache) == 2
     model.grounding_scores(emb)
     assert len(model._prompt_cache) == 2  # encoded once
-    # reference: each name's own prompt chunk, its tokens found by searching the name's ids
     teacher = teacher_from_cache(DatasetCache(dataset_cache))
-    want = torch.zeros(7, len(names))
-    with torch.no_grad():
-        for prompt in model.class_prompts:
-            feats, mask = teacher.encode_tokens([prompt.text])
-            tokens = model.token_proj(feats)[0]
-            fused, tokens = model.fusion(emb[0][None], tokens[None], mask)
-            cos = F.normalize(fused[0], dim=-1) @ F.normalize(tokens[0], dim=-1).t()
-            logits = cos / model.alignment.log_scale.exp() + model.alignment.bias
-            ids = [None, *model.tokenize(prompt.text)]
-            for c in prompt.classes:
-                name = list(model.tokenize(names[c]))
-                at = next(i for i in range(1, len(ids)) if ids[i:i + len(name)] == name)
-                want[:, c] = torch.sigmoid(logits[:, at:at + len(name)]).mean(1)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # the whole evaluation: the usual AP file
+    torch.testing.assert_close(got, _reference_scores(model, teacher, names, emb[0]),
+                               atol=1e-5, rtol=1e-5)
+    # the whole evaluation: the usual AP file, with the prompts it put to the text encoder
     assert eval_main(["--manifest", str(tiny.manifest), "--cache", str(tiny.cache),
                       "--run", str(run), "--device", "cpu"]) == 0
     result = json.loads((run / "eval.json").read_text())
     assert result["mode"] == "grounding" and "AP50_novel" in result
     assert set(result["AP50_per_class"]) == set(BASE + NOVEL)
+    assert result["prompts"] == [p.text for p in model.class_prompts]
+
+    # grounding_eval_names=1 (the default): one prompt per name, so a name's score no longer
+    # depends on the names beside it in its chunk
+    model.cfg = dataclasses.replace(model.cfg, grounding_eval_names=1)
+    model.set_class_prompts(names)
+    assert [p.classes for p in model.class_prompts] == [(0,), (1,), (2,), (3,)]
+    single = model.grounding_scores(emb)[0]
+    torch.testing.assert_close(single, _reference_scores(model, teacher, names, emb[0]),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single[:, 3], got[:, 3])  # (3,) was a prompt of its own already
+    assert (single[:, :3] - got[:, :3]).abs().max() > 1e-3  # the context changed 0..2
 
 
 def test_another_teacher_is_refused_in_one_line(tiny, tmp_path, capsys):

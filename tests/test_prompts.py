@@ -73,6 +73,22 @@ def test_spans_decode_to_the_names():
         char_spans={0: (0, 8), 1: (10, 21)}, n_tokens=8)
 
 
+def test_names_per_prompt_caps_each_evaluation_prompt():
+    singles = all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=1)
+    assert [p.classes for p in singles] == [(c,) for c in range(len(TOY))]
+    for p in singles:
+        assert_exact(p, TOY)
+    assert singles[1].text == TOY[1] + "." and singles[1].char_spans == {1: (0, len(TOY[1]))}
+    pairs = all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=2)
+    assert [p.classes for p in pairs] == [tuple(range(i, min(i + 2, len(TOY))))
+                                          for i in range(0, len(TOY), 2)]
+    # a cap above what the context holds changes nothing
+    assert all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=len(TOY) + 5) == \
+        all_class_prompts(TOY, MAX, TOKENIZE)
+    with pytest.raises(PromptError, match="names_per_prompt must be >= 0"):
+        all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=-1)
+
+
 def test_detection_prompts_are_seeded_and_exact():
     def build(seed: int) -> list[Prompt]:
         return detection_prompts(TOY, {3, 7}, random.Random(seed), 10, MAX, TOKENIZE)

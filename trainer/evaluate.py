@@ -424,6 +424,8 @@ def evaluate(args) -> dict:
               "rejects": rejects, "seconds": round(seconds, 2),
               "checkpoint": str(args.checkpoint or run / CHECKPOINT),
               "teacher": ckpt.get("teacher")}
+    if model.cfg.mode == "grounding":  # how the vocabulary was put to the text encoder
+        result["prompts"] = [p.text for p in model.class_prompts]
     (run / f"eval{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     if getattr(args, "pictures", False):
         from ovdistill.trainer.pictures import eval_pictures

@@ -359,9 +359,11 @@ class OpenVocabDetector(nn.Module):
         self.max_tokens = max_prompt_tokens(self.context_length)
 
     def set_class_prompts(self, names: list[str]) -> None:
-        """Detect's prompts: every name of the vocabulary once (`all_class_prompts`)."""
+        """Detect's prompts: every name of the vocabulary once (`all_class_prompts`), at
+        most `cfg.grounding_eval_names` names a prompt."""
         self._need_teacher()
-        self.class_prompts = all_class_prompts(list(names), self.max_tokens, self.tokenize)
+        self.class_prompts = all_class_prompts(list(names), self.max_tokens, self.tokenize,
+                                               self.cfg.grounding_eval_names)
 
     def _need_teacher(self) -> None:
         if self._teacher is None:
