@@ -108,7 +108,7 @@ class TrainConfig:
     # names per evaluation prompt (detect / evaluate): 1 scores each class in a prompt of its
     # own, so its token features never depend on which other names share its chunk; 0 packs
     # the vocabulary into as few prompts as the context holds (GLIP's chunks). The grounding
-    # row's checkpoint on 200 TRAIN images, base AP50: 16.6 packed, 19.2 with 1 (lab log 42)
+    # row's checkpoint on 200 TRAIN images, base AP50: 16.6 packed, 19.2 with 1 (lab log 43)
     grounding_eval_names: int = 1
     fusion_layers: int = 0
     fusion_heads: int = 4  # must divide the embedding dim D
