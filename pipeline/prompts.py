@@ -68,10 +68,12 @@ def open_clip_tokenize(tokenizer) -> Tokenize:
 
 
 def detection_prompts(names: Sequence[str], positives: Iterable[int], rng: random.Random,
-                      n_negatives: int, max_tokens: int, tokenize: Tokenize) -> list[Prompt]:
+                      n_negatives: int, max_tokens: int, tokenize: Tokenize,
+                      names_per_prompt: int = 0) -> list[Prompt]:
     """GLIP's training prompts for one image: the classes present plus up to `n_negatives`
     random other classes of `names`, shuffled by `rng`, chunked to at most `max_tokens` tokens
-    per prompt (every class whole in exactly one prompt).
+    per prompt (every class whole in exactly one prompt) and at most `names_per_prompt` names
+    (0: as many as fit).
 
     names: the C class names (a class index is a position in it); positives: class indices
     present in the image. Returns [] when there is no class to name."""
@@ -82,11 +84,13 @@ def detection_prompts(names: Sequence[str], positives: Iterable[int], rng: rando
                               f"{len(names)} names")
     if n_negatives < 0:
         raise PromptError(f"n_negatives must be >= 0, got {n_negatives}")
+    if names_per_prompt < 0:
+        raise PromptError(f"names_per_prompt must be >= 0, got {names_per_prompt}")
     present = set(pos)
     others = [c for c in range(len(names)) if c not in present]
     chosen = pos + rng.sample(others, min(n_negatives, len(others)))
     rng.shuffle(chosen)
-    return _chunk(names, chosen, max_tokens, tokenize)
+    return _chunk(names, chosen, max_tokens, tokenize, names_per_prompt)
 
 
 def all_class_prompts(names: Sequence[str], max_tokens: int, tokenize: Tokenize,

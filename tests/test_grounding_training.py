@@ -227,6 +227,29 @@ def test_focal_targets_tie_a_region_of_class_c_to_exactly_its_span(tiny, monkeyp
     torch.testing.assert_close(seen[1][0], prompts[1][0].positive[0])
 
 
+def test_one_name_per_training_prompt_reaches_the_loss(tiny, tmp_path, monkeypatch):
+    model, _ = _model(tiny)
+    labels = [torch.tensor([1, 3, 3])]
+    single = detection_prompt_targets(labels, list(BASE), SEED, 5, 2, model.max_tokens,
+                                      model.tokenize, model.context_length,
+                                      names_per_prompt=1)[0]
+    assert single and all(p.text.count(".") == 1 for p in single)  # one name each
+    name_ids = [list(model.tokenize(n)) for n in BASE]
+    for g, c in enumerate(labels[0].tolist()):  # a box's row is set in its name's prompt only
+        assert [int(p.positive[g].sum()) for p in single] == [
+            len(name_ids[c - 1]) if p.text == BASE[c - 1] + "." else 0 for p in single]
+    # the trainer passes TrainConfig.grounding_train_names through
+    import ovdistill.trainer.train as train_module
+
+    seen = []
+    real = train_module.detection_prompt_targets
+    monkeypatch.setattr(train_module, "detection_prompt_targets",
+                        lambda *a, **k: seen.append(a[7:] + tuple(k.values())) or real(*a, **k))
+    assert _train(tiny, tmp_path / "single", "--steps", "1",
+                  "--set", "grounding_train_names=1") == 0
+    assert seen and seen[0][-1] == 1
+
+
 def test_loss_is_finite_and_decreases_on_a_fixed_batch(tiny):
     model, _ = _model(tiny)
     images, targets = _fixed_batch(tiny, model.cfg)

@@ -89,6 +89,22 @@ def test_names_per_prompt_caps_each_evaluation_prompt():
         all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=-1)
 
 
+def test_names_per_prompt_caps_each_training_prompt():
+    packed = detection_prompts(TOY, {3, 7}, random.Random(4), 6, MAX, TOKENIZE)
+    single = detection_prompts(TOY, {3, 7}, random.Random(4), 6, MAX, TOKENIZE,
+                               names_per_prompt=1)
+    # the same classes in the same shuffled order, one per prompt
+    assert [p.classes for p in single] == [(c,) for p in packed for c in p.classes]
+    assert len(single) == 8
+    for p in single:
+        assert_exact(p, TOY)
+    triples = detection_prompts(TOY, {3, 7}, random.Random(4), 6, MAX, TOKENIZE,
+                                names_per_prompt=3)
+    assert [len(p.classes) for p in triples] == [3, 3, 2]
+    with pytest.raises(PromptError, match="names_per_prompt must be >= 0"):
+        detection_prompts(TOY, {3}, random.Random(0), 1, MAX, TOKENIZE, names_per_prompt=-2)
+
+
 def test_detection_prompts_are_seeded_and_exact():
     def build(seed: int) -> list[Prompt]:
         return detection_prompts(TOY, {3, 7}, random.Random(seed), 10, MAX, TOKENIZE)

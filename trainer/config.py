@@ -110,6 +110,8 @@ class TrainConfig:
     # the vocabulary into as few prompts as the context holds (GLIP's chunks). The grounding
     # row's checkpoint on 200 TRAIN images, base AP50: 16.6 packed, 19.2 with 1 (lab log 43)
     grounding_eval_names: int = 1
+    # names per training prompt of a detection image (0: as many as fit, GLIP's)
+    grounding_train_names: int = 0
     fusion_layers: int = 0
     fusion_heads: int = 4  # must divide the embedding dim D
     train_text_encoder: bool = False  # the teacher's text tower trains too (saved in latest.pt)
@@ -168,9 +170,9 @@ class TrainConfig:
         return self
 
     def _validate_grounding(self) -> None:
-        if self.grounding_eval_names < 0:
-            raise ConfigError(f"grounding_eval_names must be >= 0, got "
-                              f"{self.grounding_eval_names}")
+        for key in ("grounding_eval_names", "grounding_train_names"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.grounding_negatives < 0:
             raise ConfigError(f"grounding_negatives must be >= 0, got {self.grounding_negatives}")
         if self.fusion_layers < 0 or self.fusion_heads < 1:

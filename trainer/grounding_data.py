@@ -73,9 +73,11 @@ def iteration_kind(seed: int, step: int, cfg: TrainConfig) -> str:
 
 def detection_prompt_targets(labels: Sequence[Tensor], names: Sequence[str], seed: int,
                              step: int, n_negatives: int, max_tokens: int, tokenize: Tokenize,
-                             context_length: int) -> list[list[PromptTargets]]:
+                             context_length: int, names_per_prompt: int = 0
+                             ) -> list[list[PromptTargets]]:
     """Per image its detection prompts (GLIP: the GT classes and up to `n_negatives` other
-    `names`, shuffled by a generator of (seed, step, image), chunked to `max_tokens`).
+    `names`, shuffled by a generator of (seed, step, image), chunked to `max_tokens` and at
+    most `names_per_prompt` names a prompt, 0 = as many as fit).
 
     labels: per image Tensor[G] int64 in [1, C] (the trainer's base labels, 0 = bg unused);
     names: the C base class names (label l is names[l - 1]). Returns per image one
@@ -85,7 +87,7 @@ def detection_prompt_targets(labels: Sequence[Tensor], names: Sequence[str], see
         classes = (lab.long().cpu() - 1)
         rng = random.Random(f"prompts:{seed}:{step}:{i}")
         prompts = detection_prompts(names, classes.tolist(), rng, n_negatives, max_tokens,
-                                    tokenize)
+                                    tokenize, names_per_prompt)
         out.append([PromptTargets(p.text, grounding_targets(classes, p.spans, context_length))
                     for p in prompts])
     return out

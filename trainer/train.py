@@ -436,7 +436,7 @@ def train(args) -> int:
                 forward["prompts"] = detection_prompt_targets(
                     [t["labels"] for t in targets], grounding["base_names"], cfg.seed, step,
                     cfg.grounding_negatives, model.max_tokens, model.tokenize,
-                    model.context_length)
+                    model.context_length, cfg.grounding_train_names)
             if dictionary is not None:
                 rows = sample_negatives(len(dictionary), cfg.dictionary_negatives, cfg.seed,
                                         step)
