@@ -4,7 +4,9 @@ token span, so a detector can be trained and evaluated as a grounding model.
 A detection prompt is GLIP's: the names of the classes present and of some random negative
 classes, shuffled, each followed by ". " ("red star. blue circle."; the final space is
 dropped). A vocabulary longer than the text encoder's context is cut into several prompts,
-each class whole in one of them (GLIP chunks LVIS the same way at inference).
+each class whole in one of them (GLIP chunks LVIS the same way at inference); `names_per_prompt`
+caps the names a prompt holds as well (1: each class alone, TrainConfig.grounding_eval_names /
+grounding_train_names).
 
 Token spans index the TOKENIZED prompt as the text encoder sees it: position 0 is the
 start-of-text token, so a prompt's first name starts at position 1, and its end-of-text token

@@ -52,7 +52,8 @@ def test_mean_logit_bias_batches_images_and_restores_train_mode(monkeypatch):
     bias = mean_logit_bias(model, [torch.zeros(3, 8, 8)] * 4, batch_size=3)
     assert seen == [(3, False), (1, False)] and model.training
     # 4 proposals: 2 x [1, 0] and 2 x [0, 1] -> mean cosines [.5, .5, .7], / 0.1 = [5, 5, 7],
-    # centred over the 3 classes (mean 17 / 3): the background's odds are left as they were
+    # centred over the 3 classes (mean 17 / 3): the classes' mean logit against the
+    # background is left as it was
     assert bias.tolist() == pytest.approx([5 - 17 / 3, 5 - 17 / 3, 7 - 17 / 3], rel=1e-6)
 
 

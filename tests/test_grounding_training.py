@@ -227,7 +227,7 @@ def test_focal_targets_tie_a_region_of_class_c_to_exactly_its_span(tiny, monkeyp
     torch.testing.assert_close(seen[1][0], prompts[1][0].positive[0])
 
 
-def test_one_name_per_training_prompt_reaches_the_loss(tiny, tmp_path, monkeypatch):
+def test_one_name_per_training_prompt_targets_and_trainer_setting(tiny, tmp_path, monkeypatch):
     model, _ = _model(tiny)
     labels = [torch.tensor([1, 3, 3])]
     single = detection_prompt_targets(labels, list(BASE), SEED, 5, 2, model.max_tokens,
@@ -404,6 +404,35 @@ def test_evaluate_scores_the_mean_sigmoid_over_each_span(tiny, tmp_path):
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single[:, 3], got[:, 3])  # (3,) was a prompt of its own already
     assert (single[:, :3] - got[:, :3]).abs().max() > 1e-3  # the context changed 0..2
+
+
+def test_detect_scores_the_given_names_prompts(tiny, tmp_path):
+    """`trainer.detect` on a grounding run: the classes asked for are the prompts scored
+    (not the run's vocabulary), equal to the model called directly on those prompts."""
+    from ovdistill.pipeline.images import load_rgb
+    from ovdistill.pipeline.manifests import load_manifest
+    from ovdistill.trainer import detect
+    from ovdistill.trainer.data import resize_for_test
+
+    run = tmp_path / "det"
+    assert _train(tiny, run, "--steps", "2", "--set", "score_thresh=0.0") == 0
+    image = sorted((tiny.dataset_dir / layout.DATASET / "val").glob("*.jpg"))[0]
+    classes = ["ring", "box"]  # novel first: not the run's vocabulary order (box, ball, ...)
+    assert detect.main(["--run", str(run), "--cache", str(tiny.cache), "--manifest",
+                        str(tiny.manifest), "--device", "cpu", "--out", str(tmp_path / "d.png"),
+                        "--image", str(image), "--classes", ",".join(classes),
+                        "--score", "0.0"]) == 0
+    got = [(a["category"], a["score"])
+           for a in json.loads((tmp_path / "d.json").read_text())["annotations"]]
+    dataset = load_manifest(str(tiny.manifest), cache_root=str(tiny.cache))
+    model, _, _ = load_run(run / "latest.pt", dataset, tiny.dataset_dir, torch.device("cpu"))
+    model.set_class_prompts(classes)
+    assert [p.text for p in model.class_prompts] == ["ring.", "box."]
+    pixels = torch.from_numpy(np.array(load_rgb(image))).permute(2, 0, 1).contiguous()
+    resized, _ = resize_for_test(pixels, model.cfg.test_size, model.cfg.max_size)
+    det = model.detect([resized])[0]
+    want = [(classes[c], round(s, 5)) for s, c in zip(det.scores.tolist(), det.labels.tolist())]
+    assert want and got == want
 
 
 def test_another_teacher_is_refused_in_one_line(tiny, tmp_path, capsys):

@@ -85,6 +85,13 @@ def test_names_per_prompt_caps_each_evaluation_prompt():
     # a cap above what the context holds changes nothing
     assert all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=len(TOY) + 5) == \
         all_class_prompts(TOY, MAX, TOKENIZE)
+    # both limits bind: 8 tokens hold two names ("red circle." = 3 tokens), so a cap of 3
+    # names changes nothing and a cap of 1 still cuts
+    tight = all_class_prompts(TOY, 8, TOKENIZE)
+    assert max(len(p.classes) for p in tight) == 2
+    assert all_class_prompts(TOY, 8, TOKENIZE, names_per_prompt=3) == tight
+    assert [p.classes for p in all_class_prompts(TOY, 8, TOKENIZE, names_per_prompt=1)] == \
+        [(c,) for c in range(len(TOY))]
     with pytest.raises(PromptError, match="names_per_prompt must be >= 0"):
         all_class_prompts(TOY, MAX, TOKENIZE, names_per_prompt=-1)
 

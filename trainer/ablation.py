@@ -13,7 +13,8 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
     centered     vild + targets and texts with the teacher's mean direction taken out
     negatives    vild + negative prompts in the text loss
     calibrated   the vild row's checkpoint, no training of its own, evaluated with
-                 --calibration mean_logit (per-class mean logit over unlabeled train images)
+                 --calibration mean_logit (per-class mean logit over unlabeled train images,
+                 centred over the classes)
     ensemble_residual
                  ensemble + centered + contrastive: the image head made to carry the
                  region-specific residual of the teacher (the ensemble's image head reaches

@@ -7,10 +7,11 @@ unlabeled TRAIN images, of each class's logit cos(region, text_c) / tau -- the l
 model's text head produces for the class columns (1:) of `losses.region_logits`, centred
 over the classes (its mean over the C classes removed). Evaluation subtracts it from every
 proposal's class logits before the softmax (`OpenVocabDetector.detect(..., logit_bias=bias)`).
-Centring keeps the background's odds: the raw mean logits are mean cosines / tau (9 to 34
-for the toy's vild run at tau 0.01), so subtracting them whole lowers every class against
-the background column by that much, a score threshold in disguise (vild's 1,000-step row: AP50 base / novel 17.1 / 8.1
-uncalibrated, 0.8 / 4.0 raw, 11.6 / 5.1 centred; BENCHMARKS.md lab log 42).
+Centring keeps the classes' mean logit against the background: the raw mean logits are mean
+cosines / tau (9 to 34 for the toy's vild run at tau 0.01), so subtracting them whole lowers
+every class against the background column by that much, a score threshold in disguise
+(vild's 1,000-step row, AP50 base / novel: 17.1 / 8.1 uncalibrated, 0.8 / 4.0 raw, 11.6 / 5.1
+centred; BENCHMARKS.md lab log 42).
 
     images (train split, deterministic choice) -> backbone -> RPN proposals -> RoIAlign
         -> text tower -> region embedding [N, D] -> logits [N, C] = emb @ text.T / tau

@@ -98,8 +98,8 @@ class TrainConfig:
     dictionary_negatives: int = 0
     # GLIP: detection as grounding (mode grounding), all unused in the other modes. A
     # detection image's prompt is its GT classes' names plus up to grounding_negatives other
-    # base names, shuffled per (seed, step, image) and chunked to the teacher's context
-    # (pipeline.prompts.detection_prompts). 8 for the 18-class toy (3 to 5 classes per image):
+    # base names, shuffled per (seed, step, image) and chunked to the teacher's context and
+    # grounding_train_names (pipeline.prompts.detection_prompts). 8 for the 18-class toy (3 to 5 classes per image):
     # about half the base vocabulary per prompt, one or two chunks of a 32-token context;
     # GLIP uses up to 85 of LVIS's. Token features: the cache's teacher's text transformer
     # (frozen unless train_text_encoder) -> a projection started at its text_projection ->
@@ -108,7 +108,9 @@ class TrainConfig:
     # names per evaluation prompt (detect / evaluate): 1 scores each class in a prompt of its
     # own, so its token features never depend on which other names share its chunk; 0 packs
     # the vocabulary into as few prompts as the context holds (GLIP's chunks). The grounding
-    # row's checkpoint on 200 TRAIN images, base AP50: 16.6 packed, 19.2 with 1 (lab log 43)
+    # row's checkpoint on 200 TRAIN images, base AP50: 16.6 packed, 19.2 with 1 (lab log 43).
+    # The cost: C prompts per image (fusion pads the regions to [C, N, D]); for LVIS's 1,203
+    # classes 0 may be the affordable choice. A run saved before this key existed reads 1.
     grounding_eval_names: int = 1
     # names per training prompt of a detection image (0: as many as fit, GLIP's)
     grounding_train_names: int = 0

@@ -270,6 +270,8 @@ def detect(args) -> dict:
                           f"D={model.embed_dim}")
     is_base = torch.tensor([c.split == "base" for c in categories])
     model.set_vocabulary(emb, is_base)  # the run's region mean / negatives stay set
+    if model.cfg.mode == "grounding":  # GLIP scores the given names' own prompts
+        model.set_class_prompts(list(names))
 
     results = [detect_image(model, im, ensemble=args.ensemble, score=args.score,
                             device=device) for im in images]

@@ -12,13 +12,15 @@ gets null. "top_class" is the most frequent class among the written detections a
 of them: a student whose regions collapse onto one text shows a share far above 1 / C.
 
 `--calibration mean_logit` (`trainer/calibration.py`) subtracts from each class's logits its
-mean logit (centred over the classes) over the RPN proposals of `--calibration-images N` (default 100) unlabeled train
-images, spread evenly over the train split by image id; files *_mean_logit.json, the result
-records "calibration" and the subtracted "logit_bias" per class.
+mean logit over the RPN proposals of `--calibration-images N` (default 100) unlabeled train
+images, centred over the classes, the images spread evenly over the train split by image id;
+files *_mean_logit.json, the result records "calibration" and the subtracted "logit_bias"
+per class.
 
 A run of mode grounding (GLIP) scores class c by the mean sigmoid of its alignment logits
-over c's tokens in `all_class_prompts(vocabulary)` (base and novel, chunked to the teacher's
-context, encoded once); the cache's teacher must be the one the run recorded. The
+over c's tokens in `all_class_prompts(vocabulary)` (base and novel; `grounding_eval_names`
+names a prompt, default 1, 0 = as many as the teacher's context holds; encoded once; eval.json
+records them as "prompts"); the cache's teacher must be the one the run recorded. The
 detections, their cap and the AP are as for the other modes; `--ensemble` and
 `--calibration` are ViLD's and refused for it.
 

@@ -103,7 +103,7 @@ from torch.nn.parallel import DistributedDataParallel
 CHECKPOINT = "latest.pt"
 SUMMED_KEYS = (*SKIP_KEYS, GROUNDING_SKIPPED)  # logged summed over the steps, not averaged
 # settings a resumed run may change (they do not alter what is learned)
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers"}
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers", "grounding_eval_names"}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
