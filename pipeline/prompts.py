@@ -86,8 +86,6 @@ def detection_prompts(names: Sequence[str], positives: Iterable[int], rng: rando
                               f"{len(names)} names")
     if n_negatives < 0:
         raise PromptError(f"n_negatives must be >= 0, got {n_negatives}")
-    if names_per_prompt < 0:
-        raise PromptError(f"names_per_prompt must be >= 0, got {names_per_prompt}")
     present = set(pos)
     others = [c for c in range(len(names)) if c not in present]
     chosen = pos + rng.sample(others, min(n_negatives, len(others)))
@@ -101,8 +99,6 @@ def all_class_prompts(names: Sequence[str], max_tokens: int, tokenize: Tokenize,
     `detection_prompts` does, with at most `names_per_prompt` names a prompt (0: as many as
     fit `max_tokens`; 1: one prompt per class, no other name in its context). Deterministic,
     so the prompts' encodings can be cached (`PromptCache`)."""
-    if names_per_prompt < 0:
-        raise PromptError(f"names_per_prompt must be >= 0, got {names_per_prompt}")
     return _chunk(names, list(range(len(names))), max_tokens, tokenize, names_per_prompt)
 
 
@@ -110,9 +106,11 @@ def all_class_prompts(names: Sequence[str], max_tokens: int, tokenize: Tokenize,
 
 
 def _chunk(names: Sequence[str], order: list[int], max_tokens: int, tokenize: Tokenize,
-           max_names: int = 0) -> list[Prompt]:
-    """Greedy chunks of `order` whose prompts fit `max_tokens` (and hold at most `max_names`
-    names when > 0)."""
+           names_per_prompt: int = 0) -> list[Prompt]:
+    """Greedy chunks of `order` whose prompts fit `max_tokens` (and hold at most
+    `names_per_prompt` names when > 0)."""
+    if names_per_prompt < 0:
+        raise PromptError(f"names_per_prompt must be >= 0, got {names_per_prompt}")
     tokenize = _memo(tokenize)
     end_len = len(tokenize(END))
     lengths = {}
@@ -128,7 +126,7 @@ def _chunk(names: Sequence[str], order: list[int], max_tokens: int, tokenize: To
     prompts, chunk, used = [], [], 0
     for c in order:
         if chunk and (used + lengths[c] + end_len > max_tokens
-                      or 0 < max_names <= len(chunk)):
+                      or 0 < names_per_prompt <= len(chunk)):
             prompts.append(_prompt(names, chunk, max_tokens, tokenize))
             chunk, used = [], 0
         chunk.append(c)

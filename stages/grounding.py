@@ -80,7 +80,8 @@ def grounding_spec(ctx: StageContext) -> GroundingSpec | None:
 def vocabulary(ctx: StageContext) -> tuple[list[str], set[str]]:
     """(every category name, base then novel, in manifest order; the base names) of generated
     grounding data: the generator must be able to draw each one."""
-    names = synthetic.drawable_vocabulary(ctx.dataset, "generated grounding data needs", "grounding.synthetic")
+    names = synthetic.drawable_vocabulary(ctx.dataset, "generated grounding data needs",
+                                          "grounding.synthetic")
     return names, set(ctx.dataset.base)
 
 

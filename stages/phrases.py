@@ -73,7 +73,6 @@ def text_prompts(ctx: StageContext) -> TextPrompts:
     return TextPrompts.from_dict(ctx.upstream(layout.TEXT)["config"])
 
 
-
 def inputs(ctx: StageContext, cfg: Config) -> dict[str, str]:
     out = {"pairs": ctx.fingerprint(layout.PAIRS)}
     if ctx.dataset.pairs is None:

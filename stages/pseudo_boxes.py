@@ -291,7 +291,6 @@ def pair_records(stage_dir: Path) -> dict[int, list[dict]]:
     return out
 
 
-
 def vocabulary(ctx: StageContext) -> list[dict]:
     return [{"id": c.id, "name": c.name, "split": c.split} for c in ctx.dataset.categories()]
 

@@ -562,8 +562,9 @@ def scene_spec_from_dict(cls, d: dict, where: str):
         if not (isinstance(value, tuple) and len(value) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
                 and 0 < value[0] <= value[1]):
+            got = list(value) if isinstance(value, tuple) else repr(value)
             raise ValueError(f"{where}: {name} must be [min, max] integers with "
-                             f"0 < min <= max, got {list(value) if isinstance(value, tuple) else value!r}")
+                             f"0 < min <= max, got {got}")
     for name in ("n_images", "seed"):
         value = getattr(spec, name)
         if not isinstance(value, int) or isinstance(value, bool):

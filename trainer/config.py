@@ -99,11 +99,12 @@ class TrainConfig:
     # GLIP: detection as grounding (mode grounding), all unused in the other modes. A
     # detection image's prompt is its GT classes' names plus up to grounding_negatives other
     # base names, shuffled per (seed, step, image) and chunked to the teacher's context and
-    # grounding_train_names (pipeline.prompts.detection_prompts). 8 for the 18-class toy (3 to 5 classes per image):
-    # about half the base vocabulary per prompt, one or two chunks of a 32-token context;
-    # GLIP uses up to 85 of LVIS's. Token features: the cache's teacher's text transformer
-    # (frozen unless train_text_encoder) -> a projection started at its text_projection ->
-    # fusion_layers of X-MHA with the regions (0 = none) -> alignment logits.
+    # grounding_train_names (pipeline.prompts.detection_prompts). 8 for the 18-class toy (3
+    # to 5 classes per image): about half the base vocabulary per prompt, one or two chunks
+    # of a 32-token context; GLIP uses up to 85 of LVIS's. Token features: the cache's
+    # teacher's text transformer (frozen unless train_text_encoder) -> a projection started
+    # at its text_projection -> fusion_layers of X-MHA with the regions (0 = none) ->
+    # alignment logits.
     grounding_negatives: int = 8
     # names per evaluation prompt (detect / evaluate): 1 scores each class in a prompt of its
     # own, so its token features never depend on which other names share its chunk; 0 packs
