@@ -118,13 +118,14 @@ from ovdistill.trainer.losses import (
     vild_image_loss,
     vild_text_loss_with_aliases,
 )
+from ovdistill.trainer.roi_pool import FastBackwardMultiScaleRoIAlign
 from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 
 def _group_norm(channels: int) -> nn.Module:
@@ -244,9 +245,9 @@ class OpenVocabDetector(nn.Module):
         # RoIHeads is used for its proposal sampler (select_training_samples) and box coder;
         # the class-agnostic regressor sits in its box_predictor slot.
         self.roi_heads = RoIHeads(
-            box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(len(cfg.returned_layers))],
-                                            output_size=7,
-                                            sampling_ratio=cfg.roi_sampling_ratio),
+            box_roi_pool=FastBackwardMultiScaleRoIAlign(
+                [str(i) for i in range(len(cfg.returned_layers))], output_size=7,
+                sampling_ratio=cfg.roi_sampling_ratio),
             box_head=nn.Identity(), box_predictor=nn.Linear(cfg.representation_size, 4),
             fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=cfg.box_batch_size_per_image,
