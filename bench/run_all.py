@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from ovdistill.bench import regions_bench, storage_bench, train_bench
+from ovdistill.bench import regions_bench, roi_pool_bench, storage_bench, train_bench
 from ovdistill.pipeline.errors import reports_errors
 from ovdistill.pipeline.layout import WDS, DatasetCache
 from ovdistill.pipeline.manifests import load_manifest
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     print(f"\n== storage: bytes per image ({cache_dir if packed else 'synthetic cache'})")
     if rc := storage_bench.main([str(cache_dir)] if packed else []):
+        return rc
+    print("\n== trainer RoIAlign: torchvision's CPU backward vs trainer.roi_pool's")
+    if rc := roi_pool_bench.main([]):
         return rc
     print(f"\n== training input pipeline ({cache_dir / WDS if packed else 'stand-in shards'})")
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,8 @@ from ovdistill.trainer.grounding import (
     TokenProjection,
     alignment_logits,
     class_scores,
+    last_token_spans,
+    last_token_targets,
     glip_bias_init,
     grounding_targets,
     sigmoid_focal_alignment_loss,
@@ -222,6 +224,17 @@ def test_class_scores_mean_over_spans():
             [(sig(-1.0) + sig(0.5)) / 2, 0.0, sig(0.0)]]
     torch.testing.assert_close(scores, torch.tensor(want))
     assert class_scores(logits[None], {1: (0, 1)}, 2).shape == (1, 2, 2)
+
+
+def test_last_token_spans_and_targets_by_hand():
+    assert last_token_spans({2: (1, 3), 5: (4, 5)}) == {2: (2, 3), 5: (4, 5)}
+    positive = torch.tensor([[0.0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 1, 1]])
+    want = torch.tensor([[0.0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    assert torch.equal(last_token_targets(positive), want)
+    assert last_token_targets(torch.zeros(0, 5)).shape == (0, 5)
+    logits = torch.tensor([[0.0, 1.0, -2.0, 3.0]])
+    scores = class_scores(logits, last_token_spans({0: (1, 3)}), 1)
+    torch.testing.assert_close(scores, torch.tensor([[sig(-2.0)]]))
 
 
 # ----------------------------------------------------------------------------- fusion

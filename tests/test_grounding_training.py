@@ -227,6 +227,27 @@ def test_focal_targets_tie_a_region_of_class_c_to_exactly_its_span(tiny, monkeyp
     torch.testing.assert_close(seen[1][0], prompts[1][0].positive[0])
 
 
+def test_last_token_span_trains_only_each_phrases_last_token(tiny, monkeypatch):
+    model, _ = _model(tiny)
+    model.cfg = dataclasses.replace(model.cfg, grounding_span="last")
+    labels = [torch.tensor([1, 3])]
+    names = [f"small {n}" for n in BASE]  # two tokens each (the tiny vocabulary has one)
+    prompts = detection_prompt_targets(labels, names, SEED, 5, 8, model.max_tokens,
+                                       model.tokenize, model.context_length)
+    seen = []
+    real = model_module.sigmoid_focal_alignment_loss
+    monkeypatch.setattr(model_module, "sigmoid_focal_alignment_loss",
+                        lambda lg, t, m: seen.append(t) or real(lg, t, m))
+    emb = [F.normalize(torch.randn(3, model.embed_dim), dim=-1)]
+    model.grounding_loss(emb, [torch.tensor([0, 1, 0])], [torch.tensor([1, 3, 0])], prompts)
+    full = prompts[0][0].positive
+    for g in (0, 1):
+        span = full[g].nonzero().flatten().tolist()
+        assert seen[0][g].nonzero().flatten().tolist() == [span[-1]]
+    assert seen[0][2].sum() == 0  # background
+    assert all(len(full[g].nonzero()) == 2 for g in (0, 1))  # GLIP's span: both tokens
+
+
 def test_one_name_per_training_prompt_targets_and_trainer_setting(tiny, tmp_path, monkeypatch):
     model, _ = _model(tiny)
     labels = [torch.tensor([1, 3, 3])]
@@ -347,9 +368,10 @@ def test_grounding_stream_batches(tiny):
         assert " and " in ps[0].text or ps[0].text in BASE
 
 
-def _reference_scores(model, teacher, names, emb):
+def _reference_scores(model, teacher, names, emb, last=False):
     """Each name's score by another path: its own prompt's tokens found by searching the
-    name's ids, the mean sigmoid over them. emb: Tensor[N, D] -> Tensor[N, C]."""
+    name's ids, the mean sigmoid over them (last: the sigmoid of the last of them).
+    emb: Tensor[N, D] -> Tensor[N, C]."""
     want = torch.zeros(len(emb), len(names))
     with torch.no_grad():
         for prompt in model.class_prompts:
@@ -362,7 +384,8 @@ def _reference_scores(model, teacher, names, emb):
             for c in prompt.classes:
                 name = list(model.tokenize(names[c]))
                 at = next(i for i in range(1, len(ids)) if ids[i:i + len(name)] == name)
-                want[:, c] = torch.sigmoid(logits[:, at:at + len(name)]).mean(1)
+                first = at + len(name) - 1 if last else at
+                want[:, c] = torch.sigmoid(logits[:, first:at + len(name)]).mean(1)
     return want
 
 
@@ -393,6 +416,13 @@ def test_evaluate_scores_the_mean_sigmoid_over_each_span(tiny, tmp_path):
     assert result["mode"] == "grounding" and "AP50_novel" in result
     assert set(result["AP50_per_class"]) == set(BASE + NOVEL)
     assert result["prompts"] == [p.text for p in model.class_prompts]
+    # another split's result is written beside val's, not over it
+    val_text = (run / "eval.json").read_text()
+    assert eval_main(["--manifest", str(tiny.manifest), "--cache", str(tiny.cache),
+                      "--run", str(run), "--device", "cpu", "--split", "train",
+                      "--max-images", "2"]) == 0
+    assert (run / "eval.json").read_text() == val_text
+    assert json.loads((run / "eval_train.json").read_text())["n_images"] == 2
 
     # grounding_eval_names=1 (the default): one prompt per name, so a name's score no longer
     # depends on the names beside it in its chunk
@@ -404,6 +434,15 @@ def test_evaluate_scores_the_mean_sigmoid_over_each_span(tiny, tmp_path):
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single[:, 3], got[:, 3])  # (3,) was a prompt of its own already
     assert (single[:, :3] - got[:, :3]).abs().max() > 1e-3  # the context changed 0..2
+    # grounding_span "last": each name scored by its last token alone (names of two tokens)
+    two = [f"small {n}" for n in names]
+    model.set_class_prompts(two)
+    mean = model.grounding_scores(emb)[0]
+    model.cfg = dataclasses.replace(model.cfg, grounding_span="last")
+    last = model.grounding_scores(emb)[0]
+    torch.testing.assert_close(last, _reference_scores(model, teacher, two, emb[0], True),
+                               atol=1e-5, rtol=1e-5)
+    assert (last - mean).abs().max() > 1e-3
 
 
 def test_detect_scores_the_given_names_prompts(tiny, tmp_path):

@@ -18,6 +18,7 @@ from ovdistill.pipeline.precision import PRECISIONS
 MODES = ("text", "image", "vild", "grounding")
 HEADS = ("shared", "separate")
 NORMS = ("group", "batch")
+GROUNDING_SPANS = ("all", "last")  # grounding_span
 
 
 class ConfigError(OvdError, ValueError):
@@ -115,6 +116,12 @@ class TrainConfig:
     grounding_eval_names: int = 1
     # names per training prompt of a detection image (0: as many as fit, GLIP's)
     grounding_train_names: int = 0
+    # which tokens of a phrase are its positives in training and its score at inference:
+    # "all" (GLIP's: every token, the score their mean sigmoid) or "last" (its last token
+    # only). CLIP's text transformer is causal: in "red circle." and "red square." the token
+    # "red" is the same feature, a positive of a red circle's region in one prompt and a
+    # negative in the other; only a phrase's last token has seen the whole phrase.
+    grounding_span: str = "all"
     fusion_layers: int = 0
     fusion_heads: int = 4  # must divide the embedding dim D
     train_text_encoder: bool = False  # the teacher's text tower trains too (saved in latest.pt)
@@ -173,6 +180,9 @@ class TrainConfig:
         return self
 
     def _validate_grounding(self) -> None:
+        if self.grounding_span not in GROUNDING_SPANS:
+            raise ConfigError(f"grounding_span must be one of {GROUNDING_SPANS}, got "
+                              f"{self.grounding_span!r}")
         for key in ("grounding_eval_names", "grounding_train_names"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -195,7 +205,8 @@ class TrainConfig:
                           "pseudo_ratio": self.pseudo_ratio > 0,
                           "fusion_layers": self.fusion_layers > 0,
                           "train_text_encoder": self.train_text_encoder,
-                          "text_bias": self.text_bias}
+                          "text_bias": self.text_bias,
+                          "grounding_span": self.grounding_span != "all"}
         used = [k for k, on in grounding_only.items() if on]
         if used and self.mode != "grounding":
             raise ConfigError(f"{used[0]} is a GLIP option; it needs mode=grounding (got "

@@ -297,8 +297,8 @@ def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
 
 
 def result_suffix(ensemble: bool, base_vocab: bool, calibration: str | None = None) -> str:
-    """What an evaluation appends to its file names: eval{suffix}.json,
-    detections_<split>{suffix}.json (calibration: a `calibration.METHODS` name or None)."""
+    """What an evaluation appends to its file names: eval{suffix}.json (val;
+    eval_<split>{suffix}.json for another split), detections_<split>{suffix}.json (calibration: a `calibration.METHODS` name or None)."""
     return (("_ensemble" if ensemble else "") + ("_base_vocab" if base_vocab else "")
             + (f"_{calibration}" if calibration else ""))
 
@@ -428,7 +428,9 @@ def evaluate(args) -> dict:
               "teacher": ckpt.get("teacher")}
     if model.cfg.mode == "grounding":  # how the vocabulary was put to the text encoder
         result["prompts"] = [p.text for p in model.class_prompts]
-    (run / f"eval{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    # another split's result sits beside val's, never over it (the ablation reads eval.json)
+    name = f"eval{suffix}.json" if args.split == "val" else f"eval_{args.split}{suffix}.json"
+    (run / name).write_text(json.dumps(result, indent=2) + "\n")
     if getattr(args, "pictures", False):
         from ovdistill.trainer.pictures import eval_pictures
 

@@ -229,6 +229,23 @@ def sigmoid_focal_alignment_loss(logits: Tensor, targets: Tensor, token_mask: Te
         return total / positives.clamp(min=1).float()
 
 
+def last_token_spans(spans: Spans) -> dict[int, tuple[int, int]]:
+    """Each class's span cut to its last token: (first, end) -> (end - 1, end)."""
+    return {c: (end - 1, end) for c, (_, end) in spans.items()}
+
+
+def last_token_targets(positive: Tensor) -> Tensor:
+    """positive: Tensor[G, L] 0/1, row g 1 on its phrase's tokens -> the same rows 1 on the
+    last of them only (an all-zero row stays zero)."""
+    if positive.numel() == 0:
+        return positive
+    on = positive > 0
+    last = on.shape[-1] - 1 - on.flip(-1).float().argmax(dim=-1)  # the last True per row
+    out = torch.zeros_like(positive)
+    out.scatter_(-1, last[:, None], 1.0)
+    return out * on.any(dim=-1, keepdim=True)
+
+
 def class_scores(logits: Tensor, spans: Spans, n_classes: int) -> Tensor:
     """At inference a class scores the mean sigmoid over its phrase's tokens.
 
