@@ -23,10 +23,10 @@ from ovdistill.trainer.grounding import (
     TokenProjection,
     alignment_logits,
     class_scores,
-    last_token_spans,
-    last_token_targets,
     glip_bias_init,
     grounding_targets,
+    last_token_spans,
+    last_token_targets,
     sigmoid_focal_alignment_loss,
 )
 
