@@ -121,7 +121,12 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: f
 
 class FastBackwardMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign (same levels, scales and outputs) pooling each level
-    with `roi_align` above."""
+    with `roi_align` above. Square outputs only (the student's 7 x 7)."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        if self.output_size[0] != self.output_size[1]:
+            raise ValueError(f"square RoIAlign outputs only, got {self.output_size}")
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
