@@ -298,7 +298,8 @@ def restrict_gt(gt_json: Path, image_ids: list[int], out: Path,
 
 def result_suffix(ensemble: bool, base_vocab: bool, calibration: str | None = None) -> str:
     """What an evaluation appends to its file names: eval{suffix}.json (val;
-    eval_<split>{suffix}.json for another split), detections_<split>{suffix}.json (calibration: a `calibration.METHODS` name or None)."""
+    eval_<split>{suffix}.json for another split), detections_<split>{suffix}.json
+    (calibration: a `calibration.METHODS` name or None)."""
     return (("_ensemble" if ensemble else "") + ("_base_vocab" if base_vocab else "")
             + (f"_{calibration}" if calibration else ""))
 
