@@ -4,7 +4,14 @@ import math
 
 import pytest
 import torch
-from ovdistill.trainer.losses import pad_rows, pair_contrastive_loss, pair_set_similarity
+from ovdistill.trainer.losses import (
+    named_elsewhere,
+    pad_rows,
+    pair_contrastive_loss,
+    pair_phrase_contrastive_loss,
+    pair_set_similarity,
+    phrase_region_best,
+)
 
 # image 0: regions (1, 0), (0, 1); image 1: region (1, 0) (+ one padded row)
 # caption 0: phrase (1, 0) (+ one padded row); caption 1: phrases (0, 1), (0.6, 0.8)
@@ -115,3 +122,55 @@ def test_similarity_under_bf16_autocast_is_float32():
         loss = pair_contrastive_loss(sim, 0.5)
     assert sim.dtype == loss.dtype == torch.float32
     torch.testing.assert_close(sim, torch.tensor(HARD))
+
+
+def test_phrase_region_best_is_each_phrase_against_each_image():
+    best = phrase_region_best(REGIONS, REGION_MASK, PHRASES)
+    assert best.shape == (2, 2, 2)
+    # [b, a, p]: caption 0's phrase (1, 0): 1 on both images; caption 1's (0, 1): image 0
+    # has it (1), image 1 only (1, 0) (0); (0.6, 0.8): 0.8 and 0.6
+    torch.testing.assert_close(best[:, 0, 0], torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(best[:, 1], torch.tensor([[1.0, 0.8], [0.0, 0.6]]))
+
+
+# three captions: ids [0, 1], [1, pad], [2, 0]
+IDS = torch.tensor([[0, 1], [1, 7], [2, 0]])
+IDS_MASK = torch.tensor([[True, True], [True, False], [True, True]])
+
+
+def test_named_elsewhere_by_hand():
+    named = named_elsewhere(IDS, IDS_MASK)  # [b, a, p]: caption b names a's phrase p
+    want = torch.zeros(3, 3, 2, dtype=torch.bool)
+    want[0, 0] = want[1, 1, 0] = want[2, 2] = True  # every real phrase in its own caption
+    want[2, 0, 0] = True  # caption 2 names phrase 0 of caption 0 (id 0)
+    want[1, 0, 1] = True  # caption 1 names phrase 1 of caption 0 (id 1)
+    want[0, 1, 0] = True  # caption 0 names phrase 0 of caption 1 (id 1)
+    want[0, 2, 1] = True  # caption 0 names phrase 1 of caption 2 (id 0)
+    assert named.tolist() == want.tolist()  # the padded id 7 matches nothing
+
+
+def test_phrase_contrast_leaves_out_the_images_that_name_the_phrase():
+    tau = 0.5
+    best = torch.tensor([[[0.9, 0.2], [0.5, 0.0], [0.1, 0.4]],  # image 0 against a = 0, 1, 2
+                         [[0.3, 0.8], [0.7, 0.3], [0.6, 0.2]],  # image 1
+                         [[0.8, 0.1], [0.2, 0.5], [0.9, 0.6]]])  # image 2
+    values = best.tolist()
+    best.requires_grad_(True)
+
+    def ce(a, p, images):
+        logits = [values[b][a][p] / tau for b in images]
+        return -values[a][a][p] / tau + math.log(sum(math.exp(x) for x in logits))
+
+    want = (ce(0, 0, [0, 1]) + ce(0, 1, [0, 2]) + ce(1, 0, [1, 2]) + ce(2, 0, [0, 1, 2])
+            + ce(2, 1, [1, 2])) / 5  # 5 real phrases; (1, 1) is padding
+    loss = pair_phrase_contrastive_loss(best, IDS_MASK, named_elsewhere(IDS, IDS_MASK), tau)
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert best.grad[2, 0, 0] == 0 and best.grad[1, 0, 1] == 0  # the left-out negatives
+    assert best.grad[1, 0, 0] > 0 and (best.grad[:, 1, 1] == 0).all()  # padding: no gradient
+    # with no caption naming another's phrase it is the plain per-phrase contrast
+    nobody = torch.eye(3, dtype=torch.bool)[:, :, None] & IDS_MASK[None]
+    plain = pair_phrase_contrastive_loss(best.detach(), IDS_MASK, nobody, tau)
+    want_plain = sum(ce(a, p, [0, 1, 2]) for a, p in ((0, 0), (0, 1), (1, 0), (2, 0), (2, 1)))
+    assert float(plain) == pytest.approx(want_plain / 5, rel=1e-6)
+    assert float(plain) > float(loss)  # two more terms in two of the denominators

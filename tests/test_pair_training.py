@@ -150,6 +150,12 @@ def test_pair_batches_are_resized_with_their_boxes(tiny):
         assert im.shape == (3, 32, 32) and im.dtype == torch.float32
         want = originals[int(p["image_id"])]["boxes"] * 0.5  # 64 px -> 32 px
         torch.testing.assert_close(p["boxes"], want)
+    # equal phrase ids within the batch exactly where the phrase texts are equal
+    texts = [(t, int(i)) for p in pairs for t, i in zip(
+        originals[int(p["image_id"])]["phrases"], p["phrase_ids"])]
+    assert all(p["phrase_ids"].dtype == torch.int64 for p in pairs)
+    assert all((ta == tb) == (ia == ib) for ta, ia in texts for tb, ib in texts)
+    assert sorted({i for _, i in texts}) == list(range(len({t for t, _ in texts})))
 
 
 def test_joint_training_pattern_skips_and_resume(tiny, tmp_path, capsys):
@@ -215,6 +221,8 @@ def test_pair_options_are_validated_in_one_line():
                        (("pairs_batch_size", 1), r"^pairs_batch_size must be >= 2"),
                        (("pairs_tau", 0.0), r"^pairs_tau must be > 0, got 0\.0$"),
                        (("pairs_top_k", 0), r"^pairs_top_k must be >= 1, got 0$"),
+                       (("pairs_negatives", "none"),
+                        r"^pairs_negatives must be one of \('all', 'unnamed'\), got 'none'$"),
                        (("dictionary_negatives", -1), r"^dictionary_negatives must be >= 0")):
         with pytest.raises(ConfigError, match=match):
             make_config(dict([bad]))
@@ -299,3 +307,37 @@ def test_a_pair_step_is_clipped_to_pairs_weight_times_grad_clip(pairs):
     weight = 0.25 if pairs else 1.0
     assert grad_norm.item() == pytest.approx(weight * 200 * 2)  # |d/dw| = 200 |w| = 400
     assert step == pytest.approx(weight * 1.0, rel=1e-5)
+
+
+def test_unnamed_negatives_leave_out_images_whose_caption_names_the_phrase():
+    """pairs_negatives "unnamed": the model's loss_pairs against the per-phrase contrast
+    written out from its own region embeddings, an image whose caption names the phrase
+    left out of that phrase's softmax."""
+    dim, tau = 8, 0.1
+    cfg = make_config({**TINY_SETTINGS, "pairs_negatives": "unnamed", "pairs_tau": tau,
+                       "pairs_weight": 0.5, "pairs_ratio": 0.5})
+    torch.manual_seed(0)
+    model = OpenVocabDetector(cfg, dim).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 48, 48, generator=gen) for _ in range(3)]
+    boxes = [torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 5.0, 45.0, 40.0]]),
+             torch.tensor([[0.0, 0.0, 20.0, 44.0]]),
+             torch.tensor([[5.0, 5.0, 40.0, 25.0], [1.0, 20.0, 47.0, 47.0],
+                           [8.0, 8.0, 16.0, 16.0]])]
+    phrases = torch.randn(4, dim, generator=gen)
+    ids = [[0, 1], [1], [2, 0]]  # caption 1 names caption 0's phrase 1, caption 2 its phrase 0
+    pairs = [{"boxes": b, "phrase_emb": phrases[i].half(), "phrase_ids": torch.tensor(i)}
+             for b, i in zip(boxes, ids)]
+    with torch.no_grad():
+        got = float(model.pair_losses(images, pairs)["loss_pairs"])
+        regions = model.pair_region_embeddings(images, boxes)
+    unit = torch.nn.functional.normalize(phrases.half().float(), dim=-1)
+    terms = []
+    for a, caption in enumerate(ids):
+        for q in caption:
+            images_in = [b for b in range(3) if b == a or q not in ids[b]]
+            logits = torch.stack([(regions[b] @ unit[q]).max() / tau for b in images_in])
+            terms.append(float(torch.logsumexp(logits, 0) - logits[images_in.index(a)]))
+    assert len(terms) == 5 and got == pytest.approx(0.5 * sum(terms) / 5, rel=1e-5)
+    everyone = make_config({**TINY_SETTINGS, "pairs_tau": tau, "pairs_weight": 0.5})
+    assert everyone.pairs_negatives == "all"  # DetCLIPv2's caption-level loss by default

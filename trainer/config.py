@@ -18,6 +18,7 @@ from ovdistill.pipeline.precision import PRECISIONS
 MODES = ("text", "image", "vild", "grounding")
 HEADS = ("shared", "separate")
 NORMS = ("group", "batch")
+PAIR_NEGATIVES = ("all", "unnamed")
 GROUNDING_SPANS = ("all", "last")  # grounding_span
 
 
@@ -94,6 +95,10 @@ class TrainConfig:
     pairs_tau: float = 0.05
     pairs_weight: float = 1.0
     pairs_soft_tau: float = 0.0  # 0: max over regions; > 0: the softmax-weighted variant
+    # "all": DetCLIPv2's caption-level contrast, every other image a negative; "unnamed": the
+    # contrast per phrase, an image whose own caption names the phrase not its negative
+    # (losses.pair_phrase_contrastive_loss: false negatives of a small vocabulary)
+    pairs_negatives: str = "all"
     # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
     # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss
     dictionary_negatives: int = 0
@@ -229,6 +234,9 @@ class TrainConfig:
             raise ConfigError(f"pairs_top_k must be >= 1, got {self.pairs_top_k}")
         if self.pairs_tau <= 0:
             raise ConfigError(f"pairs_tau must be > 0, got {self.pairs_tau}")
+        if self.pairs_negatives not in PAIR_NEGATIVES:
+            raise ConfigError(f"pairs_negatives must be one of {PAIR_NEGATIVES}, got "
+                              f"{self.pairs_negatives!r}")
         for key in ("pairs_weight", "pairs_soft_tau"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -10,7 +10,9 @@ The remedies of later papers (all off by default, see `TrainConfig`) are plain f
 (the modality gap: take the teacher's common direction out of targets and texts).
 
 DetCLIPv2's word-region alignment on image-text pairs: `pair_set_similarity` (each phrase of a
-caption against its best region of an image) and `pair_contrastive_loss` (text-to-image only).
+caption against its best region of an image) and `pair_contrastive_loss` (text-to-image only);
+`pair_phrase_contrastive_loss`, the same contrast per phrase without the negatives whose own
+caption names the phrase.
 """
 from __future__ import annotations
 
@@ -178,6 +180,26 @@ def pad_rows(rows: list[Tensor], dim: int) -> tuple[Tensor, Tensor]:
     return out, mask
 
 
+def phrase_region_best(region_emb: Tensor, region_mask: Tensor, phrase_emb: Tensor,
+                       soft_tau: float | None = None) -> Tensor:
+    """Each phrase of every caption against its best region of every image of a batch.
+
+    region_emb: Tensor[B, K, D], region_mask: Tensor[B, K] bool, phrase_emb: Tensor[B, P, D]
+    (L2-normalised; padding anywhere). Returns best Tensor[B, B, P] float32 with best[b, a,
+    p] = max over image b's real regions of cos(caption a's phrase p, region) (soft_tau > 0:
+    the softmax(cos / soft_tau)-weighted mean of cos instead), 0 for an image without
+    regions. Padded phrases get values too; the caller masks them."""
+    with float32_region(region_emb.device):
+        cos = torch.einsum("bkd,apd->bakp", region_emb.float(), phrase_emb.float())
+        valid = region_mask[:, None, :, None]  # [B, 1, K, 1]
+        if soft_tau:
+            # a finite fill: an image without regions gets weights 0, not NaN
+            logits = (cos / soft_tau).masked_fill(~valid, torch.finfo(cos.dtype).min)
+            return (logits.softmax(dim=2) * valid * cos).sum(dim=2)  # [B, B, P]
+        best = cos.masked_fill(~valid, -math.inf).amax(dim=2)
+        return best.masked_fill(~region_mask.any(dim=1)[:, None, None], 0.0)
+
+
 def pair_set_similarity(region_emb: Tensor, region_mask: Tensor, phrase_emb: Tensor,
                         phrase_mask: Tensor, soft_tau: float | None = None) -> Tensor:
     """DetCLIPv2's set similarity of every image with every caption of a batch.
@@ -193,18 +215,45 @@ def pair_set_similarity(region_emb: Tensor, region_mask: Tensor, phrase_emb: Ten
     Padding changes nothing; an image without regions or a caption without phrases scores 0
     (the pair stream never batches one). Computed in float32 (autocast off).
     """
+    best = phrase_region_best(region_emb, region_mask, phrase_emb, soft_tau)
     with float32_region(region_emb.device):
-        cos = torch.einsum("bkd,apd->bakp", region_emb.float(), phrase_emb.float())
-        valid = region_mask[:, None, :, None]  # [B, 1, K, 1]
-        if soft_tau:
-            # a finite fill: an image without regions gets weights 0, not NaN
-            logits = (cos / soft_tau).masked_fill(~valid, torch.finfo(cos.dtype).min)
-            best = (logits.softmax(dim=2) * valid * cos).sum(dim=2)  # [B, B, P]
-        else:
-            best = cos.masked_fill(~valid, -math.inf).amax(dim=2)
-            best = best.masked_fill(~region_mask.any(dim=1)[:, None, None], 0.0)
         pm = phrase_mask[None, :, :].float()  # [1, B, P]
         return (best * pm).sum(dim=2) / pm.sum(dim=2).clamp(min=1.0)
+
+
+def named_elsewhere(phrase_ids: Tensor, phrase_mask: Tensor) -> Tensor:
+    """Which images' captions name each phrase.
+
+    phrase_ids: Tensor[B, P] int64, one id per distinct phrase text of the batch (any value
+    on padding); phrase_mask: Tensor[B, P] bool. Returns Tensor[B, B, P] bool, [b, a, p] =
+    caption b names caption a's phrase p (True on b == a for every real phrase)."""
+    same = phrase_ids[:, None, :, None] == phrase_ids[None, :, None, :]  # [b, a, q, p]
+    same = same & phrase_mask[:, None, :, None] & phrase_mask[None, :, None, :]
+    return same.any(dim=2)
+
+
+def pair_phrase_contrastive_loss(best: Tensor, phrase_mask: Tensor, named: Tensor,
+                                 tau: float) -> Tensor:
+    """Text-to-image contrast per phrase, without the images that the caption of a
+    negative names it in: the false negatives of a small vocabulary (on the toy, a negative
+    image holds a phrase's category 16 % of the time, and its best region, a true instance,
+    is then the hardest negative the softmax pushes down).
+
+    best: Tensor[B, B, P] (`phrase_region_best`: [b, a, p] = caption a's phrase p against
+    image b); phrase_mask: Tensor[B, P] bool; named: Tensor[B, B, P] bool
+    (`named_elsewhere`). For each real phrase (a, p): cross-entropy of softmax over the
+    images b with b == a or not named[b, a, p] of best[b, a, p] / tau, target image a; the
+    mean over the real phrases of the batch. Float32; 0 (with a gradient) for no phrase."""
+    with float32_region(best.device):
+        n_images = best.shape[0]
+        own = torch.eye(n_images, dtype=torch.bool, device=best.device)[:, :, None]
+        logits = (best.float() / tau).masked_fill(named & ~own, -math.inf)  # [b, a, p]
+        logits = logits.permute(1, 2, 0)  # [a, p, b]
+        target = torch.arange(n_images, device=best.device)[:, None].expand(-1, best.shape[2])
+        loss = F.cross_entropy(logits.reshape(-1, n_images), target.reshape(-1),
+                               reduction="none").view(n_images, -1)
+        mask = phrase_mask.float()
+        return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def pair_contrastive_loss(sim: Tensor, tau: float) -> Tensor:

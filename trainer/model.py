@@ -114,9 +114,12 @@ from ovdistill.trainer.losses import (
     confident_mask,
     contrastive_distill_loss,
     foreground_loss,
+    named_elsewhere,
     pad_rows,
     pair_contrastive_loss,
+    pair_phrase_contrastive_loss,
     pair_set_similarity,
+    phrase_region_best,
     region_logits,
     vild_image_loss,
     vild_text_loss_with_aliases,
@@ -522,7 +525,8 @@ class OpenVocabDetector(nn.Module):
 
         images: list of B Tensor[3, H_i, W_i] in [0, 1]; pairs: per image {"boxes":
         Tensor[K_i, 4] its top-k cached proposals in its pixels, "phrase_emb": Tensor[P_i, D]
-        its caption's phrase embeddings}, K_i, P_i >= 1.
+        its caption's phrase embeddings, "phrase_ids": Tensor[P_i] int64 (equal = the same
+        phrase text; read with pairs_negatives "unnamed")}, K_i, P_i >= 1.
         """
         cfg = self.cfg
         regions = self.pair_region_embeddings(images, [p["boxes"] for p in pairs])
@@ -530,6 +534,15 @@ class OpenVocabDetector(nn.Module):
         phrase_emb, phrase_mask = pad_rows(
             [self._center(F.normalize(p["phrase_emb"].float(), dim=-1)) for p in pairs],
             self.embed_dim)
+        if cfg.pairs_negatives == "unnamed":
+            ids = torch.full(phrase_mask.shape, -1, dtype=torch.int64, device=phrase_mask.device)
+            for i, p in enumerate(pairs):
+                ids[i, :len(p["phrase_ids"])] = p["phrase_ids"]
+            best = phrase_region_best(region_emb, region_mask, phrase_emb,
+                                      soft_tau=cfg.pairs_soft_tau or None)
+            loss = pair_phrase_contrastive_loss(best, phrase_mask,
+                                                named_elsewhere(ids, phrase_mask), cfg.pairs_tau)
+            return {"loss_pairs": cfg.pairs_weight * loss}
         sim = pair_set_similarity(region_emb, region_mask, phrase_emb, phrase_mask,
                                   soft_tau=cfg.pairs_soft_tau or None)
         return {"loss_pairs": cfg.pairs_weight * pair_contrastive_loss(sim, cfg.pairs_tau)}

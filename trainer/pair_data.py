@@ -221,10 +221,14 @@ def augment_stage(src: Iterator[dict], cfg: TrainConfig, seed: int) -> Iterator[
 
 def collate_pairs(samples: list[dict]) -> tuple[list[Tensor], list[dict[str, Tensor]], dict]:
     """Samples -> (images list of Tensor[3, H_i, W_i] float in [0, 1], per pair {"boxes":
-    Tensor[K_i, 4], "phrase_emb": Tensor[P_i, D], "image_id": Tensor[]}, {counter: skipped
-    samples since the worker's previous batch})."""
+    Tensor[K_i, 4], "phrase_emb": Tensor[P_i, D], "phrase_ids": Tensor[P_i] int64 (equal ids
+    = equal phrase texts within the batch), "image_id": Tensor[]}, {counter: skipped samples
+    since the worker's previous batch})."""
     images = [s["image"] for s in samples]
+    ids: dict[str, int] = {}  # one id per distinct phrase text of the batch
     pairs = [{"boxes": s["boxes"], "phrase_emb": s["phrase_emb"],
+              "phrase_ids": torch.tensor([ids.setdefault(t, len(ids)) for t in s["phrases"]],
+                                         dtype=torch.int64),
               "image_id": torch.tensor(s["image_id"])} for s in samples]
     skipped = {k: sum(s["skipped"][k] for s in samples) for k in SKIP_KEYS}
     return images, pairs, skipped
