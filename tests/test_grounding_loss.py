@@ -23,6 +23,8 @@ from ovdistill.trainer.grounding import (
     TokenProjection,
     alignment_logits,
     class_scores,
+    eot_spans,
+    eot_targets,
     glip_bias_init,
     grounding_targets,
     last_token_spans,
@@ -235,6 +237,21 @@ def test_last_token_spans_and_targets_by_hand():
     logits = torch.tensor([[0.0, 1.0, -2.0, 3.0]])
     scores = class_scores(logits, last_token_spans({0: (1, 3)}), 1)
     torch.testing.assert_close(scores, torch.tensor([[sig(-2.0)]]))
+
+
+def test_eot_spans_and_targets_by_hand():
+    assert eot_spans({3: (1, 3)}, 5) == {3: (4, 5)}  # SOT, two tokens, ".", EOT at 4
+    with pytest.raises(GroundingError, match=r"^end-of-text scoring needs one phrase a "
+                       r"prompt, got classes \[1, 3\] in one$"):
+        eot_spans({3: (1, 3), 1: (4, 5)}, 7)
+    positive = torch.tensor([[0.0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]])
+    mask = torch.tensor([True, True, True, True, True, False])  # EOT at 4, one padded token
+    want = torch.tensor([[0.0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0]])
+    assert torch.equal(eot_targets(positive, mask), want)
+    assert eot_targets(torch.zeros(0, 6), mask).shape == (0, 6)
+    logits = torch.tensor([[0.0, 1.0, -2.0, 3.0, 0.5]])
+    scores = class_scores(logits, eot_spans({0: (1, 3)}, 5), 1)
+    torch.testing.assert_close(scores, torch.tensor([[sig(0.5)]]))
 
 
 # ----------------------------------------------------------------------------- fusion

@@ -35,6 +35,7 @@ from ovdistill.trainer.grounding_data import (
     caption_positive,
     detection_prompt_targets,
     iteration_kind,
+    phrase_prompts,
 )
 from ovdistill.trainer.inputs import load_vocabulary, text_parquet_path
 from ovdistill.trainer.model import OpenVocabDetector
@@ -366,12 +367,24 @@ def test_grounding_stream_batches(tiny):
         assert len(t["boxes"]) == len(t["labels"]) == ps[0].positive.shape[0] >= 1
         assert (ps[0].positive.sum(1) >= 1).all()
         assert " and " in ps[0].text or ps[0].text in BASE
+    # grounding_span "eot": the same images, one prompt per phrase, every box in one of them
+    cfg = make_config({**TINY_SETTINGS, "mode": "grounding", "grounding_span": "eot",
+                       "grounding_train_names": 1})
+    stream = GroundingStream.from_file(tiny.root / "grounding" / "grounding.json",
+                                       tiny.dataset_dir / layout.DATASET / "train", cfg,
+                                       model.tokenize, model.max_tokens, model.context_length,
+                                       seed=0)
+    eot_images, eot_targets, eot_prompts, _ = next(stream)
+    for im, t, ps, caption in zip(eot_images, eot_targets, eot_prompts, prompts):
+        assert sum(p.positive.any(1).long() for p in ps).tolist() == [1] * len(t["boxes"])
+        assert all(p.text.endswith(".") and p.text[:-1] in caption[0].text for p in ps)
+        assert len({p.text for p in ps}) == len(ps)
 
 
-def _reference_scores(model, teacher, names, emb, last=False):
+def _reference_scores(model, teacher, names, emb, last=False, eot=False):
     """Each name's score by another path: its own prompt's tokens found by searching the
-    name's ids, the mean sigmoid over them (last: the sigmoid of the last of them).
-    emb: Tensor[N, D] -> Tensor[N, C]."""
+    name's ids, the mean sigmoid over them (last: the sigmoid of the last of them; eot: of
+    the token after the prompt's ids). emb: Tensor[N, D] -> Tensor[N, C]."""
     want = torch.zeros(len(emb), len(names))
     with torch.no_grad():
         for prompt in model.class_prompts:
@@ -386,6 +399,8 @@ def _reference_scores(model, teacher, names, emb, last=False):
                 at = next(i for i in range(1, len(ids)) if ids[i:i + len(name)] == name)
                 first = at + len(name) - 1 if last else at
                 want[:, c] = torch.sigmoid(logits[:, first:at + len(name)]).mean(1)
+                if eot:
+                    want[:, c] = torch.sigmoid(logits[:, len(ids)])
     return want
 
 
@@ -443,6 +458,12 @@ def test_evaluate_scores_the_mean_sigmoid_over_each_span(tiny, tmp_path):
     torch.testing.assert_close(last, _reference_scores(model, teacher, two, emb[0], True),
                                atol=1e-5, rtol=1e-5)
     assert (last - mean).abs().max() > 1e-3
+    # grounding_span "eot": each name scored by its own prompt's end-of-text token
+    model.cfg = dataclasses.replace(model.cfg, grounding_span="eot")
+    eot = model.grounding_scores(emb)[0]
+    torch.testing.assert_close(eot, _reference_scores(model, teacher, two, emb[0], eot=True),
+                               atol=1e-5, rtol=1e-5)
+    assert (eot - last).abs().max() > 1e-3
 
 
 def test_detect_scores_the_given_names_prompts(tiny, tmp_path):
@@ -496,3 +517,47 @@ def test_train_text_encoder_saves_and_trains_it(tiny, tmp_path):
     key = "text_encoder.token_embedding.weight"
     assert key in state
     assert not torch.equal(state[key], teacher.model.state_dict()["token_embedding.weight"])
+
+
+def test_phrase_prompts_make_one_prompt_per_phrase(tiny):
+    """grounding_span "eot": a caption's phrases become prompts of their own; boxes that
+    point at the same phrase share its prompt, a box with two spans joins them."""
+    model, _ = _model(tiny)
+    caption = "two boxes and a ball on a bar"
+    spans = [[(4, 9)], [(4, 9)], [(16, 20)], [(0, 3), (26, 29)]]
+    prompts = phrase_prompts(caption, spans, model.tokenize, model.context_length)
+    assert [p.text for p in prompts] == ["boxes.", "ball.", "two bar."]
+    n_ids = [len(list(model.tokenize(t[:-1]))) for t in ("boxes.", "ball.", "two bar.")]
+    for p, rows, n in zip(prompts, ([0, 1], [2], [3]), n_ids):
+        want = torch.zeros(4, model.context_length)
+        want[rows, 1:1 + n] = 1.0
+        assert torch.equal(p.positive, want)
+
+
+def test_eot_grounding_trains_each_box_on_its_prompts_end_of_text(tiny, monkeypatch):
+    """With grounding_span "eot" the focal loss's only positive token of a box is the
+    end-of-text token of its class's one-name prompt; the option needs one name a prompt."""
+    with pytest.raises(ConfigError, match=r"grounding_train_names and grounding_eval_names "
+                       r"must be 1 \(got 0, 1\)$"):
+        make_config({**TINY_SETTINGS, "mode": "grounding", "grounding_span": "eot"})
+    model, _ = _model(tiny, grounding_span="eot", grounding_train_names=1)
+    labels = [torch.tensor([1, 3])]
+    prompts = detection_prompt_targets(labels, list(BASE), SEED, 5, 8, model.max_tokens,
+                                       model.tokenize, model.context_length, 1)
+    seen = []
+    real = model_module.sigmoid_focal_alignment_loss
+    monkeypatch.setattr(model_module, "sigmoid_focal_alignment_loss",
+                        lambda lg, t, m: seen.append((t, m)) or real(lg, t, m))
+    emb = [F.normalize(torch.randn(3, model.embed_dim), dim=-1)]
+    model.grounding_loss(emb, [torch.tensor([0, 1, 0])], [torch.tensor([1, 2, 0])],
+                         prompts)
+    assert len(seen) == len(prompts[0]) >= 2
+    for p, (target, mask) in zip(prompts[0], seen):
+        eot = int(mask.sum()) - 1
+        has = p.positive.sum(1) > 0  # which GT boxes this prompt names
+        want = torch.zeros_like(target)
+        for n, g in enumerate([0, 1, 0]):
+            if n < 2 and has[g]:  # proposal 2 is background
+                want[n, eot] = 1.0
+        assert torch.equal(target, want)
+    assert sum(float(t.sum()) for t, _ in seen) == 2  # two foreground proposals, one token each

@@ -19,7 +19,7 @@ MODES = ("text", "image", "vild", "grounding")
 HEADS = ("shared", "separate")
 NORMS = ("group", "batch")
 PAIR_NEGATIVES = ("all", "unnamed")
-GROUNDING_SPANS = ("all", "last")  # grounding_span
+GROUNDING_SPANS = ("all", "last", "eot")  # grounding_span
 
 
 class ConfigError(OvdError, ValueError):
@@ -125,7 +125,11 @@ class TrainConfig:
     # "all" (GLIP's: every token, the score their mean sigmoid) or "last" (its last token
     # only). CLIP's text transformer is causal: in "red circle." and "red square." the token
     # "red" is the same feature, a positive of a red circle's region in one prompt and a
-    # negative in the other; only a phrase's last token has seen the whole phrase.
+    # negative in the other; only a phrase's last token has seen the whole phrase. "eot":
+    # with one phrase a prompt (grounding_train_names = grounding_eval_names = 1; a caption
+    # becomes one prompt per phrase), the prompt's end-of-text token, the only token CLIP
+    # trains to align with images (the toy teacher's zero-shot on val crops through its
+    # text_projection: end-of-text 0.84 / 0.84 base / novel, last token 0.59 / 0.50).
     grounding_span: str = "all"
     fusion_layers: int = 0
     fusion_heads: int = 4  # must divide the embedding dim D
@@ -188,6 +192,12 @@ class TrainConfig:
         if self.grounding_span not in GROUNDING_SPANS:
             raise ConfigError(f"grounding_span must be one of {GROUNDING_SPANS}, got "
                               f"{self.grounding_span!r}")
+        if self.grounding_span == "eot" and (self.grounding_train_names,
+                                             self.grounding_eval_names) != (1, 1):
+            raise ConfigError(f"grounding_span \"eot\" scores a prompt's end-of-text token, "
+                              f"so each prompt holds one name: grounding_train_names and "
+                              f"grounding_eval_names must be 1 (got "
+                              f"{self.grounding_train_names}, {self.grounding_eval_names})")
         for key in ("grounding_eval_names", "grounding_train_names"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

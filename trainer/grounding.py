@@ -246,6 +246,26 @@ def last_token_targets(positive: Tensor) -> Tensor:
     return out * on.any(dim=-1, keepdim=True)
 
 
+def eot_spans(spans: Spans, n_tokens: int) -> dict[int, tuple[int, int]]:
+    """Each class of a one-phrase prompt scored by the prompt's end-of-text token
+    (position n_tokens - 1, n_tokens counting start- and end-of-text)."""
+    if len(spans) > 1:
+        raise GroundingError(f"end-of-text scoring needs one phrase a prompt, got classes "
+                             f"{sorted(spans)} in one")
+    return {c: (n_tokens - 1, n_tokens) for c in spans}
+
+
+def eot_targets(positive: Tensor, token_mask: Tensor) -> Tensor:
+    """positive: Tensor[G, L] 0/1 of a one-phrase prompt; token_mask: Tensor[L] bool (real
+    tokens, end-of-text last) -> the same rows 1 on the end-of-text token only (an
+    all-zero row stays zero)."""
+    out = torch.zeros_like(positive)
+    if positive.numel():
+        eot = int(token_mask.sum()) - 1
+        out[:, eot] = (positive > 0).any(dim=-1).to(out.dtype)
+    return out
+
+
 def class_scores(logits: Tensor, spans: Spans, n_classes: int) -> Tensor:
     """At inference a class scores the mean sigmoid over its phrase's tokens.
 

@@ -6,7 +6,8 @@ image) and grounding data (a caption per image, its boxes tied to phrases), both
                      ─► one PromptTargets per chunk: positive[g] = the span of box g's class
     grounding json (pipeline.grounding) + images ─► GroundingStream (cycled, reshuffled per
         epoch, flip / scale jitter as detection) ─► PromptTargets(caption, the token spans of
-        each box's tokens_positive: pipeline.prompts.caption_token_spans)
+        each box's tokens_positive: pipeline.prompts.caption_token_spans), or with
+        grounding_span "eot" one PromptTargets per phrase (`phrase_prompts`)
 
 A caption longer than the teacher's context, or an image whose boxes all fall out (unreadable
 image, degenerate boxes after augmentation), is skipped and counted (`GROUNDING_SKIPPED`).
@@ -30,7 +31,7 @@ from ovdistill.pipeline.errors import OvdError
 from ovdistill.pipeline.grounding import GroundingDoc, load_grounding
 from ovdistill.pipeline.images import ImageError, load_rgb, to_uint8_tensor
 from ovdistill.pipeline.manifests import ManifestError, image_path
-from ovdistill.pipeline.prompts import Tokenize, caption_token_spans, detection_prompts
+from ovdistill.pipeline.prompts import END, Tokenize, caption_token_spans, detection_prompts
 from ovdistill.trainer.config import TrainConfig
 from ovdistill.trainer.data import augment, choose_augmentation
 from ovdistill.trainer.grounding import grounding_targets
@@ -104,6 +105,24 @@ def caption_positive(caption: str, box_spans: Sequence[Sequence[tuple[int, int]]
     return out
 
 
+def phrase_prompts(caption: str, box_spans: Sequence[Sequence[tuple[int, int]]],
+                   tokenize: Tokenize, context_length: int) -> list[PromptTargets]:
+    """A caption's phrases as prompts of their own (grounding_span "eot"): one prompt per
+    distinct phrase, its text the phrase's characters (spans joined by a space) and END; row g
+    of its positive is 1 on the prompt's phrase tokens when box g points at that phrase."""
+    groups: dict[tuple, list[int]] = {}
+    for g, spans in enumerate(box_spans):
+        groups.setdefault(tuple(tuple(s) for s in spans), []).append(g)
+    out = []
+    for spans, boxes in groups.items():
+        text = " ".join(caption[s:e].strip() for s, e in spans) + END
+        n_ids = len(list(tokenize(text[:-len(END)])))
+        positive = torch.zeros(len(box_spans), context_length)
+        positive[boxes, 1:1 + n_ids] = 1.0
+        out.append(PromptTargets(text, positive))
+    return out
+
+
 def grounding_files(dataset, cache_dir: str | Path, kind: str, file: str | None = None,
                     images: str | None = None) -> tuple[Path, Path]:
     """(MDETR json, its images folder) of `kind` GROUNDING (default: the grounding stage's,
@@ -171,9 +190,11 @@ class GroundingStream:
             yield from order[self.rank::self.world_size]
             epoch += 1
 
-    def sample(self, im) -> tuple[Tensor, dict, PromptTargets]:
-        """One GroundedImage -> (image, target, prompt); raises GroundingDataError to skip."""
-        if len(list(self.tokenize(im.caption))) > self.max_tokens:
+    def sample(self, im) -> tuple[Tensor, dict, list[PromptTargets]]:
+        """One GroundedImage -> (image, target, its prompts: the caption, or one per phrase
+        with grounding_span "eot"); raises GroundingDataError to skip."""
+        eot = self.cfg.grounding_span == "eot"
+        if not eot and len(list(self.tokenize(im.caption))) > self.max_tokens:
             raise GroundingDataError(f"{self.doc.source}: image {im.id}: caption longer than "
                                      f"the text encoder's {self.max_tokens} tokens")
         try:
@@ -185,10 +206,18 @@ class GroundingStream:
         keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
         if not bool(keep.any()):
             raise GroundingDataError(f"{self.doc.source}: image {im.id}: no box left")
-        positive = caption_positive(im.caption, im.spans, self.tokenize, self.context)
+        if eot:
+            prompts = phrase_prompts(im.caption, im.spans, self.tokenize, self.context)
+            if any(len(list(self.tokenize(p.text))) > self.max_tokens for p in prompts):
+                raise GroundingDataError(f"{self.doc.source}: image {im.id}: a phrase longer "
+                                         f"than the text encoder's {self.max_tokens} tokens")
+        else:
+            prompts = [PromptTargets(im.caption, caption_positive(im.caption, im.spans,
+                                                                  self.tokenize, self.context))]
         return (image, {"boxes": boxes[keep], "labels": torch.ones(int(keep.sum()),
                                                                    dtype=torch.int64)},
-                PromptTargets(im.caption, positive[keep]))
+                [PromptTargets(p.text, p.positive[keep]) for p in prompts
+                 if not eot or bool(p.positive[keep].any())])  # no phrase left: no prompt
 
     def __iter__(self):
         return self
@@ -198,7 +227,7 @@ class GroundingStream:
         while len(images) < self.cfg.batch_size:
             im = self.images[next(self._order)]
             try:
-                image, target, prompt = self.sample(im)
+                image, target, image_prompts = self.sample(im)
             except GroundingDataError as e:
                 skipped += 1
                 print(f"skip: {e}", file=sys.stderr)
@@ -208,5 +237,5 @@ class GroundingStream:
                 continue
             images.append(image)
             targets.append(target)
-            prompts.append([prompt])
+            prompts.append(image_prompts)
         return images, targets, prompts, skipped

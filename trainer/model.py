@@ -73,7 +73,7 @@ target row is the positive row of its matched GT box (zeros for background), and
 `loss_grounding` = grounding_weight x the sigmoid focal loss summed over every (image,
 prompt) and divided by their positive tokens. `detect` scores class c by the mean sigmoid
 over c's span (its last token only with `grounding_span="last"`, also the only positive token
-in training then) in `all_class_prompts(vocabulary)` (encoded once, `PromptCache`); the RPN and
+in training then; the one-name prompt's end-of-text token with "eot") in `all_class_prompts(vocabulary)` (encoded once, `PromptCache`); the RPN and
 the box regression are as in the other modes. A frozen teacher is not part of the state
 dict (the run records its identity; evaluation loads it from the cache again); a trainable
 one is (`text_encoder.*`).
@@ -104,6 +104,8 @@ from ovdistill.trainer.grounding import (
     GroundingError,
     TokenProjection,
     class_scores,
+    eot_spans,
+    eot_targets,
     last_token_spans,
     last_token_targets,
     sigmoid_focal_alignment_loss,
@@ -424,6 +426,8 @@ class OpenVocabDetector(nn.Module):
             positive = p.positive.to(lg.device).float()
             if self.cfg.grounding_span == "last":
                 positive = last_token_targets(positive)
+            elif self.cfg.grounding_span == "eot":
+                positive = eot_targets(positive, m)
             if positive.shape[0] == 0:
                 target = torch.zeros_like(lg)
             else:
@@ -433,14 +437,19 @@ class OpenVocabDetector(nn.Module):
             positives = positives + n_pos
         return self.cfg.grounding_weight * total / torch.as_tensor(positives).clamp(min=1)
 
-    def _scored_spans(self, spans):
-        """The tokens a class is scored by (`TrainConfig.grounding_span`)."""
-        return last_token_spans(spans) if self.cfg.grounding_span == "last" else spans
+    def _scored_spans(self, prompt):
+        """The tokens a class of `prompt` is scored by (`TrainConfig.grounding_span`)."""
+        if self.cfg.grounding_span == "last":
+            return last_token_spans(prompt.spans)
+        if self.cfg.grounding_span == "eot":
+            return eot_spans(prompt.spans, prompt.n_tokens)
+        return prompt.spans
 
     def grounding_scores(self, emb: list[Tensor]) -> list[Tensor]:
         """emb: per image its proposals' embeddings Tensor[N_i, D] -> per image class scores
         Tensor[N_i, C] (C = the class prompts' vocabulary): the mean sigmoid over each
-        class's span (its last token with grounding_span "last"), summed over the prompts (a
+        class's span (its last token with grounding_span "last", its prompt's end-of-text token
+        with "eot"), summed over the prompts (a
         class is in exactly one)."""
         if not self.class_prompts:
             raise RuntimeError("no class prompts: call set_class_prompts(names) first")
@@ -449,7 +458,7 @@ class OpenVocabDetector(nn.Module):
         out = []
         for e in emb:
             logits = self.alignment_scores([e] * len(self.class_prompts), tokens, mask)
-            out.append(sum(class_scores(lg, self._scored_spans(p.spans), n_classes)
+            out.append(sum(class_scores(lg, self._scored_spans(p), n_classes)
                            for lg, p in zip(logits, self.class_prompts)))
         return out
 
