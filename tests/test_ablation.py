@@ -118,7 +118,7 @@ def test_rows_in_order_with_the_remedies_as_vild_plus_options():
     cmd = ablation.train_command(ablation.ROWS["grounding+pseudo"], args)
     assert cmd[cmd.index("--mode") + 1] == "grounding"
     assert cmd[-8:] == ["--set", "grounding_ratio=0.25", "--set", "grounding_train_names=1",
-                        "--set", "grounding_span=\"last\"", "--set", "pseudo_ratio=0.25"]
+                        "--set", "grounding_span=\"eot\"", "--set", "pseudo_ratio=0.25"]
     cmd = ablation.train_command(ablation.ROWS["grounding+fusion"], args)
     assert cmd[-2:] == ["--set", "fusion_layers=1"]
 

@@ -91,11 +91,11 @@ REMEDIES: dict[str, dict] = {
 PAIRS: dict = {"pairs_ratio": 0.5, "pairs_weight": 0.1, "pairs_top_k": 10}  # lab log 30, 32
 # GLIP's rows (TrainConfig keys): a quarter of the iterations on the grounding split, the
 # rest detection as grounding with one class name per prompt, each phrase trained and scored
-# by its last token (chosen on 200 train images, base AP50: packed prompts 19.2, one name per
-# prompt 20.9, and its last token 30.2; lab logs 48, 51); grounding+pseudo gives another
-# quarter to pseudo-grounding
+# by its prompt's end-of-text token (chosen on 200 train images, base AP50: packed prompts
+# 19.2, one name per prompt 20.9, its last token 30.2, the end-of-text token 33.3; lab logs
+# 48, 51, 57); grounding+pseudo gives another quarter to pseudo-grounding
 GROUNDING: dict = {"grounding_ratio": 0.25, "grounding_train_names": 1,
-                   "grounding_span": "last"}
+                   "grounding_span": "eot"}
 PSEUDO: dict = {"pseudo_ratio": 0.25}
 CALIBRATION = "mean_logit"  # the `calibrated` row's `trainer.evaluate --calibration`
 
