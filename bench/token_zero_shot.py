@@ -15,56 +15,56 @@ from ovdistill.pipeline.clip_teacher import prompt_templates, teacher_from_cache
 from ovdistill.pipeline.layout import DatasetCache
 from ovdistill.pipeline.manifests import load_manifest
 from ovdistill.pipeline.prompts import all_class_prompts, max_prompt_tokens, open_clip_tokenize
-from ovdistill.stages import teacher as tstage
+from ovdistill.stages.teacher import zero_shot_report
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--manifest", default="data_manifests/toy.yaml")
-p.add_argument("--cache", default="cache")
-p.add_argument("--out", default=None)
-args = p.parse_args()
-ds = load_manifest(args.manifest, cache_root=args.cache)
-cache = DatasetCache(f"{args.cache}/{ds.name}")
-teacher = teacher_from_cache(cache, "cpu")
-cats = list(ds.categories())
-names = [c.name for c in cats]
-tok = open_clip_tokenize(teacher.tokenizer)
-prompts = all_class_prompts(names, max_prompt_tokens(int(teacher.tokenizer.context_length)),
-                            tok, 1)
-tower = clip_teacher._text_tower(teacher.model)
-proj = tower.text_projection.float()
-with torch.no_grad():
-    feats, mask = teacher.encode_tokens([p.text for p in prompts])
-modes = {}
-eot = mask.sum(1) - 1
-rows = {"eot": [], "last": [], "mean": [], "first": []}
-for k, p in enumerate(prompts):
-    (c,) = p.classes
-    s, e = p.spans[c]
-    rows["eot"].append(feats[k, eot[k]])
-    rows["last"].append(feats[k, e - 1])
-    rows["first"].append(feats[k, s])
-    rows["mean"].append(feats[k, s:e].mean(0))
-for m, r in rows.items():
-    modes[m] = F.normalize(torch.stack(r) @ proj, dim=-1)
 
-orig = tstage.text_embeddings
-split = ds.split("val")
-out = {}
-for m in ["ensembled"] + list(modes):
-    if m != "ensembled":
-        tstage.text_embeddings = lambda *a, _m=m, **k: modes[_m]
-    else:
-        tstage.text_embeddings = orig
-    rep, _ = tstage.zero_shot_report(teacher, split.annotations, split.images, cats,
-                                     prompt_templates("simple"))
-    out[m] = rep
-    worst = sorted(rep["per_category"].items(), key=lambda kv: kv[1])[:4]
-    print(m, "base", round(rep["base_acc"], 3), "novel", round(rep["novel_acc"], 3), worst,
-          flush=True)
-novel = [c.name for c in cats if c.split == "novel"]
-print("per novel category:")
-for n in novel:
-    print(n, {m: out[m]["per_category"].get(n) for m in out})
-if args.out:
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+def token_embeddings(teacher, names: list[str]) -> dict[str, torch.Tensor]:
+    """{token choice: class embeddings Tensor[C, D], L2-normalised} from one-name prompts."""
+    tokenize = open_clip_tokenize(teacher.tokenizer)
+    prompts = all_class_prompts(names, max_prompt_tokens(int(teacher.tokenizer.context_length)),
+                                tokenize, 1)
+    projection = clip_teacher._text_tower(teacher.model).text_projection.float()
+    with torch.no_grad():
+        feats, mask = teacher.encode_tokens([p.text for p in prompts])
+    eot = mask.sum(1) - 1
+    rows: dict[str, list] = {"eot": [], "last": [], "mean": [], "first": []}
+    for k, p in enumerate(prompts):
+        (c,) = p.classes
+        start, end = p.spans[c]
+        rows["eot"].append(feats[k, eot[k]])
+        rows["last"].append(feats[k, end - 1])
+        rows["first"].append(feats[k, start])
+        rows["mean"].append(feats[k, start:end].mean(0))
+    return {m: F.normalize(torch.stack(r) @ projection, dim=-1) for m, r in rows.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", default="data_manifests/toy.yaml")
+    p.add_argument("--cache", default="cache")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    ds = load_manifest(args.manifest, cache_root=args.cache)
+    teacher = teacher_from_cache(DatasetCache(f"{args.cache}/{ds.name}"), "cpu")
+    cats = list(ds.categories())
+    split = ds.split("val")
+    texts = {"ensembled": None, **token_embeddings(teacher, [c.name for c in cats])}
+    out = {}
+    for m, text in texts.items():
+        rep, _ = zero_shot_report(teacher, split.annotations, split.images, cats,
+                                  prompt_templates("simple"), text=text)
+        out[m] = rep
+        worst = sorted(rep["per_category"].items(), key=lambda kv: kv[1])[:4]
+        print(m, "base", round(rep["base_acc"], 3), "novel", round(rep["novel_acc"], 3), worst,
+              flush=True)
+    print("per novel category:")
+    for c in cats:
+        if c.split == "novel":
+            print(c.name, {m: out[m]["per_category"].get(c.name) for m in out})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -108,14 +108,17 @@ def crop_box(image, bbox_xywh: Sequence[float]):
 
 def zero_shot_report(teacher: Teacher, ann_file: Path, images_dir: Path, categories,
                      templates: Sequence, max_crops: int | None = None,
-                     batch_size: int = 256) -> tuple[dict, list[dict]]:
+                     batch_size: int = 256, text: torch.Tensor | None = None
+                     ) -> tuple[dict, list[dict]]:
     """Prompt-ensembled zero-shot classification of the GT crops of one split over all
-    `categories` (pipeline.manifests.Category) -> (report, rejects)."""
+    `categories` (pipeline.manifests.Category) -> (report, rejects). `text`: class
+    embeddings Tensor[C, D] in `categories` order to classify by instead (a diagnostic's)."""
     from ovdistill.pipeline.images import ImageError, load_rgb
 
     categories = list(categories)
     index = {c.id: i for i, c in enumerate(categories)}
-    text = text_embeddings(teacher, [c.name for c in categories], templates)
+    if text is None:
+        text = text_embeddings(teacher, [c.name for c in categories], templates)
     anns = gt_boxes(ann_file, list(index), max_crops)
 
     rejects: list[dict] = []

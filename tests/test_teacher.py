@@ -283,6 +283,18 @@ def test_zero_shot_report_on_planted_crops(tmp_path):
                                      PLANTED, T.prompt_templates("simple"), max_crops=3)
     assert capped["n_crops"] + len(bad) == 3  # the missing image has one annotation
 
+    # given class embeddings replace the prompt-ensembled ones: the same ones give the same
+    # report; circle's and square's rows swapped send the square crop (right before) to circle
+    text = T.text_embeddings(planted_teacher(), [c.name for c in PLANTED],
+                             T.prompt_templates("simple"))
+    same, _ = TS.zero_shot_report(planted_teacher(), tmp_path / "val.json", images, PLANTED,
+                                  T.prompt_templates("simple"), text=text)
+    assert same == report
+    swapped, _ = TS.zero_shot_report(planted_teacher(), tmp_path / "val.json", images, PLANTED,
+                                     T.prompt_templates("simple"), text=text[[1, 0, 2, 3]])
+    assert swapped["per_category"]["square"] == 0.0
+    assert swapped["per_category"]["star"] == report["per_category"]["star"]
+
 
 def test_split_accuracy_reports_none_for_an_empty_split():
     pred, label = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0])

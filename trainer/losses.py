@@ -234,10 +234,10 @@ def named_elsewhere(phrase_ids: Tensor, phrase_mask: Tensor) -> Tensor:
 
 def pair_phrase_contrastive_loss(best: Tensor, phrase_mask: Tensor, named: Tensor,
                                  tau: float) -> Tensor:
-    """Text-to-image contrast per phrase, without the images that the caption of a
-    negative names it in: the false negatives of a small vocabulary (on the toy, a negative
-    image holds a phrase's category 16 % of the time, and its best region, a true instance,
-    is then the hardest negative the softmax pushes down).
+    """Text-to-image contrast per phrase, leaving out of a phrase's softmax every other image
+    whose own caption names that phrase: the false negatives of a small vocabulary (on the
+    toy, a negative image holds a phrase's category 16 % of the time, and its best region, a
+    true instance, is then the negative the softmax pushes down hardest).
 
     best: Tensor[B, B, P] (`phrase_region_best`: [b, a, p] = caption a's phrase p against
     image b); phrase_mask: Tensor[B, P] bool; named: Tensor[B, B, P] bool

@@ -73,8 +73,9 @@ target row is the positive row of its matched GT box (zeros for background), and
 `loss_grounding` = grounding_weight x the sigmoid focal loss summed over every (image,
 prompt) and divided by their positive tokens. `detect` scores class c by the mean sigmoid
 over c's span (its last token only with `grounding_span="last"`, also the only positive token
-in training then; the one-name prompt's end-of-text token with "eot") in `all_class_prompts(vocabulary)` (encoded once, `PromptCache`); the RPN and
-the box regression are as in the other modes. A frozen teacher is not part of the state
+in training then; the one-name prompt's end-of-text token with "eot") in
+`all_class_prompts(vocabulary)` (encoded once, `PromptCache`); the RPN and the box regression
+are as in the other modes. A frozen teacher is not part of the state
 dict (the run records its identity; evaluation loads it from the cache again); a trainable
 one is (`text_encoder.*`).
 
@@ -449,8 +450,7 @@ class OpenVocabDetector(nn.Module):
         """emb: per image its proposals' embeddings Tensor[N_i, D] -> per image class scores
         Tensor[N_i, C] (C = the class prompts' vocabulary): the mean sigmoid over each
         class's span (its last token with grounding_span "last", its prompt's end-of-text token
-        with "eot"), summed over the prompts (a
-        class is in exactly one)."""
+        with "eot"), summed over the prompts (a class is in exactly one)."""
         if not self.class_prompts:
             raise RuntimeError("no class prompts: call set_class_prompts(names) first")
         n_classes = sum(len(p.classes) for p in self.class_prompts)
