@@ -23,6 +23,7 @@ AP = {"text": (0.5, 0.2), "image": (0.1, 0.1), "vild": (0.45, 0.32), "ensemble":
       "confident": (0.4, 0.1), "contrastive": (0.4, 0.1), "centered": (0.4, 0.1),
       "negatives": (0.4, 0.1), "calibrated": (0.3, 0.33), "ensemble_residual": (0.4, 0.1),
       "ensemble_confident": (0.4, 0.1), "pairs": (0.45, 0.3), "vild+pairs": (0.45, 0.35),
+      "ensemble+pairs": (0.45, 0.3),
       "grounding": (0.45, 0.25), "grounding+fusion": (0.45, 0.27),
       "grounding+pseudo": (0.45, 0.3)}
 ORACLE = {"AP50_base": 0.3, "AP50_novel": 0.5}
@@ -103,8 +104,8 @@ def test_rows_in_order_with_the_remedies_as_vild_plus_options():
     assert list(ablation.ROWS) == ["text", "image", "vild", "ensemble", "confident",
                                    "contrastive", "centered", "negatives", "calibrated",
                                    "ensemble_residual", "ensemble_confident", "pairs",
-                                   "vild+pairs", "grounding", "grounding+fusion",
-                                   "grounding+pseudo"]
+                                   "vild+pairs", "ensemble+pairs", "grounding",
+                                   "grounding+fusion", "grounding+pseudo"]
     args = SimpleNamespace(out="o", manifest="m", cache="c", steps=None, seed=3,
                            set=["lr=1e-3"])
     cmd = ablation.train_command(ablation.ROWS["centered"], args)
@@ -121,6 +122,12 @@ def test_rows_in_order_with_the_remedies_as_vild_plus_options():
                         "--set", "grounding_span=\"eot\"", "--set", "pseudo_ratio=0.25"]
     cmd = ablation.train_command(ablation.ROWS["grounding+fusion"], args)
     assert cmd[-2:] == ["--set", "fusion_layers=1"]
+    row = ablation.ROWS["ensemble+pairs"]
+    cmd = ablation.train_command(row, args)
+    assert cmd[cmd.index("--heads") + 1] == "separate" and row.ensemble
+    assert cmd[-12:] == ["--set", "center_targets=true", "--set", "contrastive_weight=1.0",
+                         "--set", "pairs_ratio=0.5", "--set", "pairs_weight=0.1",
+                         "--set", "pairs_top_k=10", "--set", "pairs_negatives=\"unnamed\""]
 
 
 def test_targets_met_on_planted_results():
@@ -224,12 +231,12 @@ def test_calibrated_reuses_the_vild_checkpoint(setup):
 
 def test_finished_rows_are_skipped_and_stopped_ones_resume(setup, capsys):
     assert setup.main() == 0
-    assert len([t for t, _ in setup.fake.tools() if t == "trainer.train"]) == 15
+    assert len([t for t, _ in setup.fake.tools() if t == "trainer.train"]) == 16
     capsys.readouterr()
     setup.fake.calls.clear()
     assert setup.main() == 0  # everything finished: nothing runs again
     assert setup.fake.calls == []
-    assert capsys.readouterr().out.count("already evaluated") == 17  # 16 rows + oracle
+    assert capsys.readouterr().out.count("already evaluated") == 18  # 17 rows + oracle
     doc = json.loads((setup.out / "ablation.json").read_text())
     assert [r["name"] for r in doc["rows"]] == list(ablation.ROWS)
     assert doc["rows"][4]["options"] == {"distill_min_score": 0.3, "distill_top_k": 20}

@@ -27,6 +27,10 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
                  distillation, detection on base boxes plus the word-region contrastive loss
                  on captioned images (the only source of novel names here is the captions)
     vild+pairs   --mode vild + the same pairs: ViLD's distillation and DetCLIPv2's pairs
+    ensemble+pairs
+                 ensemble_residual + the same pairs, each phrase contrasted only against the
+                 images whose caption does not name it (pairs_negatives "unnamed"): the pairs
+                 on the best distillation row, their text-to-image loss in the text head
     grounding    --mode grounding (GLIP): detection as grounding on base boxes (class-name
                  prompts, region-token alignment, focal loss) + the grounding split's
                  captions (GROUNDING below), no fusion; evaluated by its alignment scores
@@ -133,6 +137,9 @@ ROWS: dict[str, Row] = {r.name: r for r in (
         options={**REMEDIES["centered"], **REMEDIES["contrastive"], **REMEDIES["confident"]}),
     Row("pairs", "text", options=PAIRS),  # detection on base boxes + pairs, no distillation
     Row("vild+pairs", "vild", options=PAIRS),  # ViLD + pairs
+    Row("ensemble+pairs", "vild", "separate", ensemble=True,
+        options={**REMEDIES["centered"], **REMEDIES["contrastive"], **PAIRS,
+                 "pairs_negatives": "unnamed"}),
     Row("grounding", "grounding", options=GROUNDING),  # GLIP, no fusion
     Row("grounding+fusion", "grounding", options={**GROUNDING, "fusion_layers": 1}),
     Row("grounding+pseudo", "grounding", options={**GROUNDING, **PSEUDO}),
