@@ -52,9 +52,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """The installed versions of what makes a stage's bytes, for its _MANIFEST.json (Pillow
+    draws the synthetic images and decodes every image; BENCHMARKS lab log 62)."""
     out = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "open_clip_torch", "pyarrow", "webdataset",
-                 "faiss-cpu", "faiss-gpu", "ray", "numpy", "pycocotools", "ovdistill"):
+                 "faiss-cpu", "faiss-gpu", "ray", "numpy", "pillow", "pycocotools",
+                 "ovdistill"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
