@@ -343,6 +343,7 @@ def test_plan_workers_edges():
     assert runner.gpu_cpu_share([{"GPU": 1.0}]) == 1  # a GPU node reporting no CPUs
 
 
+@pytest.mark.timeout(60, method="thread")  # a mutant asking resources Ray cannot place waits forever
 def test_a_stage_on_a_local_ray_cluster_writes_the_in_process_rows(tmp_path, monkeypatch):
     import ray  # a project dependency: a missing one fails here, it is not skipped
 
@@ -377,3 +378,13 @@ def test_a_stage_on_a_local_ray_cluster_writes_the_in_process_rows(tmp_path, mon
         assert ray.available_resources().get("CPU", 0) == 2
     finally:
         ray.shutdown()
+
+
+def test_a_dry_run_of_a_device_stage_resolves_its_device_as_a_run_does(tmp_path):
+    ctx = make_ctx(tmp_path)  # device cpu
+    cfg = make_config(squares, {})
+    assert runner.dry_run_stage(device_stage, ctx, cfg) == "would run"
+    run_stage(device_stage, ctx, cfg, distributor="local", progress=False, log=lambda _: None)
+    assert runner.dry_run_stage(device_stage, ctx, cfg) == "up to date (6 parts)"
+    assert runner.dry_run_stage(device_stage, runner.replace(ctx, precision="bf16"), cfg) == (
+        "would refuse: inputs.precision: 'fp32' -> 'bf16'")
