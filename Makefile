@@ -62,7 +62,8 @@ bench: setup
 # staged here in the installed layout (ovdistill/pipeline/..., re-copied each time; mutmut's
 # results stay in build/mutate/mutants/, so a run resumes). MUTATE="ovdistill.trainer.losses*"
 # restricts it to matching mutants; the survivors are listed at the end (BENCHMARKS.md has the
-# last run's).
+# last run's). OMP_NUM_THREADS=1: mutmut forks each mutant's test run from a process whose
+# torch already started OpenMP threads, and a forked child's first parallel op then hangs.
 MUTATE ?=
 MUTATE_DIR := build/mutate
 mutate: setup
@@ -72,7 +73,7 @@ mutate: setup
 	cp ovdistill/*.py $(MUTATE_DIR)/ovdistill/
 	cp -r pipeline stages trainer bench $(MUTATE_DIR)/ovdistill/
 	cp -r tests data_manifests pyproject.toml $(MUTATE_DIR)/
-	cd $(MUTATE_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTATE)
 	cd $(MUTATE_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results
 
 query: setup
