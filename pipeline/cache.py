@@ -53,8 +53,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def library_versions() -> dict[str, str]:
     """The installed versions of what makes a stage's bytes, for its _MANIFEST.json (Pillow
-    draws the synthetic images and decodes every image; BENCHMARKS lab log 62)."""
-    out = {"python": platform.python_version()}
+    draws the synthetic images and decodes every image; BENCHMARKS lab log 62), and the CPU
+    kernels torch picked (AVX2 / AVX512 ...): the same versions trained another teacher on
+    another host (lab log 64)."""
+    import torch
+
+    out = {"python": platform.python_version(), "machine": platform.machine(),
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for dist in ("torch", "torchvision", "open_clip_torch", "pyarrow", "webdataset",
                  "faiss-cpu", "faiss-gpu", "ray", "numpy", "pillow", "pycocotools",
                  "ovdistill"):
