@@ -72,10 +72,17 @@ def test_each_parts_stats_hold_exactly_what_the_part_did(tmp_path):
         assert 0.02 <= s["seconds"] <= wall and s["seconds"] == round(s["seconds"], 3)
 
 
-def test_the_manifest_records_dataset_seconds_versions_and_creation_time(tmp_path):
+def test_the_manifest_records_dataset_seconds_versions_and_creation_time(tmp_path,
+                                                                        monkeypatch):
     ctx = make_ctx(tmp_path)
+    monkeypatch.setenv("TZ", "JST-9")  # UTC+9 (POSIX form, no tz database): still UTC
+    time.tzset()
     before = time.time()
-    manifest = run(ctx, sleep=0.01)
+    try:
+        manifest = run(ctx, sleep=0.01)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
     d = ctx.stage_dir("squares")
     stats = [read_json(d / f"part-0000{i}.stats.json") for i in range(6)]
     assert manifest["dataset"] == "tiny"
