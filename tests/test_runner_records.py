@@ -397,3 +397,9 @@ def test_a_dry_run_of_a_device_stage_resolves_its_device_as_a_run_does(tmp_path)
     assert runner.dry_run_stage(device_stage, ctx, cfg) == "up to date (6 parts)"
     assert runner.dry_run_stage(device_stage, runner.replace(ctx, precision="bf16"), cfg) == (
         "would refuse: inputs.precision: 'fp32' -> 'bf16'")
+
+
+def test_an_unknown_distributor_is_one_line_naming_it(tmp_path):
+    with pytest.raises(StageError, match=r"^unknown distributor 'dask' \(use 'ray' or 'local'\)$"):
+        run_stage(squares, make_ctx(tmp_path), make_config(squares, {}), distributor="dask",
+                  progress=False, log=lambda _: None)
