@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -50,3 +51,10 @@ class Worker:
 
 def finalize(ctx, cfg, stats) -> dict:
     return {"report": {"parts": len(stats)}}
+
+
+def like(**changes) -> types.SimpleNamespace:
+    """This stage with some of its attributes replaced (another plan, finalize, Worker...)."""
+    fields = {k: globals()[k] for k in
+              ("NAME", "Config", "RESOURCES", "inputs", "plan", "Worker", "finalize")}
+    return types.SimpleNamespace(**{"__name__": __name__, **fields, **changes})

@@ -73,12 +73,18 @@ def test_no_gpu_when_the_device_is_cpu_keeps_the_stages_own_cpus():
 
 
 class FakeRay(types.SimpleNamespace):
-    """The two calls `_ray_resources` makes, for a one-node cluster of `cpus` and `gpus`."""
+    """`ray` as `_visible_gpus` / `_ray_resources` see it: `nodes` node resource dicts."""
 
-    def __init__(self, cpus: float, gpus: float):
-        node = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        super().__init__(nodes=lambda: [{"Alive": True, "Resources": node}],
-                         cluster_resources=lambda: dict(node))
+    def __init__(self, nodes: list[dict], initialized: bool = True):
+        total: dict = {}
+        for n in nodes:
+            for k, v in n.items():
+                total[k] = total.get(k, 0) + v
+        self.inits: list[dict] = []
+        super().__init__(nodes=lambda: [{"Alive": True, "Resources": n} for n in nodes],
+                         cluster_resources=lambda: dict(total),
+                         is_initialized=lambda: initialized or bool(self.inits),
+                         init=lambda **kw: self.inits.append(kw))
 
 
 @pytest.mark.parametrize("cpu_only, asked, want", [
@@ -89,7 +95,7 @@ class FakeRay(types.SimpleNamespace):
 def test_ray_resources_passes_the_share_from_the_cluster(monkeypatch, cpu_only, asked, want):
     import sys
 
-    monkeypatch.setitem(sys.modules, "ray", FakeRay(16.0, 1.0))
+    monkeypatch.setitem(sys.modules, "ray", FakeRay([{"CPU": 16.0, "GPU": 1.0}]))
     stage = types.SimpleNamespace(RESOURCES=dict(REGIONS))
     got, n = runner._ray_resources(stage, None, 12, cpu_only=cpu_only, cpus_per_gpu=asked)
     assert got == want and n == (12 if cpu_only else 1)

@@ -3,8 +3,6 @@ resolved once in the driver, device and precision in a device stage's inputs so 
 never mixed across them, devices the workers cannot have refused with one line."""
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from ovdistill.pipeline import precision, runner
@@ -23,9 +21,8 @@ class _DeviceWorker(squares.Worker):
 
 
 # the squares stage, declared as one that computes on the device
-device_stage = types.SimpleNamespace(**{k: getattr(squares, k) for k in (
-    "NAME", "Config", "inputs", "plan", "finalize")}, Worker=_DeviceWorker,
-    RESOURCES={"num_cpus": 1, "num_gpus": 1}, __name__="device_squares")
+device_stage = squares.like(Worker=_DeviceWorker, RESOURCES={"num_cpus": 1, "num_gpus": 1},
+                            __name__="device_squares")
 
 
 def run(ctx, stage=device_stage, distributor="local", **kw):

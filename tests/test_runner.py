@@ -42,6 +42,7 @@ vocabulary:
 
 def make_ctx(tmp_path: Path) -> StageContext:
     path = tmp_path / "tiny.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(MANIFEST.format(root=tmp_path / "data"))
     return StageContext(dataset=load_manifest(path), cache=tmp_path / "cache" / "tiny",
                         device="cpu")
@@ -54,9 +55,9 @@ def rows(stage_dir: Path) -> list[int]:
     return out
 
 
-def run(ctx, distributor="local", **overrides):
-    return run_stage(squares, ctx, make_config(squares, overrides), distributor=distributor,
-                     progress=False, log=lambda _: None)
+def run(ctx, distributor="local", stage=squares, log=None, **overrides):
+    return run_stage(stage, ctx, make_config(squares, overrides), distributor=distributor,
+                     progress=False, log=log or (lambda _: None))
 
 
 def test_uninterrupted_run_writes_every_row_and_manifest(tmp_path):

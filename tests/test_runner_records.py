@@ -38,20 +38,9 @@ from ovdistill.pipeline.runner import (
 )
 
 from tests import stage_fixture as squares
+from tests.test_gpu_plan import FakeRay
 from tests.test_precision import device_stage
-from tests.test_runner import REPO, make_ctx, rows
-
-
-def run(ctx, stage=squares, log=None, **overrides):
-    return run_stage(stage, ctx, make_config(squares, overrides), distributor="local",
-                     progress=False, log=log or (lambda _: None))
-
-
-def stage_like_squares(**changes) -> types.SimpleNamespace:
-    fields = {k: getattr(squares, k) for k in
-              ("NAME", "Config", "RESOURCES", "inputs", "plan", "Worker", "finalize")}
-    return types.SimpleNamespace(**{**fields, **changes}, __name__="tests.stage_fixture")
-
+from tests.test_runner import REPO, make_ctx, rows, run
 
 # ----------------------------------------------------------------------------- records
 
@@ -81,7 +70,7 @@ def test_the_manifest_records_dataset_seconds_versions_and_creation_time(tmp_pat
     try:
         manifest = run(ctx, sleep=0.01)
     finally:
-        monkeypatch.delenv("TZ")
+        monkeypatch.undo()  # TZ as it was, for the rest of the process too
         time.tzset()
     d = ctx.stage_dir("squares")
     stats = [read_json(d / f"part-0000{i}.stats.json") for i in range(6)]
@@ -97,7 +86,6 @@ def test_the_manifest_records_dataset_seconds_versions_and_creation_time(tmp_pat
 def test_the_fingerprint_follows_config_inputs_plan_rows_and_the_teacher(tmp_path, monkeypatch):
     """Downstream stages key their caches on this value, so it must change with each of them."""
     def fingerprint(name, stage=squares, **overrides):
-        (tmp_path / name).mkdir()
         ctx = make_ctx(tmp_path / name)
         return run(ctx, stage=stage, **overrides)
 
@@ -110,7 +98,7 @@ def test_the_fingerprint_follows_config_inputs_plan_rows_and_the_teacher(tmp_pat
     monkeypatch.delenv("SQUARES_INPUT")
     seen.add(fingerprint("config", salt="x")["fingerprint"])
     for teacher in ("sha-a", "sha-b"):
-        stage = stage_like_squares(finalize=lambda ctx, cfg, stats, t=teacher: {"teacher": t})
+        stage = squares.like(finalize=lambda ctx, cfg, stats, t=teacher: {"teacher": t})
         m = fingerprint(teacher, stage=stage)
         assert m["teacher"] == teacher
         seen.add(m["fingerprint"])
@@ -119,7 +107,7 @@ def test_the_fingerprint_follows_config_inputs_plan_rows_and_the_teacher(tmp_pat
 
 def test_a_changed_plan_alone_is_refused_naming_the_plan(tmp_path, monkeypatch):
     monkeypatch.setenv("SQUARES_N", "8")
-    stage = stage_like_squares(
+    stage = squares.like(
         plan=lambda ctx, cfg: chunk_parts(list(range(int(os.environ["SQUARES_N"]))), 4))
     ctx = make_ctx(tmp_path)
     run(ctx, stage=stage)
@@ -254,7 +242,7 @@ def test_configs_name_unknown_keys_and_serialise_paths():
 
 
 def test_non_contiguous_parts_are_refused_naming_the_stage(tmp_path):
-    stage = stage_like_squares(plan=lambda ctx, cfg: [Part(0, (1,)), Part(2, (2,))])
+    stage = squares.like(plan=lambda ctx, cfg: [Part(0, (1,)), Part(2, (2,))])
     with pytest.raises(StageError, match="stage 'squares' planned parts with non-contiguous"):
         run(make_ctx(tmp_path), stage=stage)
 
@@ -276,21 +264,6 @@ def test_device_type_and_stages_without_resources():
     assert runner.torch_device_type("cuda:1") == "cuda" == runner.torch_device_type("cuda")
     assert runner.uses_device(types.SimpleNamespace(NAME="x")) is False
     assert runner.uses_device(device_stage) is True
-
-
-class FakeRay(types.SimpleNamespace):
-    """`ray` as `_visible_gpus` / `_ray_resources` see it: `nodes` node resource dicts."""
-
-    def __init__(self, nodes: list[dict], initialized: bool = True):
-        total: dict = {}
-        for n in nodes:
-            for k, v in n.items():
-                total[k] = total.get(k, 0) + v
-        self.inits: list[dict] = []
-        super().__init__(nodes=lambda: [{"Alive": True, "Resources": n} for n in nodes],
-                         cluster_resources=lambda: dict(total),
-                         is_initialized=lambda: initialized or bool(self.inits),
-                         init=lambda **kw: self.inits.append(kw))
 
 
 def test_visible_gpus_are_the_clusters_under_ray_and_torchs_otherwise(monkeypatch):
@@ -358,8 +331,6 @@ def test_a_stage_on_a_local_ray_cluster_writes_the_in_process_rows(tmp_path, mon
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # so the actors import tests.stage_fixture
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for name in ("local", "ray"):
-        (tmp_path / name).mkdir()
     local = make_ctx(tmp_path / "local")
     run(local, reject_item=5)
     want = pq.read_table(local.stage_dir("squares") / "part-00001.parquet").column(
