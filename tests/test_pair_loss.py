@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 from ovdistill.trainer.losses import (
+    batch_phrase_texts,
     named_elsewhere,
     pad_rows,
     pair_contrastive_loss,
     pair_phrase_contrastive_loss,
     pair_set_similarity,
+    pair_word_loss,
     phrase_region_best,
 )
 
@@ -174,3 +176,75 @@ def test_phrase_contrast_leaves_out_the_images_that_name_the_phrase():
     want_plain = sum(ce(a, p, [0, 1, 2]) for a, p in ((0, 0), (0, 1), (1, 0), (2, 0), (2, 1)))
     assert float(plain) == pytest.approx(want_plain / 5, rel=1e-6)
     assert float(plain) > float(loss.detach())  # two more terms in two of the denominators
+
+
+# ----------------------------------------------------------------------------- pair_word_loss
+
+
+def _log_softmax(xs: list[float]) -> list[float]:
+    z = math.log(sum(math.exp(x) for x in xs))
+    return [x - z for x in xs]
+
+
+def test_batch_phrase_texts_one_row_per_id():
+    emb = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], PAD]])
+    ids = torch.tensor([[0, 1], [1, 7]])  # (1, 1) is padding: its id is never read
+    texts = batch_phrase_texts(emb, ids, torch.tensor([[True, True], [True, False]]))
+    assert texts.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_word_loss_by_hand_with_padding():
+    """Two images; the batch's distinct phrases are (1, 0) and (0, 1) (ids 0, 1) and
+    (0.6, 0.8) (id 2). Image 0 (regions (1, 0), (0, 1)) names ids 0 and 2, image 1 (one real
+    region (1, 0)) names id 1. Per region, log-softmax over the 3 phrases of cos / tau; per
+    phrase, the max of its column over the image's real regions."""
+    tau = 0.5
+    phrases = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], PAD]])
+    ids = torch.tensor([[0, 2], [1, -1]])
+    mask = torch.tensor([[True, True], [True, False]])
+    texts = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+
+    def logq(region):
+        return _log_softmax([(region[0] * t[0] + region[1] * t[1]) / tau for t in texts])
+
+    r00, r01, r10 = logq([1.0, 0.0]), logq([0.0, 1.0]), logq([1.0, 0.0])
+    want = -(max(r00[0], r01[0]) + max(r00[2], r01[2]) + r10[1]) / 3
+    regions = REGIONS.clone().requires_grad_(True)
+    loss = pair_word_loss(regions, REGION_MASK, phrases, ids, mask, tau)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert (regions.grad[1, 1] == 0).all()  # the padded region
+    assert torch.isfinite(regions.grad).all()
+
+
+def test_word_loss_picks_the_region_that_names_the_phrase_not_the_most_similar():
+    """Image 0 holds a red square and a red heart, its caption names "red heart"; image 1's
+    caption names "red square". The square has the higher cosine to "red heart" (colour), so
+    the image-level max picks it; the word loss picks the heart, which names "red heart" more
+    than "red square", and of image 0's regions only the heart gets a gradient."""
+    heart, square = [1.0, 0.0, 0.0], [0.8, 0.6, 0.0]
+    square_region = [0.9, 0.43589, 0.0]  # cos: heart 0.90, square 0.98
+    heart_region = [0.7, 0.0, 0.71414]   # cos: heart 0.70, square 0.56
+    regions = torch.tensor([[square_region, heart_region], [square, [9.0, 9.0, 9.0]]]).requires_grad_(True)
+    region_mask = torch.tensor([[True, True], [True, False]])
+    phrases = torch.tensor([[heart], [square]])
+    ids, mask = torch.tensor([[0], [1]]), torch.tensor([[True], [True]])
+    best = phrase_region_best(regions.detach(), region_mask, phrases)
+    assert float(best[0, 0, 0]) == pytest.approx(0.9, abs=1e-4)  # the square's cosine
+    tau = 0.1
+    loss = pair_word_loss(regions, region_mask, phrases, ids, mask, tau)
+    loss.backward()
+    assert (regions.grad[0, 0] == 0).all() and regions.grad[0, 1].abs().sum() > 0
+    image0 = -_log_softmax([0.70 / tau, 0.56 / tau])[0]
+    image1 = -_log_softmax([0.80 / tau, 1.0 / tau])[1]
+    assert float(loss.detach()) == pytest.approx((image0 + image1) / 2, rel=1e-3)
+
+
+def test_word_loss_without_phrases_is_zero_with_a_gradient():
+    regions = REGIONS.clone().requires_grad_(True)
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    loss = pair_word_loss(regions, REGION_MASK, REGIONS, torch.zeros(2, 2, dtype=torch.int64),
+                          none, 0.5)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert (regions.grad == 0).all()

@@ -341,3 +341,34 @@ def test_unnamed_negatives_leave_out_images_whose_caption_names_the_phrase():
     assert len(terms) == 5 and got == pytest.approx(0.5 * sum(terms) / 5, rel=1e-5)
     everyone = make_config({**TINY_SETTINGS, "pairs_tau": tau, "pairs_weight": 0.5})
     assert everyone.pairs_negatives == "all"  # DetCLIPv2's caption-level loss by default
+
+
+def test_the_word_loss_is_each_phrases_best_region_against_the_batchs_phrases():
+    """pairs_word_weight > 0: loss_pairs_word = pairs_weight x pairs_word_weight x the mean
+    over the batch's phrases of -max over its image's regions of log softmax over the batch's
+    3 distinct phrases, written out from the model's own region embeddings; absent at 0."""
+    dim, tau = 8, 0.1
+    settings = {**TINY_SETTINGS, "pairs_tau": tau, "pairs_weight": 0.5, "pairs_ratio": 0.5}
+    torch.manual_seed(0)
+    model = OpenVocabDetector(make_config({**settings, "pairs_word_weight": 2.0}), dim).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 48, 48, generator=gen) for _ in range(2)]
+    boxes = [torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 5.0, 45.0, 40.0]]),
+             torch.tensor([[0.0, 0.0, 20.0, 44.0]])]
+    phrases = torch.randn(3, dim, generator=gen)
+    ids = [[0, 1], [2, 0]]
+    pairs = [{"boxes": b, "phrase_emb": phrases[i].half(), "phrase_ids": torch.tensor(i)}
+             for b, i in zip(boxes, ids)]
+    with torch.no_grad():
+        got = model.pair_losses(images, pairs)
+        regions = model.pair_region_embeddings(images, boxes)
+    unit = torch.nn.functional.normalize(phrases.half().float(), dim=-1)
+    terms = [-float((regions[a] @ unit.t() / tau).log_softmax(-1)[:, q].max())
+             for a, caption in enumerate(ids) for q in caption]
+    assert float(got["loss_pairs_word"]) == pytest.approx(0.5 * 2.0 * sum(terms) / 4, rel=1e-5)
+    model.cfg = make_config(settings)  # the same weights, the word loss off
+    with torch.no_grad():
+        off = model.pair_losses(images, pairs)
+    assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
+    with pytest.raises(ConfigError, match=r"^pairs_word_weight must be >= 0, got -1\.0$"):
+        make_config({"pairs_word_weight": -1.0})

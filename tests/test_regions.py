@@ -35,7 +35,15 @@ from ovdistill.pipeline.crops import (
 )
 from ovdistill.pipeline.images import load_rgb
 from ovdistill.pipeline.manifests import load_manifest
-from ovdistill.pipeline.runner import StageContext, StageMismatch, make_config, run_stage
+from ovdistill.pipeline.runner import (
+    Part,
+    PartOutput,
+    StageContext,
+    StageError,
+    StageMismatch,
+    make_config,
+    run_stage,
+)
 from ovdistill.stages import regions
 
 TINY_MODEL = "d1-tiny-clip"
@@ -716,3 +724,96 @@ def test_bench_runs_and_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "end-to-end (decode+crops+encode+write)" in out and "24" in out
     assert "ratio end-to-end / bare" in out and "crop speed-up batched / PIL" in out
+
+
+# ----------------------------------------------------------------------------- what the stage records
+
+
+class FakeClock:
+    """Stands in for the stage module's `time`: `time()` returns the given readings in turn."""
+
+    def __init__(self, *readings: float):
+        self.readings = list(readings)
+
+    def time(self) -> float:
+        return self.readings.pop(0)
+
+
+def test_a_parts_result_counts_images_crops_speed_and_refused_names(built, tmp_path,
+                                                                     monkeypatch):
+    """Part 2 (train images 3, 4 and the corrupt 5) plus a name that leaves the image folder:
+    the refused name and the corrupt image are the rejects, in that order; "images" counts
+    the decoded ones, "crops" two per row, "crops_per_s" from the part's own clock (0.7 s)."""
+    ctx, cfg, _, _ = built
+    worker = regions.Worker(ctx, cfg)
+    part = regions.plan(ctx, cfg)[2]
+    part = Part(part.index, part.items + ((99, "../escape.jpg"),))
+    monkeypatch.setattr(regions, "time", FakeClock(100.0, 100.7))
+    out = PartOutput(tmp_path / "regions")
+    result = worker.run_part(part, out)
+    out.commit()
+    assert result.rows == 18 == len(pq.read_table(tmp_path / "regions" / "part-00002.parquet"))
+    assert result.extra == {"images": 2, "crops": 36, "embed_dim": TINY_CONFIG["embed_dim"],
+                            "crops_per_s": 51.4}  # 36 / 0.7 = 51.43
+    refused, corrupt = result.rejects
+    images = ctx.dataset.split("train").images
+    assert refused["item"] == 99 and refused["file"] == str(images)
+    assert refused["reason"].startswith("image 99: ") and "../escape.jpg" in refused["reason"]
+    assert corrupt["item"] == 5 and corrupt["file"].endswith("train_005.jpg")
+
+
+def test_the_worker_loads_the_teacher_on_the_contexts_device(built, monkeypatch):
+    ctx, cfg, _, _ = built
+    calls = []
+    monkeypatch.setattr(regions, "teacher_from_cache",
+                        lambda *args, **kw: calls.append((args, kw)) or "the teacher")
+    monkeypatch.setattr(type(ctx), "resolve_device", lambda self: "cuda:3")
+    worker = regions.Worker(ctx, cfg)
+    assert calls == [((ctx, "cuda:3"), {})] and worker.teacher == "the teacher"
+    assert worker.images_dir == ctx.dataset.split("train").images
+
+
+def test_embed_proposals_hands_on_the_stage_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(regions, "embed_regions",
+                        lambda *args, **kw: seen.append((args, kw)) or "rows")
+    cfg = regions.Config(batch_size=7, context_scale=2.0, decode_threads=3)
+    assert regions.embed_proposals("teacher", "proposals", "files", cfg) == "rows"
+    assert seen == [(("teacher", "proposals", "files"),
+                     {"batch_size": 7, "context_scale": 2.0, "decode_threads": 3})]
+
+
+def test_inputs_and_totals_in_the_manifest(built):
+    ctx, cfg, _, manifest = built
+    want = {"teacher": ctx.fingerprint("teacher"), "proposals": "proposals-v1",
+            "crops": regions.CROPS_VERSION}
+    assert regions.inputs(ctx, cfg) == want  # the runner adds where it ran
+    assert manifest["inputs"] == {**want, "device": "cpu", "precision": "fp32"}
+    assert manifest["images"] == 4 and manifest["crops"] == 2 * manifest["rows"] == 72
+    assert manifest["embed_dim"] == TINY_CONFIG["embed_dim"]
+    teacher = read_json(ctx.cache / "teacher" / "_MANIFEST.json")["teacher"]
+    stats = [{"crops": 20, "seconds": 2.0, "images": 2, "embed_dim": 32},
+             {"crops": 0, "seconds": 1.0, "images": 0, "embed_dim": 32}]
+    assert regions.finalize(ctx, cfg, stats) == {  # 20 crops / 3 s = 6.67
+        "teacher": teacher, "embed_dim": 32, "images": 2, "crops": 20, "crops_per_s": 6.7}
+    assert regions.finalize(ctx, cfg, []) == {
+        "teacher": teacher, "embed_dim": None, "images": 0, "crops": 0, "crops_per_s": None}
+
+
+def test_an_image_list_without_ids_is_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"images": [{"file_name": "a.jpg"}], "annotations": []}))
+    with pytest.raises(StageError) as e:
+        regions.image_files(path)
+    assert str(e.value) == f"{path}: cannot read the image list (KeyError: 'id')"
+
+
+def test_a_missing_proposals_part_is_one_error_naming_it(tmp_path):
+    ctx = make_dataset(tmp_path)
+    write_proposals(ctx)
+    missing = ctx.stage_dir("proposals") / "part-00001.parquet"
+    missing.unlink()
+    with pytest.raises(StageError) as e:
+        regions.plan(ctx, regions.Config())
+    assert str(e.value) == (f"{missing} is missing although the proposals stage finished; "
+                            f"rerun it with --rebuild")

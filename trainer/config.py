@@ -99,6 +99,10 @@ class TrainConfig:
     # contrast per phrase, an image whose own caption names the phrase not its negative
     # (losses.pair_phrase_contrastive_loss: false negatives of a small vocabulary)
     pairs_negatives: str = "all"
+    # > 0: + pairs_weight x this x losses.pair_word_loss on pair iterations ("loss_pairs_word"):
+    # inside each image, the region that best names a phrase must name it rather than the
+    # batch's other phrases (the image-level contrast is met by colour alone, lab log 34)
+    pairs_word_weight: float = 0.0
     # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
     # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss
     dictionary_negatives: int = 0
@@ -247,7 +251,7 @@ class TrainConfig:
         if self.pairs_negatives not in PAIR_NEGATIVES:
             raise ConfigError(f"pairs_negatives must be one of {PAIR_NEGATIVES}, got "
                               f"{self.pairs_negatives!r}")
-        for key in ("pairs_weight", "pairs_soft_tau"):
+        for key in ("pairs_weight", "pairs_soft_tau", "pairs_word_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.dictionary_negatives < 0:

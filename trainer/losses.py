@@ -12,7 +12,9 @@ The remedies of later papers (all off by default, see `TrainConfig`) are plain f
 DetCLIPv2's word-region alignment on image-text pairs: `pair_set_similarity` (each phrase of a
 caption against its best region of an image) and `pair_contrastive_loss` (text-to-image only);
 `pair_phrase_contrastive_loss`, the same contrast per phrase without the negatives whose own
-caption names the phrase.
+caption names the phrase; `pair_word_loss`, a phrase-side term inside each image (its regions
+choose among the batch's phrases, so a region must tell a red heart from a red square, which
+the image-level contrast never asks).
 """
 from __future__ import annotations
 
@@ -267,3 +269,45 @@ def pair_contrastive_loss(sim: Tensor, tau: float) -> Tensor:
     with float32_region(sim.device):
         logits = sim.float().t() / tau  # row a: caption a against every image
         return F.cross_entropy(logits, torch.arange(sim.shape[0], device=sim.device))
+
+
+def batch_phrase_texts(phrase_emb: Tensor, phrase_ids: Tensor, phrase_mask: Tensor) -> Tensor:
+    """The distinct phrases of a batch, one row each.
+
+    phrase_emb: Tensor[B, P, D]; phrase_ids: Tensor[B, P] int64, equal = the same phrase text,
+    the distinct texts numbered 0..Q-1 (`pair_data.collate_pairs`); phrase_mask: Tensor[B, P]
+    bool. Returns Tensor[Q, D]: row q = the embedding of phrase id q (equal texts have equal
+    embeddings, so any occurrence serves)."""
+    ids = phrase_ids[phrase_mask]
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    texts = phrase_emb.new_zeros(n, phrase_emb.shape[-1])
+    texts[ids] = phrase_emb[phrase_mask].to(texts.dtype)
+    return texts
+
+
+def pair_word_loss(region_emb: Tensor, region_mask: Tensor, phrase_emb: Tensor,
+                   phrase_ids: Tensor, phrase_mask: Tensor, tau: float) -> Tensor:
+    """Phrase-side multiple-instance loss inside each pair image: the caption says one of the
+    image's regions is each named phrase, and that region should name it rather than any other
+    phrase of the batch.
+
+    region_emb: Tensor[B, K, D], region_mask: Tensor[B, K] bool; phrase_emb: Tensor[B, P, D],
+    phrase_ids: Tensor[B, P] int64 (distinct texts numbered 0..Q-1), phrase_mask: Tensor[B, P]
+    bool; embeddings L2-normalised. Each region's log-softmax over the Q distinct phrases of
+    the batch at temperature tau, log q[b, k, .]; for each real phrase (b, p) with id c:
+    s[b, p] = max over image b's real regions k of log q[b, k, c]; the loss is the mean over
+    the real phrases of -s. The region is chosen by how much more it names c than the other
+    phrases, not by cosine alone (the image-level max picks a same-colour square for "red
+    heart" as readily as the heart). Float32; 0 (with a gradient) for no phrase or no region.
+    """
+    with float32_region(region_emb.device):
+        real = phrase_mask & region_mask.any(dim=1, keepdim=True)
+        if not real.any():
+            return region_emb.float().sum() * 0.0
+        texts = batch_phrase_texts(phrase_emb.float(), phrase_ids, phrase_mask)  # [Q, D]
+        logq = (torch.einsum("bkd,qd->bkq", region_emb.float(), texts) / tau).log_softmax(-1)
+        ids = phrase_ids.clamp(min=0)[:, None, :].expand(-1, logq.shape[1], -1)  # [B, K, P]
+        picked = logq.gather(2, ids).masked_fill(~region_mask[:, :, None], -math.inf)
+        best = picked.amax(dim=1)  # [B, P]
+        mask = real.float()
+        return -(best.masked_fill(~real, 0.0) * mask).sum() / mask.sum().clamp(min=1.0)

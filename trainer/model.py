@@ -58,8 +58,10 @@ pairs=True)` runs the backbone on a batch of pair images, RoIAligns each image's
 proposals and embeds them with the text tower (the head the classifier uses, also with
 heads=separate; `pair_region_embeddings`); `loss_pairs` = pairs_weight x the text-to-image
 contrastive loss on the set similarity of every image with every caption of the batch
-(`losses.pair_set_similarity`, `losses.pair_contrastive_loss`). The RPN, the box regressor,
-the background embedding and an image tower get no gradient from it.
+(`losses.pair_set_similarity`, `losses.pair_contrastive_loss`); with pairs_word_weight > 0
+also `loss_pairs_word` (`losses.pair_word_loss`, each phrase's region against the batch's
+other phrases). The RPN, the box regressor, the background embedding and an image tower get
+no gradient from them.
 
 Detection as grounding (GLIP, `TrainConfig.mode="grounding"`): the ViLD-text softmax is
 replaced by alignment logits between the text tower's region embeddings [N, D] and the
@@ -122,6 +124,7 @@ from ovdistill.trainer.losses import (
     pair_contrastive_loss,
     pair_phrase_contrastive_loss,
     pair_set_similarity,
+    pair_word_loss,
     phrase_region_best,
     region_logits,
     vild_image_loss,
@@ -530,12 +533,15 @@ class OpenVocabDetector(nn.Module):
 
     def pair_losses(self, images: list[Tensor], pairs: list[dict[str, Tensor]]
                     ) -> dict[str, Tensor]:
-        """{"loss_pairs"}: pairs_weight x DetCLIPv2's text-to-image contrastive loss.
+        """{"loss_pairs"}: pairs_weight x DetCLIPv2's text-to-image contrastive loss, and with
+        pairs_word_weight > 0 {"loss_pairs_word"}: pairs_weight x pairs_word_weight x
+        `losses.pair_word_loss`.
 
         images: list of B Tensor[3, H_i, W_i] in [0, 1]; pairs: per image {"boxes":
         Tensor[K_i, 4] its top-k cached proposals in its pixels, "phrase_emb": Tensor[P_i, D]
         its caption's phrase embeddings, "phrase_ids": Tensor[P_i] int64 (equal = the same
-        phrase text; read with pairs_negatives "unnamed")}, K_i, P_i >= 1.
+        phrase text, numbered 0..Q-1 over the batch; read with pairs_negatives "unnamed" and
+        the word loss)}, K_i, P_i >= 1.
         """
         cfg = self.cfg
         regions = self.pair_region_embeddings(images, [p["boxes"] for p in pairs])
@@ -543,18 +549,24 @@ class OpenVocabDetector(nn.Module):
         phrase_emb, phrase_mask = pad_rows(
             [self._center(F.normalize(p["phrase_emb"].float(), dim=-1)) for p in pairs],
             self.embed_dim)
+        ids = torch.full(phrase_mask.shape, -1, dtype=torch.int64, device=phrase_mask.device)
+        for i, p in enumerate(pairs):
+            ids[i, :len(p["phrase_ids"])] = p["phrase_ids"]
         if cfg.pairs_negatives == "unnamed":
-            ids = torch.full(phrase_mask.shape, -1, dtype=torch.int64, device=phrase_mask.device)
-            for i, p in enumerate(pairs):
-                ids[i, :len(p["phrase_ids"])] = p["phrase_ids"]
             best = phrase_region_best(region_emb, region_mask, phrase_emb,
                                       soft_tau=cfg.pairs_soft_tau or None)
             loss = pair_phrase_contrastive_loss(best, phrase_mask,
                                                 named_elsewhere(ids, phrase_mask), cfg.pairs_tau)
-            return {"loss_pairs": cfg.pairs_weight * loss}
-        sim = pair_set_similarity(region_emb, region_mask, phrase_emb, phrase_mask,
-                                  soft_tau=cfg.pairs_soft_tau or None)
-        return {"loss_pairs": cfg.pairs_weight * pair_contrastive_loss(sim, cfg.pairs_tau)}
+        else:
+            sim = pair_set_similarity(region_emb, region_mask, phrase_emb, phrase_mask,
+                                      soft_tau=cfg.pairs_soft_tau or None)
+            loss = pair_contrastive_loss(sim, cfg.pairs_tau)
+        losses = {"loss_pairs": cfg.pairs_weight * loss}
+        if cfg.pairs_word_weight > 0:
+            word = pair_word_loss(region_emb, region_mask, phrase_emb, ids, phrase_mask,
+                                  cfg.pairs_tau)
+            losses["loss_pairs_word"] = cfg.pairs_weight * cfg.pairs_word_weight * word
+        return losses
 
     # ------------------------------------------------------------------ training
 
