@@ -10,6 +10,7 @@ from ovdistill.trainer.losses import (
     pad_rows,
     pair_contrastive_loss,
     pair_phrase_contrastive_loss,
+    pair_pseudo_loss,
     pair_set_similarity,
     pair_word_loss,
     phrase_region_best,
@@ -248,3 +249,41 @@ def test_word_loss_without_phrases_is_zero_with_a_gradient():
     assert float(loss.detach()) == 0.0
     loss.backward()
     assert (regions.grad == 0).all()
+
+
+# --------------------------------------------------------------------------- pair_pseudo_loss
+
+
+def test_pseudo_loss_by_hand_reads_only_the_phrases_with_a_pseudo_box():
+    """The batch's distinct phrases (1, 0), (0, 1), (0.6, 0.8) (ids 0, 1, 2). Image 0 names
+    ids 0 and 2, only id 2 has a pseudo-box, embedded (0.8, 0.6); image 1 names id 1 with a
+    pseudo-box embedded (1, 0) (the teacher's pick, though the student's embedding names id 0
+    better); its padded phrase claims a pseudo-box that must not count."""
+    tau = 0.5
+    phrases = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], PAD]])
+    ids = torch.tensor([[0, 2], [1, -1]])
+    mask = torch.tensor([[True, True], [True, False]])
+    pseudo = torch.tensor([[[5.0, 5.0], [0.8, 0.6]], [[1.0, 0.0], [0.0, 1.0]]]
+                          ).requires_grad_(True)
+    has = torch.tensor([[False, True], [True, True]])
+    texts = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+
+    def logq(region):
+        return _log_softmax([(region[0] * t[0] + region[1] * t[1]) / tau for t in texts])
+
+    want = -(logq([0.8, 0.6])[2] + logq([1.0, 0.0])[1]) / 2
+    loss = pair_pseudo_loss(pseudo, has, phrases, ids, mask, tau)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert (pseudo.grad[0, 0] == 0).all() and (pseudo.grad[1, 1] == 0).all()
+    assert pseudo.grad[0, 1].abs().sum() > 0 and pseudo.grad[1, 0].abs().sum() > 0
+
+
+def test_pseudo_loss_without_a_pseudo_box_is_zero_with_a_gradient():
+    pseudo = REGIONS.clone().requires_grad_(True)
+    loss = pair_pseudo_loss(pseudo, torch.zeros(2, 2, dtype=torch.bool), REGIONS,
+                            torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2, dtype=torch.bool),
+                            0.5)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert (pseudo.grad == 0).all()

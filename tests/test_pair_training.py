@@ -23,6 +23,7 @@ from ovdistill.trainer.pair_data import (
     REJECTED,
     is_pair_iteration,
     load_dictionary_negatives,
+    load_pseudo_boxes,
     pair_pipeline,
     pair_samples,
     sample_negatives,
@@ -372,3 +373,77 @@ def test_the_word_loss_is_each_phrases_best_region_against_the_batchs_phrases():
     assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
     with pytest.raises(ConfigError, match=r"^pairs_word_weight must be >= 0, got -1\.0$"):
         make_config({"pairs_word_weight": -1.0})
+
+
+def test_the_pseudo_loss_is_the_students_embedding_of_each_pseudo_box_against_the_phrases():
+    """pairs_pseudo_weight > 0: loss_pairs_pseudo = pairs_weight x pairs_pseudo_weight x the
+    mean over the phrases with a pseudo-box of -log softmax over the batch's 3 distinct phrases
+    of the student's embedding of that box, written out from the model's own embeddings of
+    those boxes; the image-level loss still reads only the proposals; absent at 0."""
+    dim, tau = 8, 0.1
+    settings = {**TINY_SETTINGS, "pairs_tau": tau, "pairs_weight": 0.5, "pairs_ratio": 0.5}
+    torch.manual_seed(0)
+    model = OpenVocabDetector(make_config({**settings, "pairs_pseudo_weight": 3.0}), dim).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 48, 48, generator=gen) for _ in range(2)]
+    boxes = [torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 5.0, 45.0, 40.0]]),
+             torch.tensor([[0.0, 0.0, 20.0, 44.0]])]
+    pseudo = [torch.tensor([[4.0, 6.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0]]),
+              torch.tensor([[8.0, 8.0, 47.0, 47.0], [1.0, 2.0, 25.0, 20.0]])]
+    has = [torch.tensor([True, False]), torch.tensor([True, True])]
+    phrases = torch.randn(3, dim, generator=gen)
+    ids = [[0, 1], [2, 0]]
+    pairs = [{"boxes": b, "phrase_emb": phrases[i].half(), "phrase_ids": torch.tensor(i),
+              "pseudo_boxes": q, "pseudo_mask": m} for b, i, q, m in zip(boxes, ids, pseudo, has)]
+    with torch.no_grad():
+        got = model.pair_losses(images, pairs)
+        emb = model.pair_region_embeddings(images, pseudo)
+    unit = torch.nn.functional.normalize(phrases.half().float(), dim=-1)
+    terms = [-float((emb[a][p] @ unit.t() / tau).log_softmax(-1)[q])
+             for a, caption in enumerate(ids) for p, q in enumerate(caption) if has[a][p]]
+    assert len(terms) == 3
+    assert float(got["loss_pairs_pseudo"]) == pytest.approx(0.5 * 3.0 * sum(terms) / 3, rel=1e-5)
+    model.cfg = make_config(settings)  # the same weights, the pseudo loss off
+    with torch.no_grad():
+        off = model.pair_losses(images, pairs)
+    assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
+    with pytest.raises(ConfigError, match=r"^pairs_pseudo_weight must be >= 0, got -1\.0$"):
+        make_config({"pairs_pseudo_weight": -1.0})
+
+
+def test_pseudo_boxes_ride_with_their_phrases_and_train(tiny, tmp_path, capsys):
+    """pairs_pseudo_weight > 0 reads the pseudo_boxes stage's file: missing, one line naming
+    it; present, each phrase with a kept box carries it (resized with its image), the others
+    are masked, and a pair step logs loss_pairs_pseudo."""
+    path = DatasetCache(tiny.dataset_dir).stage_dir(layout.PSEUDO_BOXES) / layout.PSEUDO_FILE
+    assert _train(tiny, tmp_path / "missing", "--steps", "1", "--set", "pairs_ratio=1.0",
+                  "--set", "pairs_pseudo_weight=1.0") == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: not found; pairs_pseudo_weight > 0 reads the pseudo_boxes stage's kept "
+        f"boxes: run `python -m ovdistill run --stages pseudo_boxes`\n")
+    urls = [str(p) for p in DatasetCache(tiny.dataset_dir).pair_shards()]
+    originals = {s["image_id"]: s for s in pair_samples(urls, tiny.dim, top_k=3)}
+    # every pair's first phrase gets a box [x, y, w, h] = [2i, 4, 20, 10 + i]; the second none
+    annotations = [{"id": i, "image_id": i, "bbox": [2.0 * i, 4.0, 20.0, 10.0 + i],
+                    "phrase": s["phrases"][0], "rank": 0} for i, s in originals.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": [], "annotations": annotations, "categories": []}))
+    try:
+        pseudo = load_pseudo_boxes(path)
+        assert pseudo[3] == {originals[3]["phrases"][0]: [6.0, 4.0, 26.0, 17.0]}
+        cfg = make_config({**TINY_SETTINGS, "pairs_batch_size": 4, "pairs_sizes": [32],
+                           "flip_prob": 0.0, "pairs_top_k": 3})
+        _, pairs, _ = next(iter(pair_pipeline(urls, cfg, tiny.dim, seed=0, pseudo=pseudo)))
+        for p in pairs:
+            i = int(p["image_id"])
+            n = len(originals[i]["phrases"])
+            assert p["pseudo_mask"].tolist() == [True] + [False] * (n - 1)
+            assert p["pseudo_boxes"][0].tolist() == [i, 2.0, i + 10.0, (14.0 + i) / 2]  # 64->32
+        run = tmp_path / "pseudo"
+        assert _train(tiny, run, "--steps", "1", "--set", "pairs_ratio=1.0",
+                      "--set", "pairs_pseudo_weight=1.0") == 0
+        row = _metrics(run)[0]
+        assert row["loss_pairs_pseudo"] > 0
+        assert row["loss"] == pytest.approx(row["loss_pairs"] + row["loss_pairs_pseudo"])
+    finally:
+        path.unlink()

@@ -103,6 +103,9 @@ class TrainConfig:
     # inside each image, the region that best names a phrase must name it rather than the
     # batch's other phrases (the image-level contrast is met by colour alone, lab log 34)
     pairs_word_weight: float = 0.0
+    # > 0: + pairs_weight x this x losses.pair_pseudo_loss ("loss_pairs_pseudo"): the word loss
+    # on the teacher's pick, each phrase's kept box of the pseudo_boxes stage (lab log 69)
+    pairs_pseudo_weight: float = 0.0
     # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
     # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss
     dictionary_negatives: int = 0
@@ -251,7 +254,7 @@ class TrainConfig:
         if self.pairs_negatives not in PAIR_NEGATIVES:
             raise ConfigError(f"pairs_negatives must be one of {PAIR_NEGATIVES}, got "
                               f"{self.pairs_negatives!r}")
-        for key in ("pairs_weight", "pairs_soft_tau", "pairs_word_weight"):
+        for key in ("pairs_weight", "pairs_soft_tau", "pairs_word_weight", "pairs_pseudo_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.dictionary_negatives < 0:

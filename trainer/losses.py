@@ -311,3 +311,28 @@ def pair_word_loss(region_emb: Tensor, region_mask: Tensor, phrase_emb: Tensor,
         best = picked.amax(dim=1)  # [B, P]
         mask = real.float()
         return -(best.masked_fill(~real, 0.0) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def pair_pseudo_loss(pseudo_emb: Tensor, pseudo_mask: Tensor, phrase_emb: Tensor,
+                     phrase_ids: Tensor, phrase_mask: Tensor, tau: float) -> Tensor:
+    """The word loss with the region chosen by the teacher, not by the student: each phrase
+    that has a pseudo-box (stage `pseudo_boxes`: the pair proposal whose teacher embedding
+    names the phrase best, kept by that stage's rule) must be named by the student's
+    embedding of that box rather than by any other phrase of the batch.
+
+    pseudo_emb: Tensor[B, P, D] the student's embedding of each phrase's pseudo-box,
+    pseudo_mask: Tensor[B, P] bool (the phrase has one); phrase_emb: Tensor[B, P, D],
+    phrase_ids: Tensor[B, P] int64 (distinct texts numbered 0..Q-1), phrase_mask: Tensor[B, P]
+    bool; embeddings L2-normalised. The loss is the mean over the phrases with a pseudo-box of
+    -log softmax over the Q distinct phrases of cos(pseudo_emb[b, p], text) / tau at the
+    phrase's own id. A max over the student's regions (`pair_word_loss`) confirms whatever
+    region the student already prefers; the teacher's pick does not depend on the student.
+    Float32; 0 (with a gradient) when no phrase has a pseudo-box.
+    """
+    with float32_region(pseudo_emb.device):
+        real = phrase_mask & pseudo_mask
+        if not real.any():
+            return pseudo_emb.float().sum() * 0.0
+        texts = batch_phrase_texts(phrase_emb.float(), phrase_ids, phrase_mask)  # [Q, D]
+        logq = (pseudo_emb.float()[real] @ texts.t() / tau).log_softmax(-1)  # [N, Q]
+        return -logq.gather(1, phrase_ids[real][:, None]).mean()

@@ -60,7 +60,8 @@ heads=separate; `pair_region_embeddings`); `loss_pairs` = pairs_weight x the tex
 contrastive loss on the set similarity of every image with every caption of the batch
 (`losses.pair_set_similarity`, `losses.pair_contrastive_loss`); with pairs_word_weight > 0
 also `loss_pairs_word` (`losses.pair_word_loss`, each phrase's region against the batch's
-other phrases). The RPN, the box regressor, the background embedding and an image tower get
+other phrases), with pairs_pseudo_weight > 0 `loss_pairs_pseudo` (`losses.pair_pseudo_loss`,
+the same on each phrase's pseudo-box, the teacher's pick). The RPN, the box regressor, the background embedding and an image tower get
 no gradient from them.
 
 Detection as grounding (GLIP, `TrainConfig.mode="grounding"`): the ViLD-text softmax is
@@ -123,6 +124,7 @@ from ovdistill.trainer.losses import (
     pad_rows,
     pair_contrastive_loss,
     pair_phrase_contrastive_loss,
+    pair_pseudo_loss,
     pair_set_similarity,
     pair_word_loss,
     phrase_region_best,
@@ -541,11 +543,19 @@ class OpenVocabDetector(nn.Module):
         Tensor[K_i, 4] its top-k cached proposals in its pixels, "phrase_emb": Tensor[P_i, D]
         its caption's phrase embeddings, "phrase_ids": Tensor[P_i] int64 (equal = the same
         phrase text, numbered 0..Q-1 over the batch; read with pairs_negatives "unnamed" and
-        the word loss)}, K_i, P_i >= 1.
+        the word loss), with pairs_pseudo_weight > 0 "pseudo_boxes": Tensor[P_i, 4] each
+        phrase's pseudo-box in its pixels and "pseudo_mask": Tensor[P_i] bool (it has one)},
+        K_i, P_i >= 1. pairs_pseudo_weight > 0 adds {"loss_pairs_pseudo"}: pairs_weight x
+        pairs_pseudo_weight x `losses.pair_pseudo_loss` on the student's embedding of each
+        pseudo-box.
         """
         cfg = self.cfg
-        regions = self.pair_region_embeddings(images, [p["boxes"] for p in pairs])
-        region_emb, region_mask = pad_rows(regions, self.embed_dim)
+        pseudo = cfg.pairs_pseudo_weight > 0
+        boxes = [torch.cat([p["boxes"], p["pseudo_boxes"].to(p["boxes"])]) if pseudo
+                 else p["boxes"] for p in pairs]
+        regions = self.pair_region_embeddings(images, boxes)
+        region_emb, region_mask = pad_rows([r[:len(p["boxes"])] for r, p in zip(regions, pairs)],
+                                           self.embed_dim)
         phrase_emb, phrase_mask = pad_rows(
             [self._center(F.normalize(p["phrase_emb"].float(), dim=-1)) for p in pairs],
             self.embed_dim)
@@ -566,6 +576,13 @@ class OpenVocabDetector(nn.Module):
             word = pair_word_loss(region_emb, region_mask, phrase_emb, ids, phrase_mask,
                                   cfg.pairs_tau)
             losses["loss_pairs_word"] = cfg.pairs_weight * cfg.pairs_word_weight * word
+        if pseudo:
+            pseudo_emb, _ = pad_rows([r[len(p["boxes"]):] for r, p in zip(regions, pairs)],
+                                     self.embed_dim)
+            pseudo_mask, _ = pad_rows([p["pseudo_mask"][:, None] for p in pairs], 1)
+            term = pair_pseudo_loss(pseudo_emb, pseudo_mask[..., 0].bool() & phrase_mask,
+                                    phrase_emb, ids, phrase_mask, cfg.pairs_tau)
+            losses["loss_pairs_pseudo"] = cfg.pairs_weight * cfg.pairs_pseudo_weight * term
         return losses
 
     # ------------------------------------------------------------------ training

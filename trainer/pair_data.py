@@ -128,10 +128,38 @@ def _npy(sample: dict, key: str, where: str) -> np.ndarray:
         raise SampleError(f"{where}: cannot decode .{key} ({str(e).splitlines()[0]})") from None
 
 
-def decode_pair(sample: dict, embed_dim: int, top_k: int) -> dict:
+def load_pseudo_boxes(path: str | Path) -> dict[int, dict[str, list[float]]]:
+    """The kept pseudo-boxes of the pseudo_boxes stage's file (MDETR format, layout.PSEUDO_FILE)
+    -> {pair image id: {phrase: [x1, y1, x2, y2] in the pair image's original pixels}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheMismatch(f"{path}: not found; pairs_pseudo_weight > 0 reads the pseudo_boxes "
+                            f"stage's kept boxes: run `python -m ovdistill run --stages "
+                            f"pseudo_boxes`")
+    out: dict[int, dict[str, list[float]]] = {}
+    for a in json.loads(path.read_text()).get("annotations", []):
+        x, y, w, h = a["bbox"]
+        out.setdefault(int(a["image_id"]), {})[a["phrase"]] = [x, y, x + w, y + h]
+    return out
+
+
+def pseudo_targets(phrases: list[str], found: dict[str, list[float]] | None
+                   ) -> tuple[Tensor, Tensor]:
+    """Each phrase's pseudo-box -> (Tensor[P, 4] float32, zeros where it has none; Tensor[P]
+    bool, True where it has one)."""
+    found = found or {}
+    boxes = torch.tensor([found.get(p, [0.0] * 4) for p in phrases],
+                         dtype=torch.float32).reshape(-1, 4)
+    return boxes, torch.tensor([p in found for p in phrases], dtype=torch.bool)
+
+
+def decode_pair(sample: dict, embed_dim: int, top_k: int,
+                pseudo: dict[int, dict[str, list[float]]] | None = None) -> dict:
     """A raw pair sample -> tensors: "image" Tensor[3, H, W] uint8, "boxes" Tensor[K, 4]
     float32 (the first min(K, top_k) in rank order, clipped to the image), "phrase_emb"
-    Tensor[P, D] float16, "image_id" int, "phrases" list[str].
+    Tensor[P, D] float16, "image_id" int, "phrases" list[str]; with `pseudo`
+    (`load_pseudo_boxes`) also "pseudo_boxes" Tensor[P, 4] and "pseudo_mask" Tensor[P] bool
+    (`pseudo_targets`).
 
     Raises EmptyPair for a pair with no phrase or no box, SampleError (one line naming shard
     and key) for a malformed sample, CacheMismatch for phrase embeddings of another D."""
@@ -183,18 +211,23 @@ def decode_pair(sample: dict, embed_dim: int, top_k: int) -> dict:
     kept = torch.from_numpy(np.ascontiguousarray(boxes[:top_k], dtype=np.float32))
     kept[:, 0::2] = kept[:, 0::2].clamp(0, w)
     kept[:, 1::2] = kept[:, 1::2].clamp(0, h)
-    return {"key": sample["__key__"], "image_id": int(meta.get("image_id", -1)),
-            "image": image, "boxes": kept, "phrases": list(phrases),
-            "phrase_emb": torch.from_numpy(np.ascontiguousarray(emb))}
+    out = {"key": sample["__key__"], "image_id": int(meta.get("image_id", -1)),
+           "image": image, "boxes": kept, "phrases": list(phrases),
+           "phrase_emb": torch.from_numpy(np.ascontiguousarray(emb))}
+    if pseudo is not None:
+        out["pseudo_boxes"], out["pseudo_mask"] = pseudo_targets(phrases,
+                                                                 pseudo.get(out["image_id"]))
+    return out
 
 
-def decode_stage(src: Iterator[dict], embed_dim: int, top_k: int) -> Iterator[dict]:
+def decode_stage(src: Iterator[dict], embed_dim: int, top_k: int,
+                 pseudo: dict[int, dict[str, list[float]]] | None = None) -> Iterator[dict]:
     """Decodes each raw sample; the ones it skips are counted into the next sample it yields
     ("skipped": {counter: n}). A CacheMismatch stops the stream."""
     skipped = dict.fromkeys(SKIP_KEYS, 0)
     for raw in src:
         try:
-            s = decode_pair(raw, embed_dim, top_k)
+            s = decode_pair(raw, embed_dim, top_k, pseudo)
         except EmptyPair as e:
             skipped[e.kind] += 1
             print(f"skip: {e}", file=sys.stderr)
@@ -215,21 +248,25 @@ def augment_stage(src: Iterator[dict], cfg: TrainConfig, seed: int) -> Iterator[
     for s in src:
         aug = Augmentation(size=rng.choice(cfg.pairs_sizes), max_size=cfg.max_size,
                            flip=rng.random() < cfg.flip_prob)
-        image, _, boxes = augment(s["image"], torch.zeros(0, 4), s["boxes"], aug)
-        yield {**s, "image": image, "boxes": boxes}
+        image, pseudo, boxes = augment(s["image"], s.get("pseudo_boxes", torch.zeros(0, 4)),
+                                       s["boxes"], aug)
+        yield {**s, "image": image, "boxes": boxes,
+               **({"pseudo_boxes": pseudo} if "pseudo_boxes" in s else {})}
 
 
 def collate_pairs(samples: list[dict]) -> tuple[list[Tensor], list[dict[str, Tensor]], dict]:
     """Samples -> (images list of Tensor[3, H_i, W_i] float in [0, 1], per pair {"boxes":
     Tensor[K_i, 4], "phrase_emb": Tensor[P_i, D], "phrase_ids": Tensor[P_i] int64 (equal ids
-    = equal phrase texts within the batch), "image_id": Tensor[]}, {counter: skipped samples
+    = equal phrase texts within the batch), "image_id": Tensor[], and with pseudo-boxes
+    "pseudo_boxes" Tensor[P_i, 4], "pseudo_mask" Tensor[P_i] bool}, {counter: skipped samples
     since the worker's previous batch})."""
     images = [s["image"] for s in samples]
     ids: dict[str, int] = {}  # one id per distinct phrase text of the batch
     pairs = [{"boxes": s["boxes"], "phrase_emb": s["phrase_emb"],
               "phrase_ids": torch.tensor([ids.setdefault(t, len(ids)) for t in s["phrases"]],
                                          dtype=torch.int64),
-              "image_id": torch.tensor(s["image_id"])} for s in samples]
+              "image_id": torch.tensor(s["image_id"]),
+              **{k: s[k] for k in ("pseudo_boxes", "pseudo_mask") if k in s}} for s in samples]
     skipped = {k: sum(s["skipped"][k] for s in samples) for k in SKIP_KEYS}
     return images, pairs, skipped
 
@@ -241,24 +278,26 @@ def pair_samples(urls: list[str], embed_dim: int, top_k: int) -> Iterator[dict]:
                                  partial(decode_stage, embed_dim=embed_dim, top_k=top_k)))
 
 
-def pair_pipeline(urls: list[str], cfg: TrainConfig, embed_dim: int, seed: int
-                  ) -> wds.DataPipeline:
-    """The endless stream of (images, pairs, skipped) batches for this rank (and worker)."""
+def pair_pipeline(urls: list[str], cfg: TrainConfig, embed_dim: int, seed: int,
+                  pseudo: dict[int, dict[str, list[float]]] | None = None) -> wds.DataPipeline:
+    """The endless stream of (images, pairs, skipped) batches for this rank (and worker);
+    with `pseudo` (`load_pseudo_boxes`) each pair carries its phrases' pseudo-boxes."""
     return wds.DataPipeline(
         ShardCycle(urls, seed),
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=log_and_continue),
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 16), seed=seed),
-        partial(decode_stage, embed_dim=embed_dim, top_k=cfg.pairs_top_k),
+        partial(decode_stage, embed_dim=embed_dim, top_k=cfg.pairs_top_k, pseudo=pseudo),
         partial(augment_stage, cfg=cfg, seed=seed),
         wds.batched(cfg.pairs_batch_size, collation_fn=collate_pairs, partial=False),
     )
 
 
 def pair_loader(urls: list[str], cfg: TrainConfig, embed_dim: int, seed: int,
-                num_workers: int, pin_memory: bool = False) -> wds.WebLoader:
+                num_workers: int, pin_memory: bool = False,
+                pseudo: dict[int, dict[str, list[float]]] | None = None) -> wds.WebLoader:
     """`pair_pipeline` behind a DataLoader with `num_workers` decoding processes."""
-    return wds.WebLoader(pair_pipeline(urls, cfg, embed_dim, seed), batch_size=None,
+    return wds.WebLoader(pair_pipeline(urls, cfg, embed_dim, seed, pseudo), batch_size=None,
                          num_workers=num_workers, persistent_workers=num_workers > 0,
                          pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None)

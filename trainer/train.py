@@ -49,7 +49,15 @@ from ovdistill.pipeline.cache import tmp_path
 from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
 from ovdistill.pipeline.clip_teacher import teacher_from_cache
 from ovdistill.pipeline.errors import OvdError, report
-from ovdistill.pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
+from ovdistill.pipeline.layout import (
+    PSEUDO_BOXES,
+    PSEUDO_FILE,
+    RPN,
+    TEXT,
+    WDS,
+    DatasetCache,
+    recorded_checkpoint,
+)
 from ovdistill.pipeline.manifests import DatasetManifest, load_manifest
 from ovdistill.pipeline.optim import check_finite, warmup_cosine
 from ovdistill.pipeline.options import add_data_options
@@ -94,6 +102,7 @@ from ovdistill.trainer.pair_data import (
     SKIP_KEYS,
     check_pair_shard_dim,
     load_dictionary_negatives,
+    load_pseudo_boxes,
     pair_loader,
     pair_shard_urls,
     sample_negatives,
@@ -371,8 +380,11 @@ def train(args) -> int:
     workers = resolve_workers(cfg, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step,
                           pin_memory=info.device.type == "cuda", num_workers=workers)
+    pseudo = (load_pseudo_boxes(DatasetCache(cache_dir).stage_dir(PSEUDO_BOXES) / PSEUDO_FILE)
+              if pair_urls and cfg.pairs_pseudo_weight > 0 else None)
     pairs_stream = (pair_loader(pair_urls, cfg, vocab.dim, seed=cfg.seed + step,
-                                num_workers=workers, pin_memory=info.device.type == "cuda")
+                                num_workers=workers, pin_memory=info.device.type == "cuda",
+                                pseudo=pseudo)
                     if pair_urls else None)
     meta = {"embed_dim": vocab.dim, "dataset": dataset.name, "format": dataset.format,
             "vocabulary": {"path": vocab.path, "category_ids": list(vocab.category_ids),
