@@ -344,35 +344,52 @@ def test_unnamed_negatives_leave_out_images_whose_caption_names_the_phrase():
     assert everyone.pairs_negatives == "all"  # DetCLIPv2's caption-level loss by default
 
 
-def test_the_word_loss_is_each_phrases_best_region_against_the_batchs_phrases():
-    """pairs_word_weight > 0: loss_pairs_word = pairs_weight x pairs_word_weight x the mean
-    over the batch's phrases of -max over its image's regions of log softmax over the batch's
-    3 distinct phrases, written out from the model's own region embeddings; absent at 0."""
-    dim, tau = 8, 0.1
-    settings = {**TINY_SETTINGS, "pairs_tau": tau, "pairs_weight": 0.5, "pairs_ratio": 0.5}
+TAU = 0.1
+TWO_PAIRS = {**TINY_SETTINGS, "pairs_tau": TAU, "pairs_weight": 0.5, "pairs_ratio": 0.5}
+
+
+def _two_pairs(option: str, weight: float, extra: list[dict] | None = None):
+    """A model with `option` = weight on TWO_PAIRS, two 48 px pair images (2 and 1 proposals;
+    phrase ids [0, 1] and [2, 0] of 3 random phrases), each pair dict updated by `extra`.
+    Returns (model, images, boxes, unit phrases Tensor[3, D], ids, pairs)."""
+    dim = 8
     torch.manual_seed(0)
-    model = OpenVocabDetector(make_config({**settings, "pairs_word_weight": 2.0}), dim).eval()
+    model = OpenVocabDetector(make_config({**TWO_PAIRS, option: weight}), dim).eval()
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 48, 48, generator=gen) for _ in range(2)]
     boxes = [torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 5.0, 45.0, 40.0]]),
              torch.tensor([[0.0, 0.0, 20.0, 44.0]])]
     phrases = torch.randn(3, dim, generator=gen)
     ids = [[0, 1], [2, 0]]
-    pairs = [{"boxes": b, "phrase_emb": phrases[i].half(), "phrase_ids": torch.tensor(i)}
-             for b, i in zip(boxes, ids)]
-    with torch.no_grad():
-        got = model.pair_losses(images, pairs)
-        regions = model.pair_region_embeddings(images, boxes)
+    pairs = [{"boxes": b, "phrase_emb": phrases[i].half(), "phrase_ids": torch.tensor(i),
+              **(e or {})} for b, i, e in zip(boxes, ids, extra or [None, None])]
     unit = torch.nn.functional.normalize(phrases.half().float(), dim=-1)
-    terms = [-float((regions[a] @ unit.t() / tau).log_softmax(-1)[:, q].max())
-             for a, caption in enumerate(ids) for q in caption]
-    assert float(got["loss_pairs_word"]) == pytest.approx(0.5 * 2.0 * sum(terms) / 4, rel=1e-5)
-    model.cfg = make_config(settings)  # the same weights, the word loss off
+    return model, images, boxes, unit, ids, pairs
+
+
+def _off_leaves_loss_pairs(model, images, pairs, got, option):
+    """The same weights with `option` off: only loss_pairs, equal to `got`'s; a negative
+    weight is refused in one line."""
+    model.cfg = make_config(TWO_PAIRS)
     with torch.no_grad():
         off = model.pair_losses(images, pairs)
     assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
-    with pytest.raises(ConfigError, match=r"^pairs_word_weight must be >= 0, got -1\.0$"):
-        make_config({"pairs_word_weight": -1.0})
+    with pytest.raises(ConfigError, match=rf"^{option} must be >= 0, got -1\.0$"):
+        make_config({option: -1.0})
+
+
+def test_the_word_loss_is_each_phrases_best_region_against_the_batchs_phrases():
+    """pairs_word_weight > 0: loss_pairs_word = pairs_weight x pairs_word_weight x the mean
+    over the batch's phrases of -max over its image's regions of log softmax over the batch's
+    3 distinct phrases, written out from the model's own region embeddings; absent at 0."""
+    model, images, boxes, unit, ids, pairs = _two_pairs("pairs_word_weight", 2.0)
+    with torch.no_grad():
+        got = model.pair_losses(images, pairs)
+        regions = model.pair_region_embeddings(images, boxes)
+    terms = [-float((regions[a] @ unit.t() / TAU).log_softmax(-1)[:, q].max())
+             for a, caption in enumerate(ids) for q in caption]
+    assert float(got["loss_pairs_word"]) == pytest.approx(0.5 * 2.0 * sum(terms) / 4, rel=1e-5)
+    _off_leaves_loss_pairs(model, images, pairs, got, "pairs_word_weight")
 
 
 def test_the_pseudo_loss_is_the_students_embedding_of_each_pseudo_box_against_the_phrases():
@@ -380,35 +397,20 @@ def test_the_pseudo_loss_is_the_students_embedding_of_each_pseudo_box_against_th
     mean over the phrases with a pseudo-box of -log softmax over the batch's 3 distinct phrases
     of the student's embedding of that box, written out from the model's own embeddings of
     those boxes; the image-level loss still reads only the proposals; absent at 0."""
-    dim, tau = 8, 0.1
-    settings = {**TINY_SETTINGS, "pairs_tau": tau, "pairs_weight": 0.5, "pairs_ratio": 0.5}
-    torch.manual_seed(0)
-    model = OpenVocabDetector(make_config({**settings, "pairs_pseudo_weight": 3.0}), dim).eval()
-    gen = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 48, 48, generator=gen) for _ in range(2)]
-    boxes = [torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 5.0, 45.0, 40.0]]),
-             torch.tensor([[0.0, 0.0, 20.0, 44.0]])]
     pseudo = [torch.tensor([[4.0, 6.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0]]),
               torch.tensor([[8.0, 8.0, 47.0, 47.0], [1.0, 2.0, 25.0, 20.0]])]
     has = [torch.tensor([True, False]), torch.tensor([True, True])]
-    phrases = torch.randn(3, dim, generator=gen)
-    ids = [[0, 1], [2, 0]]
-    pairs = [{"boxes": b, "phrase_emb": phrases[i].half(), "phrase_ids": torch.tensor(i),
-              "pseudo_boxes": q, "pseudo_mask": m} for b, i, q, m in zip(boxes, ids, pseudo, has)]
+    model, images, _, unit, ids, pairs = _two_pairs(
+        "pairs_pseudo_weight", 3.0,
+        [{"pseudo_boxes": q, "pseudo_mask": m} for q, m in zip(pseudo, has)])
     with torch.no_grad():
         got = model.pair_losses(images, pairs)
         emb = model.pair_region_embeddings(images, pseudo)
-    unit = torch.nn.functional.normalize(phrases.half().float(), dim=-1)
-    terms = [-float((emb[a][p] @ unit.t() / tau).log_softmax(-1)[q])
+    terms = [-float((emb[a][p] @ unit.t() / TAU).log_softmax(-1)[q])
              for a, caption in enumerate(ids) for p, q in enumerate(caption) if has[a][p]]
     assert len(terms) == 3
     assert float(got["loss_pairs_pseudo"]) == pytest.approx(0.5 * 3.0 * sum(terms) / 3, rel=1e-5)
-    model.cfg = make_config(settings)  # the same weights, the pseudo loss off
-    with torch.no_grad():
-        off = model.pair_losses(images, pairs)
-    assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
-    with pytest.raises(ConfigError, match=r"^pairs_pseudo_weight must be >= 0, got -1\.0$"):
-        make_config({"pairs_pseudo_weight": -1.0})
+    _off_leaves_loss_pairs(model, images, pairs, got, "pairs_pseudo_weight")
 
 
 def test_pseudo_boxes_ride_with_their_phrases_and_train(tiny, tmp_path, capsys):
