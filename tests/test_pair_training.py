@@ -4,6 +4,7 @@ top-k, resize), the seeded iteration pattern and its resume, the pair loss's gra
 missing-shards error and the dictionary negatives."""
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from ovdistill.bench.wds_fixture import BASE, NOVEL, TINY_SETTINGS, write_tiny_c
 from ovdistill.pipeline import layout
 from ovdistill.pipeline.layout import DatasetCache
 from ovdistill.trainer.config import ConfigError, make_config
+from ovdistill.trainer.inputs import CacheMismatch
 from ovdistill.trainer.model import OpenVocabDetector
 from ovdistill.trainer.pair_data import (
     NO_BOX,
@@ -369,13 +371,16 @@ def _two_pairs(option: str, weight: float, extra: list[dict] | None = None):
 
 def _off_leaves_loss_pairs(model, images, pairs, got, option):
     """The same weights with `option` off: only loss_pairs, equal to `got`'s; a negative
-    weight is refused in one line."""
+    weight, or a weight without pair iterations, is refused in one line."""
     model.cfg = make_config(TWO_PAIRS)
     with torch.no_grad():
         off = model.pair_losses(images, pairs)
     assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
     with pytest.raises(ConfigError, match=rf"^{option} must be >= 0, got -1\.0$"):
         make_config({option: -1.0})
+    with pytest.raises(ConfigError, match=rf"^{option} > 0 acts on pair iterations: set "
+                                          rf"pairs_ratio > 0 \(it is 0\)$"):
+        make_config({option: 1.0})
 
 
 def test_the_word_loss_is_each_phrases_best_region_against_the_batchs_phrases():
@@ -433,19 +438,29 @@ def test_pseudo_boxes_ride_with_their_phrases_and_train(tiny, tmp_path, capsys):
     try:
         pseudo = load_pseudo_boxes(path)
         assert pseudo[3] == {originals[3]["phrases"][0]: [6.0, 4.0, 26.0, 17.0]}
-        cfg = make_config({**TINY_SETTINGS, "pairs_batch_size": 4, "pairs_sizes": [32],
-                           "flip_prob": 0.0, "pairs_top_k": 3})
-        _, pairs, _ = next(iter(pair_pipeline(urls, cfg, tiny.dim, seed=0, pseudo=pseudo)))
-        for p in pairs:
-            i = int(p["image_id"])
-            n = len(originals[i]["phrases"])
-            assert p["pseudo_mask"].tolist() == [True] + [False] * (n - 1)
-            assert p["pseudo_boxes"][0].tolist() == [i, 2.0, i + 10.0, (14.0 + i) / 2]  # 64->32
+        for flip in (0.0, 1.0):
+            cfg = make_config({**TINY_SETTINGS, "pairs_batch_size": 4, "pairs_sizes": [32],
+                               "flip_prob": flip, "pairs_top_k": 3})
+            _, pairs, _ = next(iter(pair_pipeline(urls, cfg, tiny.dim, seed=0, pseudo=pseudo)))
+            for p in pairs:
+                i = int(p["image_id"])
+                n = len(originals[i]["phrases"])
+                assert p["pseudo_mask"].tolist() == [True] + [False] * (n - 1)
+                x1, x2 = (32.0 - i - 10.0, 32.0 - i) if flip else (i, i + 10.0)  # 64 -> 32 px
+                assert p["pseudo_boxes"][0].tolist() == [x1, 2.0, x2, (14.0 + i) / 2]
         run = tmp_path / "pseudo"
         assert _train(tiny, run, "--steps", "1", "--set", "pairs_ratio=1.0",
                       "--set", "pairs_pseudo_weight=1.0") == 0
         row = _metrics(run)[0]
         assert row["loss_pairs_pseudo"] > 0
         assert row["loss"] == pytest.approx(row["loss_pairs"] + row["loss_pairs_pseudo"])
+        assert f"pseudo-boxes: {len(originals)} kept boxes on {len(originals)} pair images" in (
+            capsys.readouterr().out)
+        annotations[1]["bbox"] = [1.0, 2.0]
+        path.write_text(json.dumps({"annotations": annotations}))
+        with pytest.raises(CacheMismatch, match=rf"^{re.escape(str(path))}: annotation 1 is not "
+                                                rf"a pseudo-box of the pseudo_boxes stage "
+                                                rf"\(ValueError: "):
+            load_pseudo_boxes(path)
     finally:
         path.unlink()

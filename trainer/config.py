@@ -257,6 +257,10 @@ class TrainConfig:
         for key in ("pairs_weight", "pairs_soft_tau", "pairs_word_weight", "pairs_pseudo_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("pairs_word_weight", "pairs_pseudo_weight"):
+            if getattr(self, key) > 0 and self.pairs_ratio <= 0:
+                raise ConfigError(f"{key} > 0 acts on pair iterations: set pairs_ratio > 0 "
+                                  f"(it is 0)")
         if self.dictionary_negatives < 0:
             raise ConfigError(f"dictionary_negatives must be >= 0 (0 = off), got "
                               f"{self.dictionary_negatives}")

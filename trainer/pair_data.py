@@ -137,9 +137,15 @@ def load_pseudo_boxes(path: str | Path) -> dict[int, dict[str, list[float]]]:
                             f"stage's kept boxes: run `python -m ovdistill run --stages "
                             f"pseudo_boxes`")
     out: dict[int, dict[str, list[float]]] = {}
-    for a in json.loads(path.read_text()).get("annotations", []):
-        x, y, w, h = a["bbox"]
-        out.setdefault(int(a["image_id"]), {})[a["phrase"]] = [x, y, x + w, y + h]
+    where = "the file"
+    try:
+        for i, a in enumerate(json.loads(path.read_text()).get("annotations", [])):
+            where = f"annotation {i}"
+            x, y, w, h = (float(v) for v in a["bbox"])
+            out.setdefault(int(a["image_id"]), {})[str(a["phrase"])] = [x, y, x + w, y + h]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CacheMismatch(f"{path}: {where} is not a pseudo-box of the pseudo_boxes stage "
+                            f"({type(e).__name__}: {e})") from None
     return out
 
 

@@ -352,6 +352,11 @@ def train(args) -> int:
     pair_urls = pair_shard_urls(cache_dir) if cfg.pairs_ratio > 0 else []
     if pair_urls:
         check_pair_shard_dim(pair_urls[0], vocab.dim)
+    pseudo = (load_pseudo_boxes(DatasetCache(cache_dir).stage_dir(PSEUDO_BOXES) / PSEUDO_FILE)
+              if pair_urls and cfg.pairs_pseudo_weight > 0 else None)
+    if pseudo is not None and info.is_main:
+        print(f"pseudo-boxes: {sum(map(len, pseudo.values()))} kept boxes on {len(pseudo)} "
+              f"pair images")
     dictionary = None  # Tensor[N, D] on the device: the dictionary negatives' pool
     if cfg.dictionary_negatives > 0:
         base_names = [n for n, b in zip(vocab.names, vocab.is_base.tolist()) if b]
@@ -380,8 +385,6 @@ def train(args) -> int:
     workers = resolve_workers(cfg, info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = train_loader(urls, cfg, vocab.dim, vocab.base_labels(), seed=cfg.seed + step,
                           pin_memory=info.device.type == "cuda", num_workers=workers)
-    pseudo = (load_pseudo_boxes(DatasetCache(cache_dir).stage_dir(PSEUDO_BOXES) / PSEUDO_FILE)
-              if pair_urls and cfg.pairs_pseudo_weight > 0 else None)
     pairs_stream = (pair_loader(pair_urls, cfg, vocab.dim, seed=cfg.seed + step,
                                 num_workers=workers, pin_memory=info.device.type == "cuda",
                                 pseudo=pseudo)
