@@ -167,6 +167,9 @@ class DatasetCache:
     def dictionary(self) -> Path:
         return self.stage_dir(PHRASES) / DICTIONARY_FILE
 
+    def pseudo_grounding(self) -> Path:
+        return self.stage_dir(PSEUDO_BOXES) / PSEUDO_FILE
+
     def train_full(self) -> Path:
         return self.stage_dir(DATASET) / TRAIN_FULL
 

@@ -104,7 +104,7 @@ class TrainConfig:
     # batch's other phrases (the image-level contrast is met by colour alone, lab log 34)
     pairs_word_weight: float = 0.0
     # > 0: + pairs_weight x this x losses.pair_pseudo_loss ("loss_pairs_pseudo"): the word loss
-    # on the teacher's pick, each phrase's kept box of the pseudo_boxes stage (lab log 69)
+    # on the teacher's pick, each phrase's kept box of the pseudo_boxes stage (lab log 70)
     pairs_pseudo_weight: float = 0.0
     # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
     # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss

@@ -136,7 +136,7 @@ def grounding_files(dataset, cache_dir: str | Path, kind: str, file: str | None 
 
         default_file, default_images = grounding_paths(dataset, cache)
     elif kind == PSEUDO and file is None:
-        default_file = cache.stage_dir(layout.PSEUDO_BOXES) / layout.PSEUDO_FILE
+        default_file = cache.pseudo_grounding()
         default_images = cache.stage_dir(layout.PAIRS) / layout.PAIR_IMAGES
         if images is None and default_file.is_file():  # the stage records its image root
             root = (read_json(default_file).get("info") or {}).get("image_root")

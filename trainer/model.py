@@ -61,8 +61,8 @@ contrastive loss on the set similarity of every image with every caption of the 
 (`losses.pair_set_similarity`, `losses.pair_contrastive_loss`); with pairs_word_weight > 0
 also `loss_pairs_word` (`losses.pair_word_loss`, each phrase's region against the batch's
 other phrases), with pairs_pseudo_weight > 0 `loss_pairs_pseudo` (`losses.pair_pseudo_loss`,
-the same on each phrase's pseudo-box, the teacher's pick). The RPN, the box regressor, the background embedding and an image tower get
-no gradient from them.
+the same on each phrase's pseudo-box, the teacher's pick). The RPN, the box regressor, the
+background embedding and an image tower get no gradient from them.
 
 Detection as grounding (GLIP, `TrainConfig.mode="grounding"`): the ViLD-text softmax is
 replaced by alignment logits between the text tower's region embeddings [N, D] and the
@@ -134,6 +134,7 @@ from ovdistill.trainer.losses import (
 )
 from ovdistill.trainer.roi_pool import FastBackwardMultiScaleRoIAlign
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
@@ -579,9 +580,9 @@ class OpenVocabDetector(nn.Module):
         if pseudo:
             pseudo_emb, _ = pad_rows([r[len(p["boxes"]):] for r, p in zip(regions, pairs)],
                                      self.embed_dim)
-            pseudo_mask, _ = pad_rows([p["pseudo_mask"][:, None] for p in pairs], 1)
-            term = pair_pseudo_loss(pseudo_emb, pseudo_mask[..., 0].bool() & phrase_mask,
-                                    phrase_emb, ids, phrase_mask, cfg.pairs_tau)
+            has_box = pad_sequence([p["pseudo_mask"] for p in pairs], batch_first=True)
+            term = pair_pseudo_loss(pseudo_emb, has_box, phrase_emb, ids, phrase_mask,
+                                    cfg.pairs_tau)
             losses["loss_pairs_pseudo"] = cfg.pairs_weight * cfg.pairs_pseudo_weight * term
         return losses
 

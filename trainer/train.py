@@ -49,15 +49,7 @@ from ovdistill.pipeline.cache import tmp_path
 from ovdistill.pipeline.checkpoints import CheckpointError, load_weights
 from ovdistill.pipeline.clip_teacher import teacher_from_cache
 from ovdistill.pipeline.errors import OvdError, report
-from ovdistill.pipeline.layout import (
-    PSEUDO_BOXES,
-    PSEUDO_FILE,
-    RPN,
-    TEXT,
-    WDS,
-    DatasetCache,
-    recorded_checkpoint,
-)
+from ovdistill.pipeline.layout import RPN, TEXT, WDS, DatasetCache, recorded_checkpoint
 from ovdistill.pipeline.manifests import DatasetManifest, load_manifest
 from ovdistill.pipeline.optim import check_finite, warmup_cosine
 from ovdistill.pipeline.options import add_data_options
@@ -352,8 +344,9 @@ def train(args) -> int:
     pair_urls = pair_shard_urls(cache_dir) if cfg.pairs_ratio > 0 else []
     if pair_urls:
         check_pair_shard_dim(pair_urls[0], vocab.dim)
-    pseudo = (load_pseudo_boxes(DatasetCache(cache_dir).stage_dir(PSEUDO_BOXES) / PSEUDO_FILE)
-              if pair_urls and cfg.pairs_pseudo_weight > 0 else None)
+    # pairs_pseudo_weight > 0 needs pairs_ratio > 0 (TrainConfig), so pair_urls is not empty
+    pseudo = (load_pseudo_boxes(DatasetCache(cache_dir).pseudo_grounding())
+              if cfg.pairs_pseudo_weight > 0 else None)
     if pseudo is not None and info.is_main:
         print(f"pseudo-boxes: {sum(map(len, pseudo.values()))} kept boxes on {len(pseudo)} "
               f"pair images")
