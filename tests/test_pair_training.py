@@ -464,3 +464,29 @@ def test_pseudo_boxes_ride_with_their_phrases_and_train(tiny, tmp_path, capsys):
             load_pseudo_boxes(path)
     finally:
         path.unlink()
+
+
+def test_a_frozen_backbone_leaves_the_pair_loss_and_the_text_towers_gradient_as_they_are():
+    """pairs_frozen_backbone: the same loss_pairs and the same text-tower gradient as without
+    it, to float precision, but no gradient on any backbone parameter (without it every
+    trainable backbone layer gets one); refused in one line without pair iterations."""
+    grads = {}
+    for frozen in (False, True):
+        model, images, _, _, _, pairs = _two_pairs("pairs_frozen_backbone", frozen)
+        model.train()
+        loss = model.pair_losses(images, pairs)["loss_pairs"]
+        loss.backward()
+        grads[frozen] = (float(loss.detach()), {n: p.grad for n, p in model.named_parameters()})
+    (plain, g0), (frozen, g1) = grads[False], grads[True]
+    assert frozen == pytest.approx(plain, rel=1e-6)
+    tower = [n for n in g0 if n.startswith("text_tower.")]
+    assert tower and all(g1[n] is not None for n in tower)
+    for n in tower:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7)
+    backbone = [n for n in g0 if n.startswith("backbone.")]
+    moved = [n for n in backbone if g0[n] is not None and g0[n].abs().sum() > 0]
+    assert len(moved) > 10  # the plain pair step trains the backbone
+    assert all(g1[n] is None for n in backbone)
+    with pytest.raises(ConfigError, match=r"^pairs_frozen_backbone acts on pair iterations: "
+                                          r"set pairs_ratio > 0 \(it is 0\)$"):
+        make_config({"pairs_frozen_backbone": True})

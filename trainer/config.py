@@ -106,6 +106,9 @@ class TrainConfig:
     # > 0: + pairs_weight x this x losses.pair_pseudo_loss ("loss_pairs_pseudo"): the word loss
     # on the teacher's pick, each phrase's kept box of the pseudo_boxes stage (lab log 70)
     pairs_pseudo_weight: float = 0.0
+    # True: pair iterations run the backbone without a gradient, so the pair losses train the
+    # text tower only and cannot move the features the image tower distils on (lab log 78)
+    pairs_frozen_backbone: bool = False
     # DetCLIPv2's T_neg: up to this many non-base concepts of phrases/dictionary.parquet,
     # sampled per detection iteration, as extra (never-target) classes of the ViLD-text loss
     dictionary_negatives: int = 0
@@ -261,6 +264,9 @@ class TrainConfig:
             if getattr(self, key) > 0 and self.pairs_ratio <= 0:
                 raise ConfigError(f"{key} > 0 acts on pair iterations: set pairs_ratio > 0 "
                                   f"(it is 0)")
+        if self.pairs_frozen_backbone and self.pairs_ratio <= 0:
+            raise ConfigError("pairs_frozen_backbone acts on pair iterations: set pairs_ratio "
+                              "> 0 (it is 0)")
         if self.dictionary_negatives < 0:
             raise ConfigError(f"dictionary_negatives must be >= 0 (0 = off), got "
                               f"{self.dictionary_negatives}")

@@ -526,10 +526,13 @@ class OpenVocabDetector(nn.Module):
 
         images: list of B Tensor[3, H_i, W_i] in [0, 1] (already augmented); boxes: list of
         B Tensor[K_i, 4] (x1, y1, x2, y2) in those images' pixels. Returns B Tensor[K_i, D]
-        float32, L2-normalised.
+        float32, L2-normalised. With pairs_frozen_backbone the backbone runs without a
+        gradient: only the text tower learns from these embeddings.
         """
         batch = batch_images(images)
-        features = self.backbone(batch.tensors)
+        frozen = self.cfg.pairs_frozen_backbone
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            features = self.backbone(batch.tensors)
         roi = self._roi_features(features, [b.float() for b in boxes], batch.image_sizes)
         _, emb = self.text_tower(roi)
         return list(emb.split([len(b) for b in boxes]))
