@@ -15,7 +15,8 @@ from ovdistill.trainer import ablation
 MANIFEST = ('name: tiny\nformat: coco\nroot: "{cache}/tiny/dataset"\n'
             "splits:\n  train: {images: train, annotations: train.json}\n"
             "  val: {images: val, annotations: val.json}\n"
-            "vocabulary:\n  base: [box, ball]\n  novel: [ring]\n")
+            "vocabulary:\n  base: [box, ball]\n  novel: [ring]\n"
+            "trainer: {steps: 700}\n")
 ZERO_SHOT = {"base_acc": 0.9, "novel_acc": 0.875, "n_crops": 40,
              "per_category": {"box": 0.95, "ball": 0.85, "ring": 0.875}}
 # planted AP50 (base, novel) per row
@@ -23,7 +24,7 @@ AP = {"text": (0.5, 0.2), "image": (0.1, 0.1), "vild": (0.45, 0.32), "ensemble":
       "confident": (0.4, 0.1), "contrastive": (0.4, 0.1), "centered": (0.4, 0.1),
       "negatives": (0.4, 0.1), "calibrated": (0.3, 0.33), "ensemble_residual": (0.4, 0.1),
       "ensemble_confident": (0.4, 0.1), "pairs": (0.45, 0.3), "vild+pairs": (0.45, 0.35),
-      "ensemble+pairs": (0.45, 0.3),
+      "ensemble+pairs": (0.45, 0.3), "ensemble+pairs_frozen": (0.45, 0.3),
       "grounding": (0.45, 0.25), "grounding+fusion": (0.45, 0.27),
       "grounding+pseudo": (0.45, 0.3)}
 ORACLE = {"AP50_base": 0.3, "AP50_novel": 0.5}
@@ -55,7 +56,9 @@ class FakeTools:
             run = Path(_flag(cmd, "--out"))
             run.mkdir(parents=True, exist_ok=True)
             (run / "config.json").write_text(json.dumps(
-                {"config": {"mode": _flag(cmd, "--mode"), "steps": 700, "seed": 0}}))
+                {"config": {"mode": _flag(cmd, "--mode"), "seed": 0,
+                            "steps": int(next((c for c in cmd if c.startswith("--steps=")),
+                                              "--steps=700")[8:])}}))
             (run / "metrics.jsonl").write_text(json.dumps(
                 {"step": 700, "loss_image": 3.0, "image_mean_baseline": 4.0}) + "\n")
             (run / "latest.pt").write_bytes(b"")
@@ -104,7 +107,8 @@ def test_rows_in_order_with_the_remedies_as_vild_plus_options():
     assert list(ablation.ROWS) == ["text", "image", "vild", "ensemble", "confident",
                                    "contrastive", "centered", "negatives", "calibrated",
                                    "ensemble_residual", "ensemble_confident", "pairs",
-                                   "vild+pairs", "ensemble+pairs", "grounding",
+                                   "vild+pairs", "ensemble+pairs", "ensemble+pairs_frozen",
+                                   "grounding",
                                    "grounding+fusion", "grounding+pseudo"]
     args = SimpleNamespace(out="o", manifest="m", cache="c", steps=None, seed=3,
                            set=["lr=1e-3"])
@@ -231,12 +235,12 @@ def test_calibrated_reuses_the_vild_checkpoint(setup):
 
 def test_finished_rows_are_skipped_and_stopped_ones_resume(setup, capsys):
     assert setup.main() == 0
-    assert len([t for t, _ in setup.fake.tools() if t == "trainer.train"]) == 16
+    assert len([t for t, _ in setup.fake.tools() if t == "trainer.train"]) == 17
     capsys.readouterr()
     setup.fake.calls.clear()
     assert setup.main() == 0  # everything finished: nothing runs again
     assert setup.fake.calls == []
-    assert capsys.readouterr().out.count("already evaluated") == 18  # 17 rows + oracle
+    assert capsys.readouterr().out.count("already evaluated") == 19  # 18 rows + oracle
     doc = json.loads((setup.out / "ablation.json").read_text())
     assert [r["name"] for r in doc["rows"]] == list(ablation.ROWS)
     assert doc["rows"][4]["options"] == {"distill_min_score": 0.3, "distill_top_k": 20}
@@ -273,3 +277,33 @@ def test_image_fit_averages_the_last_logged_rows(tmp_path):
     assert ablation.image_fit(tmp_path / "nothing") is None
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert ablation.image_fit(tmp_path) is None
+
+
+def test_a_detection_budget_row_trains_its_pair_iterations_on_top(setup, tmp_path):
+    """ensemble+pairs_frozen trains round(steps / (1 - 0.3333)) steps in all: 1,050 for the
+    manifest's 700, 1,500 for --steps 1000, 450 for --set steps=300; the other rows take the
+    steps as given; the summary counts its steps as the others' (no disagreement note)."""
+    row = ablation.ROWS["ensemble+pairs_frozen"]
+    assert row.detection_budget and row.ensemble and row.heads == "separate"
+    assert row.options == {"center_targets": True, "contrastive_weight": 1.0,
+                           "pairs_ratio": 0.3333, "pairs_weight": 0.1, "pairs_top_k": 10,
+                           "pairs_negatives": "unnamed", "pairs_pseudo_weight": 1.0,
+                           "pairs_frozen_backbone": True}
+    args = SimpleNamespace(out="o", manifest=str(tmp_path / "m.yaml"), cache=str(setup.cache),
+                           steps=None, seed=None, set=[])
+    steps = [c for c in ablation.train_command(row, args) if c.startswith("--steps")]
+    assert steps == ["--steps=1050"]
+    assert "--steps=1500" in ablation.train_command(row, SimpleNamespace(**{
+        **vars(args), "steps": 1000}))
+    assert "--steps=450" in ablation.train_command(row, SimpleNamespace(**{
+        **vars(args), "set": ["steps=300"]}))
+    assert not [c for c in ablation.train_command(ablation.ROWS["ensemble+pairs"], args)
+                if c.startswith("--steps")]
+    assert setup.main("--rows", "text,ensemble+pairs_frozen") == 0
+    cfg = json.loads((setup.out / "ensemble+pairs_frozen" / "config.json").read_text())
+    assert cfg["config"]["steps"] == 1050
+    doc = json.loads((setup.out / "ablation.json").read_text())
+    assert doc["steps"] == 700 and [r["name"] for r in doc["rows"]] == [
+        "text", "ensemble+pairs_frozen"]
+    md = (setup.out / "ablation.md").read_text()
+    assert "steps / (1 - pairs_ratio) in all" in md and "disagree" not in md

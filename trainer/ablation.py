@@ -31,6 +31,11 @@ Every row trains with the same steps and seed (the manifest's `trainer:` block, 
                  ensemble_residual + the same pairs, each phrase contrasted only against the
                  images whose caption does not name it (pairs_negatives "unnamed"): the pairs
                  on the best distillation row, their text-to-image loss in the text head
+    ensemble+pairs_frozen
+                 ensemble+pairs with the pseudo-box term (pairs_pseudo_weight 1), a third of
+                 the iterations on pairs, the pair iterations on a frozen backbone
+                 (pairs_frozen_backbone) and ON TOP of the other rows' steps (1,000 detection
+                 steps -> 1,500 in all), so it keeps ensemble_residual's detection budget
     grounding    --mode grounding (GLIP): detection as grounding on base boxes (class-name
                  prompts, region-token alignment, focal loss) + the grounding split's
                  captions (GROUNDING below), no fusion; evaluated by its alignment scores
@@ -76,7 +81,7 @@ from ovdistill.pipeline.errors import OvdError, report
 from ovdistill.pipeline.layout import MANIFEST_FILE, TEACHER, DatasetCache
 from ovdistill.pipeline.manifests import ManifestError, load_manifest
 from ovdistill.pipeline.options import add_data_options
-from ovdistill.trainer.config import ConfigError
+from ovdistill.trainer.config import ConfigError, TrainConfig, parse_set
 from ovdistill.trainer.evaluate import result_suffix
 
 # The remedies' settings (TrainConfig keys, passed as --set KEY=VALUE). The `confident`
@@ -101,6 +106,10 @@ PAIRS: dict = {"pairs_ratio": 0.5, "pairs_weight": 0.1, "pairs_top_k": 10}  # la
 GROUNDING: dict = {"grounding_ratio": 0.25, "grounding_train_names": 1,
                    "grounding_span": "eot"}
 PSEUDO: dict = {"pseudo_ratio": 0.25}
+# ensemble+pairs_frozen: the pairs that leave the distilled features alone (lab logs 76, 78)
+PAIRS_FROZEN: dict = {"pairs_ratio": 0.3333, "pairs_weight": 0.1, "pairs_top_k": 10,
+                      "pairs_negatives": "unnamed", "pairs_pseudo_weight": 1.0,
+                      "pairs_frozen_backbone": True}
 CALIBRATION = "mean_logit"  # the `calibrated` row's `trainer.evaluate --calibration`
 
 T1_NOVEL_RATIO = 1.5  # vild novel AP50 against text novel AP50
@@ -122,6 +131,9 @@ class Row:
     ensemble: bool = False  # evaluated with --ensemble
     calibration: str | None = None  # evaluated with --calibration
     reuses: str | None = None  # evaluates this row's checkpoint instead of training
+    # its pair iterations come on top of the other rows' steps: it trains
+    # round(steps / (1 - pairs_ratio)) in all, so about `steps` of them are detection steps
+    detection_budget: bool = False
 
 
 ROWS: dict[str, Row] = {r.name: r for r in (
@@ -140,6 +152,8 @@ ROWS: dict[str, Row] = {r.name: r for r in (
     Row("ensemble+pairs", "vild", "separate", ensemble=True,
         options={**REMEDIES["centered"], **REMEDIES["contrastive"], **PAIRS,
                  "pairs_negatives": "unnamed"}),
+    Row("ensemble+pairs_frozen", "vild", "separate", ensemble=True, detection_budget=True,
+        options={**REMEDIES["centered"], **REMEDIES["contrastive"], **PAIRS_FROZEN}),
     Row("grounding", "grounding", options=GROUNDING),  # GLIP, no fusion
     Row("grounding+fusion", "grounding", options={**GROUNDING, "fusion_layers": 1}),
     Row("grounding+pseudo", "grounding", options={**GROUNDING, **PSEUDO}),
@@ -180,12 +194,34 @@ def _add_train_time(run: Path, seconds: float) -> None:
     path.write_text(json.dumps({"seconds": round(total + seconds, 1)}) + "\n")
 
 
+def base_steps(args) -> int:
+    """The steps every row trains: --steps, else a --set steps=N, else the manifest's
+    `trainer:` block's, else TrainConfig's default."""
+    if args.steps:
+        return int(args.steps)
+    sets = parse_set(args.set)
+    if "steps" in sets:
+        return int(sets["steps"])
+    trainer = load_manifest(args.manifest, cache_root=args.cache).trainer or {}
+    return int(trainer.get("steps", TrainConfig.steps))
+
+
+def row_steps(row: Row, steps: int) -> int:
+    """The total steps of `row` when the other rows train `steps`."""
+    if not row.detection_budget:
+        return steps
+    return round(steps / (1.0 - row.options["pairs_ratio"]))
+
+
 def train_command(row: Row, args) -> list[str]:
     run = Path(args.out) / row.name
     cmd = [sys.executable, "-m", "ovdistill.trainer.train", "--manifest", args.manifest,
            "--cache", args.cache, "--out", str(run), "--mode", row.mode]
     cmd += ["--heads", row.heads] if row.heads != "shared" else []
-    cmd += [f"--steps={args.steps}"] if args.steps else []
+    if row.detection_budget:
+        cmd += [f"--steps={row_steps(row, base_steps(args))}"]
+    else:
+        cmd += [f"--steps={args.steps}"] if args.steps else []
     cmd += [f"--seed={args.seed}"] if args.seed is not None else []
     for kv in args.set:
         cmd += ["--set", kv]
@@ -282,12 +318,16 @@ def finished_rows(out: Path) -> list[tuple[dict, dict]]:
 
 def run_settings(out: Path, names: list[str]) -> dict[str, set]:
     """{"steps": {...}, "seed": {...}}: the values in the rows' config.json (a row that
-    reuses a checkpoint reads its source row's)."""
+    reuses a checkpoint reads its source row's; a detection_budget row counts the steps the
+    other rows would train for its total)."""
     seen: dict[str, set] = {"steps": set(), "seed": set()}
     for name in names:
-        path = out / (ROWS[name].reuses or name) / "config.json"
+        row = ROWS[name]
+        path = out / (row.reuses or name) / "config.json"
         if path.is_file():
-            cfg = read_json(path).get("config", {})
+            cfg = dict(read_json(path).get("config", {}))
+            if row.detection_budget and "steps" in cfg:
+                cfg["steps"] = round(cfg["steps"] * (1.0 - row.options["pairs_ratio"]))
             for k, values in seen.items():
                 if k in cfg:
                     values.add(cfg[k])
@@ -390,6 +430,8 @@ def table(rows: list[dict], results: list[dict]) -> str:
         if spec.calibration:
             reuse = f"{spec.reuses} checkpoint, --calibration {spec.calibration}"
             opts = ", ".join(filter(None, [opts, reuse]))
+        if spec.detection_budget:
+            opts += ", steps / (1 - pairs_ratio) in all"
         top = res.get("top_class") or {}
         top_s = "-" if top.get("name") is None else f"{top['name']} {100 * top['share']:.0f}%"
         lines.append(f"| {r['name']} | {how} | {opts or '-'} | {_pct(r['AP50_base'])} | "
