@@ -48,7 +48,8 @@ eval: setup
 		--pictures
 
 # text, image, vild, ensemble and the remedies' rows, same steps and seed (ROWS=text,vild: a
-# subset; empty: all). Finished rows are skipped; the summary holds every finished row.
+# subset; empty: all; ensemble+pairs_frozen trains its pair iterations on top of the steps).
+# Finished rows are skipped; the summary holds every finished row.
 ROWS ?=
 ablation: setup
 	$(PY) -m ovdistill.trainer.ablation --manifest $(MANIFEST) --cache $(CACHE) --out runs/ablation \
