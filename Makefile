@@ -8,7 +8,7 @@ RUN ?= runs/toy
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup stages test status train eval ablation bench query mutate clean gpu-wheels
+.PHONY: setup stages test status train eval ablation bench query mutate clean gpu-wheels toy-teacher
 
 # torchvision's compiled ops (nms, roi_align) need the registry's CUDA build of torch, about 7 GB
 # installed and more while pip unpacks it: say so in one line rather than fail half-way with ENOSPC.
@@ -25,6 +25,18 @@ setup: $(VENV)/.installed
 
 stages: setup
 	$(PY) -m ovdistill run --manifest $(MANIFEST) --cache $(CACHE)
+
+# The embedded default's teacher is a committed release file (TEACHER_FILE, float16): `make
+# stages` loads it rather than training one (~15 min of the stages on 2 cores). `make
+# toy-teacher` trains it again with open_clip_train, the manifest's teacher settings, into
+# build/toy-teacher (~20 min) and compares the export with the committed file byte for byte
+# (exit 1 if it differs: the training is deterministic per CPU kind, BENCHMARKS lab log 64).
+TEACHER_FILE ?= data_manifests/toy_teacher/ovd-tiny-clip.pt
+toy-teacher: setup
+	$(PY) -m ovdistill run --manifest $(MANIFEST) --cache build/toy-teacher --stages dataset,teacher \
+		--set teacher.pretrained=null
+	$(PY) -m ovdistill release-teacher --manifest $(MANIFEST) --cache build/toy-teacher \
+		--out build/toy-teacher/$(notdir $(TEACHER_FILE)) --compare $(TEACHER_FILE)
 
 status: setup
 	$(PY) -m ovdistill status --cache $(CACHE)

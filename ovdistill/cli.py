@@ -1,7 +1,9 @@
-"""`python -m ovdistill run | status | query`.
+"""`python -m ovdistill run | status | query | release-teacher`.
 
 `run` executes the stages in order on one dataset manifest; the same command starts and
 resumes. Stages whose `_MANIFEST.json` matches the requested config are skipped.
+`release-teacher` exports the teacher a cache's teacher stage trained as a committed release
+file (`make toy-teacher` regenerates the embedded default's and compares it byte for byte).
 """
 from __future__ import annotations
 
@@ -64,6 +66,22 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict]:
     return out
 
 
+# Config fields that name a file: a relative one is taken from the working directory and
+# recorded absolute, since Ray workers may run in another folder (as the cache root).
+FILE_FIELDS = ("pretrained", "model_config", "checkpoint", "backbone_checkpoint")
+
+
+def stage_overrides(dataset, overrides: dict, name: str) -> dict:
+    """Stage `name`'s config overrides: the manifest's `stages:` block, then --set and the
+    flags; an existing relative file in FILE_FIELDS made absolute."""
+    out = {**dataset.stages.get(name, {}), **overrides.get(name, {})}
+    for key in FILE_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and Path(value).is_file():
+            out[key] = str(Path(value).resolve())
+    return out
+
+
 def cmd_run(args) -> int:
     overrides = parse_overrides(args.set)
     if args.rpn_checkpoint:
@@ -91,8 +109,7 @@ def cmd_run(args) -> int:
                 if wanted is not None and name not in wanted:
                     continue
                 stage = importlib.import_module(module_name)
-                cfg = make_config(stage, {**dataset.stages.get(name, {}),
-                                          **overrides.get(name, {})})
+                cfg = make_config(stage, stage_overrides(dataset, overrides, name))
                 run_stage(stage, ctx, cfg, distributor=args.distributor,
                           workers=args.workers, cpus_per_gpu=args.cpus_per_gpu,
                           rebuild=args.rebuild,
@@ -112,7 +129,7 @@ def dry_run(ctx: StageContext, dataset, wanted, overrides: dict, *, rebuild: boo
         if wanted is not None and name not in wanted:
             continue
         stage = importlib.import_module(module_name)
-        cfg = make_config(stage, {**dataset.stages.get(name, {}), **overrides.get(name, {})})
+        cfg = make_config(stage, stage_overrides(dataset, overrides, name))
         line = dry_run_stage(stage, ctx, cfg, rebuild=rebuild)
         after = f" (judged before '{pending}' reruns)" if pending else ""
         print(f"[{stage.NAME}] {line}{after}", flush=True)
@@ -145,6 +162,41 @@ def cmd_status(args) -> int:
             parts = f"{s['done']}/{total}"
             print(f"  {name:<10} {parts:>11} {s['rows']:>10} {s['rejects']:>8}  {state}")
     return 0
+
+
+def cmd_release_teacher(args) -> int:
+    from ovdistill.pipeline.cache import sha256_file
+    from ovdistill.stages import teacher as T
+
+    cache_root = Path(args.cache).resolve()
+    dataset = load_manifest(args.manifest, cache_root=cache_root)
+    files = layout.DatasetCache(cache_root / dataset.name)
+    recorded = files.read_manifest(T.NAME)
+    where = files.stage_dir(T.NAME)
+    if "train" not in recorded:
+        raise T.TeacherError(f"{where}: its teacher was loaded from "
+                             f"{recorded['teacher']['pretrained']}, not trained by the stage; "
+                             f"release-teacher exports a trained one (train it with --set "
+                             f"teacher.pretrained=null)")
+    weights = where / Path(recorded["teacher"]["pretrained"]).name
+    out = Path(args.out)
+    sha = T.write_release(weights, out)
+    zs = recorded.get("zero_shot") or {}
+    print(f"[release-teacher] {out}: sha256 {sha}, {out.stat().st_size / 2**20:.1f} MiB, "
+          f"from {weights} (sha256 {recorded['teacher']['sha256'][:12]}..., zero-shot base "
+          f"{zs.get('base_acc')} / novel {zs.get('novel_acc')})")
+    if not args.compare:
+        return 0
+    committed = Path(args.compare)
+    if not committed.is_file():
+        raise T.TeacherError(f"--compare {committed}: no such file")
+    theirs = sha256_file(committed)
+    if theirs == sha:
+        print(f"[release-teacher] identical to {committed} (sha256 {sha[:12]}...)")
+        return 0
+    print(f"[release-teacher] differs from {committed}: sha256 {sha[:12]}... != "
+          f"{theirs[:12]}...; {T.release_difference(out, committed)}")
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="text -> region search over the cache; writes a contact sheet")
     query.add_arguments(q)
     q.set_defaults(func=query.run)
+
+    t = sub.add_parser("release-teacher",
+                       help="export the teacher a cache's teacher stage trained (float16), "
+                            "optionally compared byte for byte with a committed one")
+    add_data_options(t)
+    t.add_argument("--out", required=True, help="the release file to write")
+    t.add_argument("--compare", default=None, metavar="FILE",
+                   help="exit 1 unless --out equals FILE byte for byte")
+    t.set_defaults(func=cmd_release_teacher)
     return p
 
 

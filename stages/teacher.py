@@ -276,6 +276,60 @@ def last_loss(log_text: str) -> float | None:
     return float(hits[-1]) if hits else None
 
 
+# ----------------------------------------------------------------------------- release file
+
+
+def release_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trained teacher's state_dict as a committed release file holds it: every floating
+    tensor in float16 (half the bytes: the toy teacher's 7.3 M parameters, 6.3 M of them
+    open_clip's 49,408-token embedding table, fit in 15 MB), the others (BatchNorm's step
+    counts) unchanged. open_clip loads it into its float32 model as it is. A finite value
+    beyond float16's range (65,504) is refused, naming its tensor."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach()
+        if v.is_floating_point():
+            half = v.to(torch.float16)
+            if bool((torch.isinf(half) & torch.isfinite(v)).any()):
+                big = float(v[torch.isfinite(v)].abs().max())
+                raise TeacherError(f"teacher tensor {k}: |value| {big:.6g} does not fit "
+                                   f"float16 (max 65504); keep this teacher in float32")
+            v = half
+        out[k] = v
+    return out
+
+
+def write_release(weights: Path, out: Path) -> str:
+    """Write `release_state` of the state_dict file `weights` to `out` (atomically) ->
+    sha256 of `out`. torch.save writes no time stamp, so one input gives one file, byte for
+    byte."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(out)
+    torch.save(release_state(state), tmp)
+    os.replace(tmp, out)
+    return sha256_file(out)
+
+
+def release_difference(a: Path, b: Path) -> str:
+    """What differs between two state_dict files, in one line (keys, shapes, the largest
+    absolute difference of a tensor)."""
+    sa = torch.load(a, map_location="cpu", weights_only=True)
+    sb = torch.load(b, map_location="cpu", weights_only=True)
+    if sa.keys() != sb.keys():
+        return f"keys differ: {sorted(set(sa) ^ set(sb))[:5]}"
+    worst, name = 0.0, None
+    for k in sa:
+        if sa[k].shape != sb[k].shape:
+            return f"{k}: shape {tuple(sa[k].shape)} != {tuple(sb[k].shape)}"
+        d = float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0
+        if d > worst:
+            worst, name = d, k
+    changed = sum(not torch.equal(sa[k], sb[k]) for k in sa)
+    return (f"{changed} of {len(sa)} tensors differ, largest |difference| {worst:.3g} "
+            f"({name})" if changed else "equal tensors (the files differ in their bytes)")
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
