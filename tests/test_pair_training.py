@@ -375,7 +375,10 @@ def _off_leaves_loss_pairs(model, images, pairs, got, option):
     model.cfg = make_config(TWO_PAIRS)
     with torch.no_grad():
         off = model.pair_losses(images, pairs)
-    assert set(off) == {"loss_pairs"} and float(off["loss_pairs"]) == float(got["loss_pairs"])
+    # The option's boxes share the RoI batch with the proposals, so the CPU kernels' blocking
+    # may move the last bits (3e-6 relative on an AVX2 host); a leak into loss_pairs moves more.
+    assert set(off) == {"loss_pairs"}
+    assert float(off["loss_pairs"]) == pytest.approx(float(got["loss_pairs"]), rel=1e-5)
     with pytest.raises(ConfigError, match=rf"^{option} must be >= 0, got -1\.0$"):
         make_config({option: -1.0})
     with pytest.raises(ConfigError, match=rf"^{option} > 0 acts on pair iterations: set "
