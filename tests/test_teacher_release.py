@@ -1,8 +1,8 @@
 """The committed teacher release file: the float16 export, `release-teacher`'s byte-for-byte
-comparison, and the embedded default's committed teacher itself (what `make stages` loads)."""
+comparison, and the embedded default's committed teacher itself (what `make stages` loads).
+The micro CLIP fixture `micro` is conftest.py's."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,49 +14,15 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import open_clip
 from ovdistill.pipeline import clip_teacher as T
 from ovdistill.pipeline.cache import atomic_write_json, sha256_file
 from ovdistill.stages import synthetic
 from ovdistill.stages import teacher as TS
 
 from ovdistill import cli
+from tests.test_teacher import MANIFEST  # the micro dataset's manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-MICRO = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2,
-                 "layers": 1},
-}
-
-MANIFEST = """
-name: micro
-format: coco
-root: {root}
-splits:
-  train: {{images: val, annotations: train.json}}
-  val: {{images: val, annotations: val.json}}
-vocabulary:
-  base: [circle, square]
-  novel: [star]
-"""
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    """(config path, float32 weights path) of a randomly initialised micro CLIP."""
-    d = tmp_path_factory.mktemp("release")
-    config = d / "release-micro-clip.json"
-    config.write_text(json.dumps(MICRO))
-    T.register_model_config(T.TeacherSpec("release-micro-clip", None, str(config)))
-    torch.manual_seed(0)
-    model = open_clip.create_model("release-micro-clip")
-    weights = d / "fp32.pt"
-    torch.save(model.state_dict(), weights)
-    return config, weights
 
 
 def test_release_state_halves_floats_and_keeps_the_rest():
@@ -80,8 +46,8 @@ def test_write_release_is_byte_for_byte_repeatable_and_loads(micro, tmp_path):
     assert sha == sha256_file(a) == TS.write_release(weights, b)
     assert a.stat().st_size < 0.55 * weights.stat().st_size  # half the bytes, plus headers
     assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temporaries
-    fp32 = T.load_teacher(T.TeacherSpec("release-micro-clip", str(weights), str(config)))
-    fp16 = T.load_teacher(T.TeacherSpec("release-micro-clip", str(a), str(config)))
+    fp32 = T.load_teacher(T.TeacherSpec("micro-clip", str(weights), str(config)))
+    fp16 = T.load_teacher(T.TeacherSpec("micro-clip", str(a), str(config)))
     assert fp16.identity["sha256"] == sha
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     e32, e16 = fp32.encode_images(images), fp16.encode_images(images)
@@ -117,9 +83,9 @@ def _teacher_cache(tmp_path: Path, micro, trained: bool) -> tuple[Path, Path]:
     manifest.write_text(MANIFEST.format(root=tmp_path / "data"))
     stage = tmp_path / "cache" / "micro" / "teacher"
     stage.mkdir(parents=True)
-    copy = stage / "release-micro-clip.pt"
+    copy = stage / "micro-clip.pt"
     copy.write_bytes(weights.read_bytes())
-    doc = {"teacher": {"model": "release-micro-clip", "pretrained": str(copy),
+    doc = {"teacher": {"model": "micro-clip", "pretrained": str(copy),
                        "model_config": str(config), "sha256": sha256_file(copy)},
            "zero_shot": {"base_acc": 0.5, "novel_acc": 0.25}}
     if trained:
