@@ -302,7 +302,8 @@ def release_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_release(weights: Path, out: Path) -> str:
     """Write `release_state` of the state_dict file `weights` to `out` (atomically) ->
     sha256 of `out`. torch.save writes no time stamp, so one input gives one file, byte for
-    byte."""
+    byte, for one file name: the archive inside is named after the file (the temporary's name
+    up to its random suffix, i.e. `.<out name>`), so another name gives other bytes."""
     state = torch.load(weights, map_location="cpu", weights_only=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(out)
@@ -327,7 +328,9 @@ def release_difference(a: Path, b: Path) -> str:
             worst, name = d, k
     changed = sum(not torch.equal(sa[k], sb[k]) for k in sa)
     return (f"{changed} of {len(sa)} tensors differ, largest |difference| {worst:.3g} "
-            f"({name})" if changed else "equal tensors (the files differ in their bytes)")
+            f"({name})" if changed else
+            "equal tensors; the bytes differ (torch.save records the file's name in its "
+            "archive: give --out the committed file's name)")
 
 
 # ----------------------------------------------------------------------------- the stage

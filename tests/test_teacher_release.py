@@ -62,7 +62,12 @@ def test_release_difference_names_what_differs(micro, tmp_path):
     _, weights = micro
     a = tmp_path / "a.pt"
     TS.write_release(weights, a)
-    assert TS.release_difference(a, a) == "equal tensors (the files differ in their bytes)"
+    renamed = tmp_path / "renamed.pt"
+    TS.write_release(weights, renamed)
+    assert sha256_file(renamed) != sha256_file(a)  # the archive inside carries the file's name
+    assert TS.release_difference(a, renamed) == (
+        "equal tensors; the bytes differ (torch.save records the file's name in its archive: "
+        "give --out the committed file's name)")
     state = torch.load(a, weights_only=True)
     key = sorted(state)[3]
     state[key] = state[key] + 0.25
