@@ -319,14 +319,16 @@ def release_difference(a: Path, b: Path) -> str:
     sb = torch.load(b, map_location="cpu", weights_only=True)
     if sa.keys() != sb.keys():
         return f"keys differ: {sorted(set(sa) ^ set(sb))[:5]}"
-    worst, name = 0.0, None
+    worst, name, changed = 0.0, None, 0
     for k in sa:
         if sa[k].shape != sb[k].shape:
             return f"{k}: shape {tuple(sa[k].shape)} != {tuple(sb[k].shape)}"
-        d = float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0
+        if torch.equal(sa[k], sb[k]):
+            continue
+        changed += 1  # unequal with one shape: not empty
+        d = float((sa[k].double() - sb[k].double()).abs().max())
         if d > worst:
             worst, name = d, k
-    changed = sum(not torch.equal(sa[k], sb[k]) for k in sa)
     return (f"{changed} of {len(sa)} tensors differ, largest |difference| {worst:.3g} "
             f"({name})" if changed else
             "equal tensors; the bytes differ (torch.save records the file's name in its "
